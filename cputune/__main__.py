@@ -1,0 +1,3 @@
+from cputune.cli import main
+
+main()
