@@ -1,0 +1,132 @@
+"""The C kernels compute the right thing on every ISA this CPU has; the planner follows STREAM's
+rules and the memory caps; figures are sane against numpy in the same process."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+from cputune import _bwprobe, bandwidth as bw, stats
+from cputune.errors import ProbeError
+
+MIB = 1 << 20
+CPU = min(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("isa", bw.available_isas())
+@pytest.mark.parametrize("kernel", bw.KERNELS)
+def test_kernels_leave_the_expected_values(isa, kernel):
+    fn = getattr(_bwprobe, f"{kernel}_{isa}")
+    seconds, checksum, n = fn((CPU,), (-1,), 4 * MIB + 8, 3)
+    assert len(seconds) == 3 and all(s > 0 for s in seconds)
+    assert n == (4 * MIB) // 8  # rounded down to whole 512-byte groups
+    assert checksum == bw.EXPECTED_PER_ELEMENT[kernel] * n
+
+
+def test_kernels_split_work_over_threads_and_nodes():
+    cpus = tuple(sorted(os.sched_getaffinity(0)))
+    seconds, checksum, n = _bwprobe.read_scalar(cpus, (0,) * len(cpus), 1 * MIB, 2)
+    assert checksum == n * len(cpus)
+
+
+def test_pinning_does_not_leak_into_the_caller():
+    before = os.sched_getaffinity(0)
+    _bwprobe.read_scalar((CPU,), (-1,), MIB, 1)
+    assert os.sched_getaffinity(0) == before
+
+
+def test_bad_arguments_raise_clear_errors():
+    with pytest.raises(ValueError, match="equally long"):
+        _bwprobe.read_scalar((0, 1), (0,), MIB, 1)
+    with pytest.raises(ValueError, match="ntimes"):
+        _bwprobe.read_scalar((0,), (0,), MIB, 0)
+    with pytest.raises(OSError) as e:
+        _bwprobe.read_scalar((4095,), (-1,), MIB, 1)  # no such CPU here
+    assert e.value.filename == "sched_setaffinity"
+    with pytest.raises(OSError) as e:
+        _bwprobe.read_scalar((CPU,), (63,), MIB, 1)  # no such node here
+    assert e.value.filename == "mbind"
+
+
+def test_isa_list_is_best_first_and_always_has_scalar():
+    isas = bw.available_isas()
+    assert isas[-1] == "scalar"
+    assert isas == sorted(isas, key=["avx512", "avx2", "scalar"].index)
+    flags = open("/proc/cpuinfo").read()
+    assert ("avx512" in isas) == (" avx512f" in flags)
+
+
+def test_array_size_follows_stream_rule_within_the_cap():
+    # 2 x 384 MiB of L3 (dual EPYC 9654): each array >= 4 x 768 MiB = 3 GiB over 192 threads.
+    per, note = bw.array_bytes(768 * MIB, 192, 3, cap_bytes=600 << 30)
+    assert per * 192 >= 4 * 768 * MIB - 192 * 4096 and note is None
+    # Tiny box: the 256 MiB floor applies.
+    per, note = bw.array_bytes(32 * MIB, 2, 1, cap_bytes=8 << 30)
+    assert per == 128 * MIB and note is None
+    # Short of memory: the cap wins and the broken rule is said.
+    per, note = bw.array_bytes(768 * MIB, 1, 3, cap_bytes=3 << 30)
+    assert per == (1 << 30) and "4 x cache rule" in note
+
+
+def two_node_layout() -> bw.Layout:
+    # Cores listed spread across L3 groups, as the topology orders them.
+    return bw.Layout(node_cores={0: (0, 8, 1, 9), 1: (16, 24, 17, 25)}, llc_bytes=128 * MIB,
+                     node_llc_bytes={0: 64 * MIB, 1: 64 * MIB},
+                     node_free_bytes={0: 64 << 30, 1: 64 << 30}, mem_available_bytes=120 << 30)
+
+
+def test_plan_covers_nodes_machine_matrix_and_sweep():
+    plan = bw.plan_probe(two_node_layout())
+    kinds = [(r.kind, r.name, r.kernel) for r in plan.runs]
+    assert ("node", "node 1", "triad") in kinds and ("machine", "all nodes", "copy") in kinds
+    matrix = [r for r in plan.runs if r.kind == "matrix"]
+    assert [(r.cpu_node, r.mem_node) for r in matrix] == [(0, 1), (1, 0)]
+    assert matrix[0].cpus == (0, 8, 1, 9) and matrix[0].mem_nodes == (1, 1, 1, 1)
+    sweep = [r for r in plan.runs if r.kind == "sweep"]
+    assert [r.cpus for r in sweep] == [(0,), (0, 8)]  # 4 cores is the node run itself
+    machine = [r for r in plan.runs if r.kind == "machine"][0]
+    assert machine.mem_nodes == (0, 0, 0, 0, 1, 1, 1, 1)
+    quick = bw.plan_probe(two_node_layout(), quick=True)
+    assert {r.kernel for r in quick.runs} == {"read"} and {r.kind for r in quick.runs} == {"node", "machine"}
+
+
+def test_plan_without_numa_leaves_placement_to_first_touch():
+    lay = bw.Layout({0: (0, 1)}, 32 * MIB, {0: 32 * MIB}, {}, 16 << 30, numa=False)
+    assert all(set(r.mem_nodes) == {-1} for r in bw.plan_probe(lay).runs)
+    with pytest.raises(ProbeError):
+        bw.plan_probe(bw.Layout({}, 0, {}, {}, 0))
+
+
+def test_measurement_counts_bytes_the_stream_way():
+    run = bw.Run("node 0", "node", "triad", (CPU,), (-1,), 8 * MIB, 4)
+    m = bw.measure(run, "scalar")
+    assert m.checksum_ok and not m.nt_stores
+    assert m.bytes_per_trial == 24 * m.elements_per_thread
+    assert m.gbps.n == 3  # the first trial is not counted (STREAM: best after the first)
+    assert m.best_gbps == pytest.approx(m.bytes_per_trial / min(m.seconds[1:]) / 1e9)
+
+
+def test_probe_read_is_sane_against_numpy_in_the_same_process():
+    """Not a speed assertion: a factor-of-4 band catches a kernel that reads the wrong amount."""
+    a = np.ones(64 * MIB // 8)
+    t = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a.sum()
+        t.append(time.perf_counter() - t0)
+    numpy_gbps = a.nbytes / min(t) / 1e9
+    run = bw.Run("node 0", "node", "read", (CPU,), (-1,), 64 * MIB, 5)
+    probe_gbps = bw.measure(run).best_gbps
+    assert numpy_gbps / 4 < probe_gbps < numpy_gbps * 8
+
+
+def test_stats_summary_and_outliers():
+    s = stats.summarize([10.0, 10.2, 9.8, 10.1, 30.0])
+    assert s.n == 5 and s.outliers == (4,) and s.median == 10.1
+    assert stats.summarize([5.0]).stdev is None
+    r, err = stats.ratio(stats.summarize([2.0, 2.2, 1.8]), stats.summarize([1.0, 1.1, 0.9]))
+    assert r == pytest.approx(2.0) and err == pytest.approx(2.0 * (0.02 ** 0.5))
+    assert stats.first_is_slow([3.0, 1.0, 1.1, 0.9]) and not stats.first_is_slow([1.0, 1.0, 1.1])

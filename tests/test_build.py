@@ -1,0 +1,170 @@
+"""cputune build: flags, cache keys, the feature check, and the pipeline on a stand-in tree.
+
+The real pinned llama.cpp build is checked at the end (CI builds it before the tests)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from cputune import build
+from cputune.errors import BuildError, ConfigError
+
+FAKE = Path(__file__).parent / "fixtures" / "fake_llama"
+# A real system_info line of this pinned llama.cpp on an AVX2-only EPYC (this CI machine).
+SYSINFO_AVX2 = ("CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | "
+                "BMI2 = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 | ")
+
+
+def test_native_target_leaves_isa_to_march_native():
+    opts = dict(build.cmake_options("native"))
+    assert opts["GGML_NATIVE"] == "ON"
+    assert "GGML_AVX512" not in opts
+    assert opts["GGML_OPENMP"] == "ON" and opts["GGML_CPU_REPACK"] == "ON"
+    assert opts["CMAKE_BUILD_TYPE"] == "Release"
+    assert opts["LLAMA_OPENSSL"] == "OFF" and opts["LLAMA_USE_PREBUILT_UI"] == "OFF"
+
+
+def test_explicit_targets_spell_out_every_isa_option():
+    zen4 = dict(build.cmake_options("znver4"))
+    assert zen4["GGML_NATIVE"] == "OFF"
+    assert zen4["GGML_AVX512"] == zen4["GGML_AVX512_BF16"] == zen4["GGML_AVX512_VNNI"] == "ON"
+    assert zen4["GGML_AMX_INT8"] == "OFF" and zen4["GGML_AVX_VNNI"] == "OFF"
+    spr = dict(build.cmake_options("sapphirerapids"))
+    assert spr["GGML_AMX_INT8"] == "ON" and spr["GGML_AVX_VNNI"] == "ON"
+    generic = dict(build.cmake_options("generic"))
+    assert generic["GGML_AVX2"] == "OFF" and generic["GGML_SSE42"] == "ON"
+
+
+def test_user_cmake_args_win_and_bad_ones_are_refused():
+    opts = dict(build.cmake_options("avx2", ["-DGGML_LTO=ON", "-DGGML_AVX2:BOOL=OFF"]))
+    assert opts["GGML_LTO"] == "ON" and opts["GGML_AVX2"] == "OFF"
+    with pytest.raises(ConfigError, match="-DNAME=VALUE"):
+        build.cmake_options("native", ["GGML_LTO=ON"])
+    with pytest.raises(ConfigError, match="unknown --target-cpu 'zen9'") as e:
+        build.cmake_options("zen9")
+    assert "znver4" in e.value.hint
+
+
+def test_cache_key_follows_source_and_flags():
+    src = build.Source(Path("/x"), "0c1e57098", "0c1e57098", True)
+    a = build.make_spec(src, "native")
+    assert a.key == build.make_spec(src, "native").key
+    assert a.key.startswith("0c1e57098-")
+    assert a.key != build.make_spec(src, "znver4").key
+    assert a.key != build.make_spec(src, "native", ["-DGGML_LTO=ON"]).key
+    other = build.Source(Path("/x"), "gitabc", "abc", False)
+    assert a.key != build.make_spec(other, "native").key
+
+
+def test_system_info_parsing_and_missing_feature_check():
+    feats = build.parse_system_info(SYSINFO_AVX2)
+    assert feats["AVX2"] == 1 and feats["REPACK"] == 1 and "AVX512" not in feats
+    host_avx2 = {"avx", "avx2", "fma", "f16c", "bmi2"}
+    assert build.missing_features("native", feats, host_avx2) == []
+    # A native build on an AVX-512 host whose library reports AVX512 off must fail.
+    host_512 = host_avx2 | {"avx512f", "avx512_vnni"}
+    assert build.missing_features("native", feats, host_512) == ["AVX512", "AVX512_VNNI"]
+    # An explicit target is checked against what it asked for, whatever the host has.
+    assert "AVX512_BF16" in build.missing_features("znver4", feats, host_avx2)
+    assert build.missing_features("avx2", feats, set()) == []
+
+
+def test_host_flags_from_cpuinfo_text():
+    text = "processor\t: 0\nflags\t\t: fpu avx2 avx512f\n\nprocessor\t: 1\nflags\t\t: fpu avx2 avx512f\n"
+    assert build.host_cpu_flags(text) == {"fpu", "avx2", "avx512f"}
+
+
+@pytest.fixture()
+def fake_source() -> build.Source:
+    return build.user_source(FAKE)
+
+
+def test_pipeline_builds_caches_and_reports_progress(tmp_path, fake_source):
+    spec = build.make_spec(fake_source, "avx2")
+    seen: list[float] = []
+    b = build.build(spec, root=tmp_path, jobs=2, progress=lambda pct, line: seen.append(pct))
+    assert not b.cached
+    assert b.key == spec.key and b.path == tmp_path / "builds" / spec.key
+    assert seen[0] == 0.0 and seen[-1] == 100.0 and any(0 < p < 100 for p in seen)
+    assert b.features["AVX2"] == 1
+    assert set(b.binaries) == {"llama-server", "llama-bench", "llama-quantize", "llama-cli",
+                               "ggml-rpc-server", "llama"}
+    m = json.loads((b.path / "manifest.json").read_text())
+    assert m["cmake_options"]["GGML_AVX2"] == "ON" and m["system_info"].startswith("CPU :")
+    assert (b.path / "build.log").read_text().count("$ cmake") == 2
+    again = build.build(spec, root=tmp_path, progress=lambda *a: pytest.fail("rebuilt"))
+    assert again.cached and again.key == b.key
+    assert [x.key for x in build.list_builds(tmp_path)] == [b.key]
+
+
+def test_concurrent_builds_of_one_key_compile_once(tmp_path, fake_source):
+    spec = build.make_spec(fake_source, "avx2", ["-DFAKE_SYSINFO=CPU : AVX = 1 | AVX2 = 1 | "
+                                                 "BMI2 = 1 | FMA = 1 | F16C = 1 |"])
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(build.build(spec, root=tmp_path)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.cached for r in results) == [False, True]
+    assert (tmp_path / "builds" / spec.key / "build.log").read_text().count("$ cmake --build") == 1
+
+
+def test_library_without_the_asked_features_fails_the_build(tmp_path, fake_source):
+    spec = build.make_spec(fake_source, "znver4")
+    with pytest.raises(BuildError, match="AVX512 = 0") as e:
+        build.build(spec, root=tmp_path)
+    assert e.value.log_path.endswith("build.log")
+    assert not (tmp_path / "builds" / spec.key / "manifest.json").exists()
+
+
+def test_compile_failure_carries_command_and_log_tail(tmp_path, fake_source):
+    spec = build.make_spec(fake_source, "avx2", ["-DCMAKE_C_FLAGS=-DTHIS_IS_BROKEN -include nonexistent.h"])
+    with pytest.raises(BuildError) as e:
+        build.build(spec, root=tmp_path)
+    assert e.value.returncode != 0
+    assert "cmake" in e.value.argv[0]
+    assert any("nonexistent.h" in line for line in e.value.output_tail)
+
+
+def test_not_a_llama_tree_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="not a llama.cpp source tree"):
+        build.user_source(tmp_path)
+
+
+# ---- the real, pinned build (made by `cputune build` before the tests) --------------------
+
+@pytest.fixture(scope="session")
+def real_build() -> build.Build:
+    b = build.find_build()
+    if b is None:
+        pytest.fail("no cached llama.cpp build: run `cputune build` first (CI does)")
+    return b
+
+
+def test_real_build_manifest_reports_the_hosts_features(real_build):
+    assert real_build.source_commit == build.pinned_commit()
+    assert real_build.llama_cpp_python == build.pinned_version()
+    host = build.host_cpu_flags()
+    for feat, flag in build.FEATURE_CPUINFO_FLAG.items():
+        if flag in host:
+            assert real_build.features.get(feat) == 1, feat
+    assert real_build.features.get("OPENMP") == 1 and real_build.features.get("REPACK") == 1
+    for name in ("llama-server", "llama-bench", "llama-quantize", "llama-cli", "ggml-rpc-server"):
+        assert real_build.binary(name).exists(), name
+    assert (real_build.bin_dir / "libllama.so").exists()
+
+
+def test_python_binding_loads_the_tuned_library(real_build):
+    from cputune import binding
+
+    info = binding.probe_binding()
+    assert info["version"] == build.pinned_version()
+    assert build.parse_system_info(info["system_info"]) == real_build.features
+    lib = binding.package_dir() / "lib" / "libllama.so"
+    assert lib.resolve() == (real_build.bin_dir / "libllama.so").resolve()
