@@ -258,6 +258,13 @@ def missing_features(target_cpu: str, features: Mapping[str, int], host_flags: s
     return [f for f in wanted if features.get(f, 0) != 1]
 
 
+def host_lacks(target_cpu: str, host_flags: set[str]) -> list[str]:
+    """Features an explicit target asks for that this host cannot run (a cross build)."""
+    t = load_toml("target_cpus.toml")[target_cpu]
+    return [f for f in t.get("features", [])
+            if f in FEATURE_CPUINFO_FLAG and FEATURE_CPUINFO_FLAG[f] not in host_flags]
+
+
 # ---- the build ----------------------------------------------------------------------------
 
 def _compiler_version() -> str:
@@ -289,8 +296,14 @@ def list_builds(root: Path | None = None) -> list[Build]:
     return sorted(out, key=lambda b: b.built_at, reverse=True)
 
 
-def find_build(target_cpu: str = "native", root: Path | None = None) -> Build | None:
+def default_target() -> str:
+    """The build other commands use: native, unless CPUTUNE_TARGET_CPU says (the Docker image)."""
+    return os.environ.get("CPUTUNE_TARGET_CPU") or "native"
+
+
+def find_build(target_cpu: str | None = None, root: Path | None = None) -> Build | None:
     """The cached build of the pinned source for target_cpu with no extra args, if any."""
+    target_cpu = target_cpu or default_target()
     root = root or cache_root()
     src = Source(path=root / "src", label=pinned_commit(), commit=pinned_commit(), pinned=True)
     spec = make_spec(src, target_cpu)
@@ -379,9 +392,16 @@ def _build_locked(spec: BuildSpec, bdir: Path, root: Path, jobs: int, progress: 
     seconds = time.monotonic() - t0
     progress(100.0, "checking the built library")
     bin_dir = bdir / "build" / "bin"
-    system_info = read_system_info(bin_dir)
-    features = parse_system_info(system_info)
-    missing = missing_features(spec.target_cpu, features, host_cpu_flags())
+    host = host_cpu_flags()
+    lacking = host_lacks(spec.target_cpu, host)
+    if lacking:
+        # Built for another CPU: its code may not run here (SIGILL), so trust the flags.
+        system_info = f"(not run: this host lacks {', '.join(lacking)})"
+        features = {f: 1 for f in load_toml("target_cpus.toml")[spec.target_cpu]["features"]}
+    else:
+        system_info = read_system_info(bin_dir)
+        features = parse_system_info(system_info)
+    missing = missing_features(spec.target_cpu, features, host)
     if missing:
         raise BuildError(
             f"the built library reports {', '.join(m + ' = 0' for m in missing)} although "
@@ -409,7 +429,7 @@ def _build_locked(spec: BuildSpec, bdir: Path, root: Path, jobs: int, progress: 
     return b
 
 
-def require_build(target_cpu: str = "native") -> Build:
+def require_build(target_cpu: str | None = None) -> Build:
     b = find_build(target_cpu)
     if b is None:
         raise ConfigError("llama.cpp has not been built yet", hint="run `cputune build` (about 15 "

@@ -116,11 +116,26 @@ def test_concurrent_builds_of_one_key_compile_once(tmp_path, fake_source):
 
 
 def test_library_without_the_asked_features_fails_the_build(tmp_path, fake_source):
-    spec = build.make_spec(fake_source, "znver4")
-    with pytest.raises(BuildError, match="AVX512 = 0") as e:
+    # A native build whose library reports AVX2 off on this AVX2 host (the ik_llama.cpp trap).
+    spec = build.make_spec(fake_source, "native", ["-DFAKE_SYSINFO=CPU : AVX = 1 | AVX2 = 0 |"])
+    with pytest.raises(BuildError, match="AVX2 = 0") as e:
         build.build(spec, root=tmp_path)
     assert e.value.log_path.endswith("build.log")
     assert not (tmp_path / "builds" / spec.key / "manifest.json").exists()
+
+
+def test_cross_build_for_a_cpu_this_host_cannot_run(tmp_path, fake_source):
+    host = build.host_cpu_flags()
+    lacking = build.host_lacks("sapphirerapids", host)
+    assert "AMX_INT8" in lacking or "amx_int8" in host
+    spec = build.make_spec(fake_source, "sapphirerapids")
+    if lacking:  # the library is not run here; the manifest says so and trusts the flags
+        b = build.build(spec, root=tmp_path)
+        assert b.system_info.startswith("(not run: this host lacks")
+        assert b.features["AMX_INT8"] == 1 and b.features["AVX512"] == 1
+    else:  # an AMX host runs the fake library, which reports no AVX-512: refused
+        with pytest.raises(BuildError):
+            build.build(spec, root=tmp_path)
 
 
 def test_compile_failure_carries_command_and_log_tail(tmp_path, fake_source):
