@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Mapping
 from cputune import __version__
 from cputune.data import load_toml
 from cputune.errors import BuildError, ConfigError, ProcessFailed
-from cputune.fsutil import atomic_write_text
+from cputune.fsutil import cache_root, atomic_write_text
 
 MANIFEST = "manifest.json"
 SCHEMA = "cputune.build/1"
@@ -45,11 +45,6 @@ FEATURE_OPTION = {
     "AVX512_BF16": "GGML_AVX512_BF16", "AMX_TILE": "GGML_AMX_TILE",
     "AMX_INT8": "GGML_AMX_INT8", "AMX_BF16": "GGML_AMX_BF16",
 }
-
-
-def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "cputune"
 
 
 def pinned_version() -> str:

@@ -7,6 +7,12 @@ import tempfile
 from pathlib import Path
 
 
+def cache_root() -> Path:
+    """Builds, the machine profile and model caches live here (XDG base-directory spec)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "cputune"
+
+
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,9 +4,7 @@ progress on stderr so `cputune ... --json | jq` always works."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -15,29 +13,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cputune import __version__
+from cputune.jsonio import document, plain  # noqa: F401  (re-exported for the CLI)
 
-out = Console(highlight=False, soft_wrap=True)
+# Pipes and CliRunner get 120 columns rather than rich's 80, so tables do not wrap mid-number.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True, highlight=False)
-
-
-def plain(obj: Any) -> Any:
-    """Dataclasses, paths and tuples -> JSON-ready values (field names kept, as asdict does)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dict):
-        return {str(k): plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [plain(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def document(schema: str, **payload: Any) -> dict:
-    return {"cputune_version": __version__, "schema": schema, **plain(payload)}
 
 
 def print_json(doc: dict) -> None:
@@ -57,9 +37,21 @@ def info(message: str) -> None:
 
 @contextlib.contextmanager
 def progress(description: str, total: float | None = 100.0, enabled: bool = True) -> Iterator:
-    """A progress bar on stderr; yields update(completed, text=None)."""
+    """A progress bar on stderr; yields update(completed, text=None). In a pipe or a CI log,
+    where a bar cannot redraw, one line per 10% step instead."""
     if not enabled:
         yield lambda completed, text=None: None
+        return
+    if not err.is_terminal:
+        last = [-1]
+
+        def line(completed: float, text: str | None = None) -> None:
+            step = int(10 * completed / total) if total else 0
+            if step > last[0]:
+                last[0] = step
+                err.print(f"{description}: {10 * step}%" + (f" ({text})" if text else ""))
+
+        yield line
         return
     cols = [TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
             TimeElapsedColumn(), TextColumn("[dim]{task.fields[detail]}")]
@@ -117,3 +109,85 @@ def render_binding(status) -> None:
     else:
         out.print(f"llama-cpp-python {status.installed_version}: linked {len(status.linked)} "
                   f"libraries into {status.lib_dir}")
+
+
+# ---- probe ---------------------------------------------------------------------------------
+
+_LEVEL_STYLE = {"bad": "bold red", "warn": "yellow", "info": "cyan", "ok": "green"}
+
+
+def _gib(n: int | None) -> str:
+    return "?" if n is None else f"{n / (1 << 30):.1f} GiB"
+
+
+def _mib(n: int | None) -> str:
+    return "?" if n is None else f"{n / (1 << 20):.0f} MiB"
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def _pm(s) -> str:
+    """hyperfine's `mean ± σ`; no σ from one sample."""
+    return f"{s.mean:.1f}" if s.stdev is None else f"{s.mean:.1f} ± {s.stdev:.1f}"
+
+
+def render_probe(p) -> None:
+    from cputune.sysfs import format_cpulist
+
+    inv, t, m = p.inventory, p.inventory.topology, p.inventory.memory
+    bw, peak = p.bandwidth, inv.peak
+    l3 = t.l3_groups
+    l3_text = (f"{len(l3)} x {_mib(l3[0].size_bytes)} ({len(l3[0].cpus)} CPUs each)" if l3 else "none")
+    if peak:
+        mem_text = (f"{peak.channels} channels x {peak.mts} MT/s = {peak.total_gbps:.1f} GB/s peak "
+                    f"(from {peak.source})")
+    else:
+        mem_text = "DIMMs unknown (pass --memory '24x DDR5-6000')"
+    rows = [
+        ("cpu", f"{t.cpu_model or '?'}"),
+        ("layout", f"{_n(len(t.packages), 'socket')}, {_n(len(t.nodes), 'NUMA node')}, "
+                   f"{_n(len(t.cores), 'core')}, {_n(len(t.online_cpus), 'CPU')} "
+                   f"(SMT {'on' if t.smt_on else 'off'})"),
+        ("L3 groups", l3_text),
+        ("ISA", " ".join(t.isa_flags) or "-"),
+        ("memory", f"{_gib(m.mem_total_bytes)} total, {_gib(m.mem_available_bytes)} available"),
+        ("DIMMs", mem_text),
+        ("kernel", f"{m.kernel_release or '?'}; THP {m.thp_enabled or '?'}; numa_balancing "
+                   f"{'?' if m.numa_balancing is None else m.numa_balancing}"),
+    ]
+    if bw:
+        share = f" ({bw.read_gbps / peak.total_gbps:.0%} of peak)" if peak and peak.total_gbps else ""
+        rows.append(("read bandwidth", f"{bw.read_gbps:.1f} GB/s{share}, {bw.isa} kernels"))
+    out.print(kv_table(f"cputune probe: {p.hostname}", rows))
+
+    nodes = Table(title="NUMA nodes", title_justify="left")
+    for col in ("node", "CPUs", "cores", "memory", "free", "read GB/s"):
+        nodes.add_column(col, justify="left" if col == "CPUs" else "right")
+    for n in t.nodes:
+        cores = len(t.physical_cores_of_node(n.id))
+        read = bw.node_read_gbps.get(n.id) if bw else None
+        nodes.add_row(str(n.id), format_cpulist(n.cpus) or "-", str(cores), _gib(n.mem_total_bytes),
+                      _gib(n.mem_free_bytes), "-" if read is None else f"{read:.1f}")
+    out.print(nodes)
+
+    if p.measurements:
+        runs = Table(title="Bandwidth (STREAM-style variant; GB/s = 10^9 B/s, best of n after the first)",
+                     title_justify="left")
+        for col in ("run", "kernel", "threads", "array/thread", "best", "mean ± σ", "min … max", "n"):
+            runs.add_column(col, justify="left" if col in ("run", "kernel") else "right")
+        for x in p.measurements:
+            kernel = x.run.kernel + (" (NT stores)" if x.nt_stores else "")
+            runs.add_row(x.run.name, kernel, str(len(x.run.cpus)), _mib(x.elements_per_thread * 8),
+                         f"{x.best_gbps:.1f}", _pm(x.gbps), f"{x.gbps.min:.1f} … {x.gbps.max:.1f}",
+                         str(x.gbps.n))
+        out.print(runs)
+
+    fs = Table(title="Findings", title_justify="left", show_header=False, box=None)
+    fs.add_column()
+    fs.add_column()
+    for f in p.findings:
+        text = f.message + (f"\n[dim]hint: {f.hint}[/]" if f.hint else "")
+        fs.add_row(f"[{_LEVEL_STYLE[f.level]}]{f.level}[/]", text)
+    out.print(fs)
