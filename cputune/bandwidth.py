@@ -29,6 +29,9 @@ MIN_ARRAY_BYTES = 8 * 1_000_000  # STREAM: at least 1 million elements
 # Share of memory a probe may hold at once: of MemAvailable overall, and of a node's free memory.
 MAX_SHARE_AVAILABLE = 0.25
 MAX_SHARE_NODE = 0.5
+# Smallest array the planner asks for: 1 GiB read at 20-30 GB/s is a ~40 ms trial on a small box.
+FLOOR_BYTES = 1 << 30
+QUICK_FLOOR_BYTES = 256 * MIB
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,10 +94,12 @@ def _module():
     return _bwprobe
 
 
-def array_bytes(llc_bytes: int, threads: int, narrays: int, cap_bytes: int) -> tuple[int, str | None]:
+def array_bytes(llc_bytes: int, threads: int, narrays: int, cap_bytes: int,
+                floor_bytes: int = 256 * MIB) -> tuple[int, str | None]:
     """Per-thread bytes per array: total per array >= 4 x the caches in the run (STREAM rule)
-    and >= 1M elements, unless that breaks the memory cap, which then wins with a note."""
-    want_total = max(4 * llc_bytes, MIN_ARRAY_BYTES, 256 * MIB)
+    and >= 1M elements, unless that breaks the memory cap, which then wins with a note.
+    `floor_bytes` keeps small-cache boxes' trials long enough (>= ~50 ms, hardware.md 3.1)."""
+    want_total = max(4 * llc_bytes, MIN_ARRAY_BYTES, floor_bytes)
     cap_total = cap_bytes // narrays
     note = None
     total = want_total
@@ -110,6 +115,7 @@ def array_bytes(llc_bytes: int, threads: int, narrays: int, cap_bytes: int) -> t
 def plan_probe(layout: Layout, quick: bool = False, matrix: bool = True, sweep: bool = True,
                kernels: Iterable[str] = KERNELS) -> Plan:
     ntimes = 5 if quick else 20
+    floor = QUICK_FLOOR_BYTES if quick else FLOOR_BYTES
     kernels = ("read",) if quick else tuple(kernels)
     nodes = sorted(n for n, c in layout.node_cores.items() if c)
     if not nodes:
@@ -128,7 +134,7 @@ def plan_probe(layout: Layout, quick: bool = False, matrix: bool = True, sweep: 
         return cap
 
     def add(name, kind, kernel, cpus, mem_nodes, llc, cpu_node=None, mem_node=None, n=ntimes):
-        per, note = array_bytes(llc, len(cpus), ARRAYS[kernel], cap_for(set(mem_nodes)))
+        per, note = array_bytes(llc, len(cpus), ARRAYS[kernel], cap_for(set(mem_nodes)), floor)
         if note and note not in notes:
             notes.append(note)
         runs.append(Run(name, kind, kernel, tuple(cpus), tuple(mem(m) for m in mem_nodes), per, n,
@@ -159,7 +165,7 @@ def plan_probe(layout: Layout, quick: bool = False, matrix: bool = True, sweep: 
             counts.append(c)
             c *= 2
         for c in counts:  # the full node is the "node" read run already
-            add(f"{c} cores", "sweep", "read", cores[:c], [node] * c,
+            add(f"{c} core" + ("" if c == 1 else "s"), "sweep", "read", cores[:c], [node] * c,
                 layout.node_llc_bytes.get(node, layout.llc_bytes), node, node, max(5, ntimes // 2))
     return Plan(tuple(runs), tuple(notes))
 
@@ -202,3 +208,49 @@ def run_plan(plan: Plan, progress: Callable[[int, int, str], None] | None = None
     if progress:
         progress(total, total, "done")
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class BandwidthSummary:
+    """The figures the predictor and the findings use (best trial, GB/s = 10^9 B/s).
+
+    `read_gbps` is the whole machine reading node-local memory (the decode pattern); on a
+    one-node box it is that node's run.
+    """
+
+    isa: str
+    read_gbps: float
+    copy_gbps: float | None
+    triad_gbps: float | None
+    node_read_gbps: dict[int, float]
+    matrix_read_gbps: tuple[tuple[int, int, float], ...]  # (cpu node, memory node, GB/s)
+    sweep_read_gbps: tuple[tuple[int, float], ...]  # (cores, GB/s), ending with the whole node
+
+
+def summarize_measurements(ms: list[Measurement]) -> BandwidthSummary:
+    if not ms:
+        raise ProbeError("no bandwidth measurements to summarize")
+    scope = "machine" if any(m.run.kind == "machine" for m in ms) else "node"
+
+    def total(kernel: str) -> float | None:
+        vals = [m.best_gbps for m in ms if m.run.kind == scope and m.run.kernel == kernel]
+        return sum(vals) if vals else None
+
+    node_read = {m.run.cpu_node: m.best_gbps for m in ms
+                 if m.run.kind == "node" and m.run.kernel == "read"}
+    sweep = [(len(m.run.cpus), m.best_gbps) for m in ms if m.run.kind == "sweep"]
+    first = min(node_read) if node_read else None
+    if first is not None:
+        full = next(m for m in ms if m.run.kind == "node" and m.run.kernel == "read"
+                    and m.run.cpu_node == first)
+        sweep.append((len(full.run.cpus), full.best_gbps))
+    return BandwidthSummary(
+        isa=ms[0].isa,
+        read_gbps=total("read") or 0.0,
+        copy_gbps=total("copy"),
+        triad_gbps=total("triad"),
+        node_read_gbps=dict(sorted(node_read.items())),
+        matrix_read_gbps=tuple((m.run.cpu_node, m.run.mem_node, m.best_gbps)
+                               for m in ms if m.run.kind == "matrix"),
+        sweep_read_gbps=tuple(sorted(sweep)),
+    )

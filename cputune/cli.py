@@ -91,6 +91,40 @@ def build_cmd(target_cpu, source, cmake_args, jobs, force, python_binding, list_
     report.render_binding(status)
 
 
+@cli.command("probe")
+@click.option("--quick", is_flag=True, help="Read bandwidth only, short arrays (about 5 s).")
+@click.option("--no-bandwidth", "measure", flag_value=False, default=True,
+              help="Inventory and findings only; measure nothing.")
+@click.option("--memory", "memory_spec", metavar="SPEC",
+              help="Installed DIMMs when they cannot be read, e.g. '24x DDR5-6000'.")
+@click.option("--hwloc-xml", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="Describe the machine in an `lstopo --of xml` file instead of this one.")
+@click.option("--show", is_flag=True, help="Print the saved machine profile and exit.")
+@click.option("--save/--no-save", default=True, show_default=True,
+              help="Save the result as the machine profile that predict, select and serve read.")
+@root_option
+@json_option
+def probe_cmd(quick, measure, memory_spec, hwloc_xml, show, save, sysfs_root, as_json):
+    """Inventory this box, measure memory bandwidth per NUMA node, and say what to fix."""
+    from cputune import probe
+
+    if show:
+        profile = probe.load_profile()
+        if as_json:
+            return report.print_json(probe.profile_document(profile))
+        return report.render_probe(profile)
+    with report.progress("probing memory bandwidth", total=1) as update:
+        profile = probe.run_probe(sysfs_root, quick=quick, measure=measure, memory_spec=memory_spec,
+                                  hwloc_xml=hwloc_xml,
+                                  progress=lambda i, n, text: update(i / max(n, 1), text))
+    if save and profile.bandwidth is not None:
+        path = probe.save_profile(profile)
+        report.info(f"saved the machine profile to {path}")
+    if as_json:
+        return report.print_json(probe.profile_document(profile))
+    report.render_probe(profile)
+
+
 def main() -> None:
     cli(prog_name="cputune")
 
