@@ -125,6 +125,21 @@ def probe_cmd(quick, measure, memory_spec, hwloc_xml, show, save, sysfs_root, as
     report.render_probe(profile)
 
 
+@cli.command("inspect")
+@click.argument("model", type=click.Path(path_type=Path))
+@json_option
+def inspect_cmd(model, as_json):
+    """What a GGUF model costs per token: active bytes (MoE-aware), FLOPs, KV cache; headers only."""
+    from cputune import gguf_model
+
+    m = gguf_model.read_model(model)
+    kv = gguf_model.kv_bytes_per_token(m, "f16")
+    if as_json:
+        return report.print_json(report.document("cputune.model/1", model=m,
+                                                 kv_bytes_per_token_f16=kv))
+    report.render_model(m, kv)
+
+
 def main() -> None:
     cli(prog_name="cputune")
 

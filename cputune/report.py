@@ -191,3 +191,49 @@ def render_probe(p) -> None:
         text = f.message + (f"\n[dim]hint: {f.hint}[/]" if f.hint else "")
         fs.add_row(f"[{_LEVEL_STYLE[f.level]}]{f.level}[/]", text)
     out.print(fs)
+
+
+# ---- inspect -------------------------------------------------------------------------------
+
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return "?"
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def render_model(m, kv_f16: float) -> None:
+    moe = (f"{m.n_expert} experts, {m.n_expert_used} used per token, {m.n_expert_shared} shared, "
+           f"{m.n_dense_lead} leading dense blocks" if m.is_moe else "dense")
+    attn = "MLA (latent KV, V-less cache)" if m.mla else f"GQA/MHA, {m.n_head} heads"
+    out.print(kv_table(f"{m.name or m.path} ({m.arch})", [
+        ("file", f"{m.path}" + (f" (+{m.n_shards - 1} more shards)" if m.n_shards > 1 else "")),
+        ("file type", m.file_type),
+        ("size", f"{_bytes(m.file_bytes)} on disk, {_bytes(m.weight_bytes)} of weights"),
+        ("layers", f"{m.n_layer}, n_embd {m.n_embd}, vocabulary {m.n_vocab}"),
+        ("attention", attn),
+        ("experts", moe),
+        ("parameters", f"{_count(m.total_params)} total, {_count(m.active_params)} active per token"),
+        ("read per token", f"{_bytes(m.active_bytes_per_token)} ({m.active_fraction:.1%} of the weights)"),
+        ("FLOPs per token", f"{_count(m.flops_per_token)} (+ {m.attn_flops_per_ctx_token} per token of context)"),
+        ("KV cache", f"{_bytes(kv_f16)} per token in f16"),
+    ]))
+    t = Table(title="Weights by type", title_justify="left")
+    t.add_column("type")
+    t.add_column("bytes", justify="right")
+    t.add_column("share", justify="right")
+    for name, n in m.bytes_by_type.items():
+        t.add_row(name, _bytes(n), f"{n / m.weight_bytes:.1%}" if m.weight_bytes else "-")
+    out.print(t)
+    if m.unknown_types:
+        warn(f"tensor types unknown to this cputune: {', '.join(m.unknown_types)}; their bytes are "
+             "not counted", "upgrade cputune, or add them to configs/ggml_types_extra.csv")
