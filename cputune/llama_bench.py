@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +27,9 @@ class BenchRow:
     n_depth: int
     n_batch: int
     n_ubatch: int
-    use_mmap: bool
-    flash_attn: bool
+    load_mode: str  # none, mmap, mlock, mmap+mlock, dio or auto
+    use_mmap: bool | None  # None: "auto", llama.cpp decided
+    flash_attn: bool | None  # None: "auto"
     type_k: str
     type_v: str
     avg_ts: float
@@ -44,17 +47,35 @@ class BenchRow:
         return name + (f" @ d{self.n_depth}" if self.n_depth else "")
 
 
+def _load_mode(r: dict) -> tuple[str, bool | None]:
+    # Rows before PR #20834 (2026-07) carry use_mmap; later ones carry load_mode instead, where
+    # mlock implies mmap (llama_cpp_cpu.md A4).
+    if "load_mode" not in r:
+        use_mmap = bool(r.get("use_mmap", False))
+        return ("mmap" if use_mmap else "none"), use_mmap
+    mode = str(r["load_mode"])
+    return mode, None if mode == "auto" else mode in ("mmap", "mlock", "mmap+mlock")
+
+
+def _flash_attn(value) -> bool | None:
+    # A bool in older rows; since `-fa on|off|auto` the enum value 1, 0 or -1 (auto).
+    if isinstance(value, str):
+        return {"on": True, "off": False}.get(value)
+    return None if value is None or value == -1 else bool(value)
+
+
 def parse_rows(text: str) -> list[BenchRow]:
     rows = json.loads(text)
     out = []
     for r in rows:
+        load_mode, use_mmap = _load_mode(r)
         out.append(BenchRow(
             model_filename=r.get("model_filename", ""), model_type=r.get("model_type", ""),
             model_size_bytes=int(r.get("model_size", 0)), model_n_params=int(r.get("model_n_params", 0)),
             n_threads=int(r.get("n_threads", 0)), n_prompt=int(r.get("n_prompt", 0)),
             n_gen=int(r.get("n_gen", 0)), n_depth=int(r.get("n_depth", 0)),
             n_batch=int(r.get("n_batch", 0)), n_ubatch=int(r.get("n_ubatch", 0)),
-            use_mmap=bool(r.get("use_mmap", False)), flash_attn=bool(r.get("flash_attn", False)),
+            load_mode=load_mode, use_mmap=use_mmap, flash_attn=_flash_attn(r.get("flash_attn")),
             type_k=str(r.get("type_k", "")), type_v=str(r.get("type_v", "")),
             avg_ts=float(r.get("avg_ts", 0.0)), stddev_ts=float(r.get("stddev_ts", 0.0)),
             samples_ts=tuple(float(x) for x in r.get("samples_ts", [])),
@@ -63,20 +84,53 @@ def parse_rows(text: str) -> list[BenchRow]:
     return out
 
 
+def takes_load_mode(binary: Path | str) -> bool:
+    """Whether this llama-bench takes `-lm/--load-mode` (PR #20834, 2026-07), which replaced `-mmp 0|1`."""
+    try:
+        st = os.stat(binary)
+    except OSError:
+        return False  # run() reports the missing binary
+    return _help_mentions(str(binary), st.st_mtime_ns, st.st_size, "--load-mode")
+
+
+@functools.lru_cache(maxsize=32)
+def _help_mentions(binary: str, mtime_ns: int, size: int, flag: str) -> bool:
+    try:
+        p = subprocess.run([binary, "--help"], capture_output=True, text=True, errors="replace", timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return flag in p.stdout + p.stderr
+
+
 def bench_argv(binary: Path, model: Path, threads: Sequence[int] = (), n_prompt: Sequence[int] = (512,),
                n_gen: Sequence[int] = (128,), reps: int = 5, mmap: bool = True,
-               extra: Sequence[str] = ()) -> list[str]:
-    """-mmp is always explicit: its default flipped twice in 2026 (llama_cpp_cpu.md A1)."""
+               extra: Sequence[str] = (), load_mode: bool | None = None) -> list[str]:
+    """The mmap choice is always explicit: its default flipped twice in 2026 (llama_cpp_cpu.md A1).
+
+    `load_mode` says whether to write it as `-lm mmap|none` or as the older `-mmp 1|0`; None asks
+    the binary's --help.
+    """
+    if load_mode is None:
+        load_mode = takes_load_mode(binary)
+    mmap_args = ["-lm", "mmap" if mmap else "none"] if load_mode else ["-mmp", "1" if mmap else "0"]
     argv = [str(binary), "-m", str(model), "-o", "json", "-r", str(reps),
             "-p", ",".join(map(str, n_prompt)) or "0", "-n", ",".join(map(str, n_gen)) or "0",
-            "-mmp", "1" if mmap else "0"]
+            *mmap_args]
     if threads:
         argv += ["-t", ",".join(map(str, threads))]
     return argv + list(extra)
 
 
 def run(argv: Sequence[str], timeout_s: float | None = None) -> list[BenchRow]:
-    p = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout_s)
+    try:
+        p = subprocess.run(list(argv), capture_output=True, text=True, errors="replace", timeout=timeout_s)
+    except OSError as e:
+        raise ProcessFailed(f"cannot run llama-bench: {e}", argv, None,
+                            hint="build llama.cpp first (`cputune build`)") from e
+    except subprocess.TimeoutExpired as e:
+        # TimeoutExpired holds bytes whatever text= says (subprocess docs).
+        out = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr))
+        raise ProcessFailed(f"llama-bench did not finish in {timeout_s:g} s", argv, None, out) from e
     if p.returncode != 0:
         raise ProcessFailed(f"llama-bench failed (exit {p.returncode})", argv, p.returncode,
                             p.stdout + p.stderr)
