@@ -1,11 +1,14 @@
-"""Session-wide fixtures: the cached llama.cpp build and the recorded machines."""
+"""Session-wide fixtures: the cached llama.cpp build, tiny synthetic models and the recorded machines."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from cputune import synth
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -25,3 +28,49 @@ def llama_bin_dir() -> Path:
     if b is None:
         pytest.fail("no cached llama.cpp build: run `cputune build` first (CI does)")
     return b.bin_dir
+
+
+# --- tiny synthetic models, written and quantized once per run ----------------------------------
+
+# Every quantized row is a multiple of QK_K = 256 long, so Q4_K_M keeps its K-quants. The exception
+# is deepseek2's attn_k_b, whose rows are qk_nope_dim long (64 here, 128 in R1): llama-quantize's
+# tensor_type_fallback() demotes it (src/llama-quant.cpp), as it does for the real R1.
+TINY_LLAMA = synth.LlamaShape(n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_vocab=512, ctx=2048)
+# One leading dense block, then one MoE block: 8 routed experts (top 2) and 1 shared, MLA attention.
+TINY_DS2 = synth.Deepseek2Shape(
+    n_layer=2, n_embd=256, n_ff=512, n_leading_dense=1, n_expert=8, n_expert_used=2, n_expert_shared=1,
+    n_ff_exp=256, n_head=4, q_lora_rank=256, kv_lora_rank=256, qk_nope_dim=64, qk_rope_dim=32, v_head_dim=64,
+    n_vocab=512, ctx=2048)
+TINY_QTYPES = ("q8_0", "q4_k_m")
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    shape: synth.LlamaShape | synth.Deepseek2Shape
+    f16: Path
+    quantized: dict[str, Path]  # by TINY_QTYPES name
+
+    @property
+    def arch(self) -> str:
+        return self.shape.arch
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, llama_bin_dir) -> dict[str, TinyModel]:
+    """A dense llama and a MoE deepseek2 (2.9 and 6.6 MB in f16), each quantized by the real llama-quantize."""
+    d = tmp_path_factory.mktemp("tiny_models")
+    quantize = llama_bin_dir / "llama-quantize"
+    models = {}
+    for shape in (TINY_LLAMA, TINY_DS2):
+        f16 = synth.write_model(d / f"{shape.arch}-f16.gguf", shape, seed=1)[0]
+        quantized = {q: synth.quantize(f16, d / f"{shape.arch}-{q}.gguf", q.upper(), quantize, threads=2)
+                     for q in TINY_QTYPES}
+        models[shape.arch] = TinyModel(shape, f16, quantized)
+    return models
+
+
+@pytest.fixture(scope="session")
+def tiny_split(tmp_path_factory) -> list[Path]:
+    """TINY_LLAMA in two shards named NAME-0000k-of-00002.gguf, as llama-gguf-split names them; load the first."""
+    return synth.write_llama(tmp_path_factory.mktemp("tiny_split") / "llama-split.gguf", TINY_LLAMA, seed=1,
+                             n_shards=2)

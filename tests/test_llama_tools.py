@@ -1,0 +1,272 @@
+"""The real llama-quantize, llama-bench and llama-server on the tiny synthetic models, through cputune's wrappers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFReader, LlamaFileType
+
+from cputune import launch, llama_bench, synth
+from cputune.errors import ProcessFailed
+
+FIXTURES = Path(__file__).parent / "fixtures"
+HOST = "127.0.0.1"
+
+
+def kv(reader: GGUFReader, key: str):
+    return reader.fields[key].contents()
+
+
+def tensor_types(path: Path) -> dict[str, Q]:
+    return {t.name: t.tensor_type for t in GGUFReader(path).tensors}
+
+
+# --- llama-quantize -----------------------------------------------------------------------------
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("arch", ["llama", "deepseek2"])
+def test_q8_0_quantizes_every_weight_and_keeps_the_rest_f32(tiny_models, arch):
+    m = tiny_models[arch]
+    r = GGUFReader(m.quantized["q8_0"])
+    assert kv(r, "general.file_type") == LlamaFileType.MOSTLY_Q8_0
+    assert kv(r, "general.architecture") == arch
+    got = {t.name: (t.tensor_type, tuple(int(x) for x in t.shape)) for t in r.tensors}
+    # norms, the router and its bias stay F32: llama-quant.cpp quantizes only 2-D/3-D tensors, never ffn_gate_inp
+    want = {s.name: (Q.Q8_0 if s.kind == synth.WEIGHT else Q.F32, s.ne) for s in synth.tensor_specs(m.shape)}
+    assert got == want
+
+
+# Q4_K_M as src/llama-quant.cpp (llama_tensor_get_type) decides it for these shapes:
+#   - most weights Q4_K;
+#   - ffn_down and attn_v Q6_K in "use_more_bits" layers: i >= 7*n_layer/8, i.e. block 1 of 2;
+#   - output.weight Q6_K always;
+#   - attn_output Q5_K in models with 8 or more experts;
+#   - attn_k_b rows are 64 long, not a multiple of QK_K = 256: tensor_type_fallback() gives Q5_0,
+#     and llama-quantize warns "ncols 64 not divisible by 256 ... falling back to q5_0".
+Q4_K_M_TYPES = {
+    "llama": {
+        "token_embd.weight": Q.Q4_K, "output.weight": Q.Q6_K, "output_norm.weight": Q.F32,
+        "blk.0.attn_q.weight": Q.Q4_K, "blk.0.attn_v.weight": Q.Q4_K, "blk.1.attn_v.weight": Q.Q6_K,
+        "blk.0.ffn_gate.weight": Q.Q4_K, "blk.0.ffn_down.weight": Q.Q4_K, "blk.1.ffn_down.weight": Q.Q6_K,
+        "blk.1.ffn_norm.weight": Q.F32,
+    },
+    "deepseek2": {
+        "token_embd.weight": Q.Q4_K, "output.weight": Q.Q6_K,
+        "blk.0.attn_q_a.weight": Q.Q4_K, "blk.0.attn_kv_a_mqa.weight": Q.Q4_K, "blk.0.attn_v_b.weight": Q.Q4_K,
+        "blk.0.attn_k_b.weight": Q.Q5_0, "blk.1.attn_k_b.weight": Q.Q5_0,
+        "blk.0.attn_output.weight": Q.Q5_K,
+        "blk.0.ffn_down.weight": Q.Q4_K,  # the leading dense block
+        "blk.1.ffn_gate_exps.weight": Q.Q4_K, "blk.1.ffn_up_exps.weight": Q.Q4_K,
+        "blk.1.ffn_down_exps.weight": Q.Q6_K, "blk.1.ffn_down_shexp.weight": Q.Q6_K,
+        "blk.1.ffn_gate_shexp.weight": Q.Q4_K,
+        "blk.1.ffn_gate_inp.weight": Q.F32, "blk.1.exp_probs_b.bias": Q.F32, "blk.1.attn_kv_a_norm.weight": Q.F32,
+    },
+}
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("arch", ["llama", "deepseek2"])
+def test_q4_k_m_mix_and_fallback(tiny_models, arch):
+    m = tiny_models[arch]
+    r = GGUFReader(m.quantized["q4_k_m"])
+    assert kv(r, "general.file_type") == LlamaFileType.MOSTLY_Q4_K_M
+    types = {t.name: t.tensor_type for t in r.tensors}
+    assert {name: types[name] for name in Q4_K_M_TYPES[arch]} == Q4_K_M_TYPES[arch]
+    assert sum(int(t.n_elements) for t in r.tensors) == synth.n_params(m.shape)
+    # smaller than q8_0, which is smaller than f16
+    sizes = [m.quantized["q4_k_m"].stat().st_size, m.quantized["q8_0"].stat().st_size, m.f16.stat().st_size]
+    assert sizes == sorted(sizes) and len(set(sizes)) == 3
+
+
+# --- llama-bench --------------------------------------------------------------------------------
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("arch", ["llama", "deepseek2"])
+def test_llama_bench_rows(tiny_models, llama_bin_dir, arch):
+    m = tiny_models[arch]
+    argv = llama_bench.bench_argv(llama_bin_dir / "llama-bench", m.quantized["q8_0"], threads=(2,),
+                                  n_prompt=(16,), n_gen=(4,), reps=1)
+    rows = llama_bench.run(argv, timeout_s=120)
+    assert [r.test for r in rows] == ["pp16", "tg4"]
+    for r in rows:
+        assert r.avg_ts > 0 and len(r.samples_ts) == len(r.samples_ns) == 1
+        assert r.model_type == f"{arch} ?B Q8_0"  # "?B": no size class for a 1-3 M parameter model
+        assert r.model_n_params == synth.n_params(m.shape)
+        assert r.model_filename == str(m.quantized["q8_0"])  # the -m argument as given
+        assert r.n_threads == 2
+        assert (r.load_mode, r.use_mmap) == ("mmap", True)
+        assert r.build_commit
+
+
+@pytest.mark.llama
+def test_llama_bench_without_mmap(tiny_models, llama_bin_dir):
+    m = tiny_models["llama"]
+    assert llama_bench.takes_load_mode(llama_bin_dir / "llama-bench")  # the pinned build is past PR #20834
+    argv = llama_bench.bench_argv(llama_bin_dir / "llama-bench", m.quantized["q4_k_m"], threads=(1,),
+                                  n_prompt=(), n_gen=(2,), reps=1, mmap=False)
+    assert argv[argv.index("-lm") + 1] == "none"
+    [row] = llama_bench.run(argv, timeout_s=120)
+    assert (row.test, row.load_mode, row.use_mmap, row.n_threads) == ("tg2", "none", False, 1)
+    assert row.model_type == "llama ?B Q4_K - Medium"
+
+
+@pytest.mark.llama
+def test_split_model_benches_like_the_single_file(tiny_models, tiny_split, llama_bin_dir):
+    assert [p.name for p in tiny_split] == ["llama-split-00001-of-00002.gguf", "llama-split-00002-of-00002.gguf"]
+    bench = llama_bin_dir / "llama-bench"
+    rows = {}
+    for name, path in (("single", tiny_models["llama"].f16), ("split", tiny_split[0])):
+        [rows[name]] = llama_bench.run(llama_bench.bench_argv(bench, path, threads=(1,), n_prompt=(8,), n_gen=(),
+                                                              reps=1), timeout_s=120)
+    assert rows["split"].model_n_params == rows["single"].model_n_params == synth.n_params(tiny_models["llama"].shape)
+    # llama-bench reports the bytes of all tensors, summed over the shards
+    assert rows["split"].model_size_bytes == rows["single"].model_size_bytes
+    assert rows["split"].model_type == "llama ?B F16" and rows["split"].avg_ts > 0
+
+
+@pytest.mark.llama
+def test_llama_bench_failure_is_reported(tmp_path, llama_bin_dir):
+    argv = llama_bench.bench_argv(llama_bin_dir / "llama-bench", tmp_path / "missing.gguf", n_prompt=(8,),
+                                  n_gen=(), reps=1)
+    with pytest.raises(ProcessFailed) as info:
+        llama_bench.run(argv, timeout_s=60)
+    assert info.value.returncode not in (0, None)
+    assert info.value.argv == argv and info.value.output_tail
+
+
+def test_missing_llama_bench_is_a_process_failure(tmp_path):
+    binary = tmp_path / "llama-bench"
+    assert not llama_bench.takes_load_mode(binary)
+    with pytest.raises(ProcessFailed, match="cannot run llama-bench") as info:
+        llama_bench.run(llama_bench.bench_argv(binary, tmp_path / "m.gguf"))
+    assert info.value.returncode is None and info.value.hint
+
+
+def test_bench_argv_spells_mmap_for_either_flag_set():
+    new = llama_bench.bench_argv(Path("llama-bench"), Path("m.gguf"), mmap=False, load_mode=True)
+    old = llama_bench.bench_argv(Path("llama-bench"), Path("m.gguf"), mmap=False, load_mode=False)
+    assert new[new.index("-lm") + 1] == "none" and "-mmp" not in new
+    assert old[old.index("-mmp") + 1] == "0" and "-lm" not in old
+
+
+def test_parse_rows_recorded_from_the_pinned_build():
+    # `llama-bench -m deepseek2-q8_0.gguf -p 16 -n 4 -r 2 -t 2 -o json -lm mmap` on TINY_DS2, build 0c1e57098
+    rows = llama_bench.parse_rows((FIXTURES / "llama_bench" / "0c1e57098-deepseek2-q8_0.json").read_text())
+    assert [r.test for r in rows] == ["pp16", "tg4"]
+    pp = rows[0]
+    assert (pp.model_type, pp.model_n_params, pp.model_size_bytes) == ("deepseek2 ?B Q8_0", 3_297_544, 3_516_448)
+    assert (pp.load_mode, pp.use_mmap) == ("mmap", True)
+    assert pp.flash_attn is None  # recorded as -1: "-fa auto" leaves the choice to llama.cpp
+    assert pp.build_commit == "0c1e57098" and len(pp.samples_ts) == len(pp.samples_ns) == 2
+
+
+def test_parse_rows_before_load_mode():
+    # The row fields before PR #20834 (llama_cpp_cpu.md A1): use_mmap and a boolean flash_attn.
+    [row] = llama_bench.parse_rows(json.dumps([{"use_mmap": False, "flash_attn": True, "n_gen": 128}]))
+    assert (row.load_mode, row.use_mmap, row.flash_attn, row.test) == ("none", False, True, "tg128")
+
+
+# --- llama-server -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def serving(bin_dir: Path, model: Path, log_path: Path, *extra: str) -> Iterator[launch.Server]:
+    port = launch.free_port(HOST)
+    argv = [str(bin_dir / "llama-server"), "-m", str(model), "--host", HOST, "--port", str(port),
+            "-t", "2", "-c", "256", "-np", "1", *extra]
+    server = launch.start_server(argv, HOST, port, log_path=log_path)
+    try:
+        server.wait_ready(timeout_s=120)
+        yield server
+    finally:
+        server.stop()
+
+
+def process_group(pgid: int) -> list[int]:
+    """Live pids whose process group is `pgid` (field 5 of /proc/PID/stat, after the ')' of comm)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited while we looked
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def complete(server: launch.Server, n_predict: int = 4) -> dict:
+    # ignore_eos: random weights may well sample </s> first; temperature 0 makes the run repeatable.
+    code, body = launch.http_json(server.url + "/completion", {
+        "prompt": "The quick brown fox", "n_predict": n_predict, "ignore_eos": True, "temperature": 0.0,
+        "seed": 1}, timeout=60)
+    assert code == 200, body
+    return body
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("arch, qtype", [("llama", "q8_0"), ("deepseek2", "q4_k_m")])
+def test_server_completes_and_stops_cleanly(tiny_models, llama_bin_dir, tmp_path, arch, qtype):
+    m = tiny_models[arch]
+    # -lv 4 lets the loader's print_info lines (hyperparameters) into the log
+    with serving(llama_bin_dir, m.quantized[qtype], tmp_path / "server.log", "-lv", "4") as server:
+        pid, port = server.proc.pid, server.port
+        assert server.pids() == [pid] and process_group(pid) == [pid]
+        body = complete(server)
+        assert isinstance(body["content"], str)
+        assert body["tokens_predicted"] == 4 and body["stop_type"] == "limit"
+        assert body["timings"]["predicted_n"] == 4 and body["timings"]["predicted_ms"] > 0
+        code, models = launch.http_json(server.url + "/v1/models", timeout=10)
+        assert code == 200
+        assert models["data"][0]["meta"]["n_params"] == synth.n_params(m.shape)
+        assert models["data"][0]["meta"]["n_vocab"] == m.shape.n_vocab
+    assert server.proc.returncode == 0  # SIGTERM: llama-server shuts down and exits 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert process_group(pid) == []
+    assert not launch.port_in_use(HOST, port)
+
+    info = dict(re.findall(r"print_info: (\w+)\s+= (.+)", server.log_path.read_text()))
+    assert info["arch"] == arch
+    assert info["n_layer"] == str(m.shape.n_layer)
+    if arch == "deepseek2":
+        expected = {"n_expert": m.shape.n_expert, "n_expert_used": m.shape.n_expert_used,
+                    "n_expert_shared": m.shape.n_expert_shared, "n_layer_dense_lead": m.shape.n_leading_dense,
+                    "n_lora_q": m.shape.q_lora_rank, "n_lora_kv": m.shape.kv_lora_rank}
+        assert {k: int(info[k]) for k in expected} == expected
+
+
+@pytest.mark.llama
+def test_server_loads_the_split_model(tiny_models, tiny_split, llama_bin_dir, tmp_path):
+    with serving(llama_bin_dir, tiny_split[0], tmp_path / "server.log") as server:
+        assert complete(server, n_predict=2)["tokens_predicted"] == 2
+        _, models = launch.http_json(server.url + "/v1/models", timeout=10)
+        assert models["data"][0]["meta"]["n_params"] == synth.n_params(tiny_models["llama"].shape)
+
+
+@pytest.mark.llama
+def test_server_that_cannot_load_fails_wait_ready(tiny_models, llama_bin_dir, tmp_path):
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(tiny_models["llama"].f16.read_bytes()[:100_000])  # header whole, tensor data cut
+    port = launch.free_port(HOST)
+    argv = [str(llama_bin_dir / "llama-server"), "-m", str(truncated), "--host", HOST, "--port", str(port)]
+    server = launch.start_server(argv, HOST, port, log_path=tmp_path / "server.log")
+    try:
+        with pytest.raises(ProcessFailed, match="exited with code") as info:
+            server.wait_ready(timeout_s=60)
+    finally:
+        server.stop()
+    e = info.value
+    assert e.returncode not in (0, None) and e.argv == argv
+    assert any("failed to load model" in line for line in e.output_tail)
+    assert e.log_path == str(tmp_path / "server.log")
+    assert process_group(server.proc.pid) == []
