@@ -515,6 +515,12 @@ def discover_topology(root: Path | str = Path("/")) -> Topology:
         )
     dirs = _cpu_dirs(sr)
     online = _online_cpus(sr, dirs)
+    if not online:
+        # A Topology without CPUs would only fail later, in whatever divides by the core count.
+        raise TopologyError(
+            f"{root} has no online CPU under sys/devices/system/cpu (no cpu/online, no cpuN/)",
+            hint="give a complete tree: extract the whole sysfs tarball, or use /",
+        )
     present = sr.cpulist(f"{_CPU}/present") or tuple(dirs)
     blocks = parse_cpuinfo(sr.text("proc/cpuinfo") or "")
     info_of = {_int_or_none(b.get("processor")): b for b in blocks}
