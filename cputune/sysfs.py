@@ -20,12 +20,19 @@ def parse_cpulist(text: str) -> tuple[int, ...]:
             continue
         if "-" in part:
             lo, _, hi = part.partition("-")
-            step = 1
-            # "0-15:2" stride form appears in cgroup/cpuset syntax (Documentation/admin-guide/cgroup-v2.rst).
+            used = group = None
+            # "100-2000:2/25" is the first 2 CPUs of every group of 25 (100,101,125,126,...), not a
+            # stride; the kernel wants both numbers (Documentation/admin-guide/kernel-parameters.rst,
+            # "cpu lists"; lib/bitmap-str.c, bitmap_parse_region).
             if ":" in hi:
-                hi, _, s = hi.partition(":")
-                step = int(s.split("/")[0])
-            cpus.update(range(int(lo), int(hi) + 1, step))
+                hi, _, spec = hi.partition(":")
+                used_text, _, group_text = spec.partition("/")
+                used, group = int(used_text), int(group_text)
+            if used is None:
+                cpus.update(range(int(lo), int(hi) + 1))
+            else:
+                for start in range(int(lo), int(hi) + 1, group):
+                    cpus.update(range(start, min(start + used, int(hi) + 1)))
         else:
             cpus.add(int(part))
     return tuple(sorted(cpus))
