@@ -308,7 +308,9 @@ def _bracketed(text: str | None) -> str | None:
     """The active choice of a sysfs selector: "always [madvise] never" -> "madvise"."""
     if not text:
         return None
-    m = re.search(r"\[(\w+)\]", text)
+    # Choices are not all words: THP defrag offers "defer+madvise"
+    # (Documentation/admin-guide/mm/transhuge.rst).
+    m = re.search(r"\[([^\]\s]+)\]", text)
     return m.group(1) if m else text.split()[0]
 
 
