@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -250,6 +250,7 @@ class ModelProfile:
     attn_flops_per_ctx_token: int  # extra FLOPs per decoded token per token already in context
     bytes_by_type: dict[str, int]
     unknown_types: tuple[str, ...]
+    active_bytes_by_type: dict[str, int] = field(default_factory=dict)
 
     @property
     def is_moe(self) -> bool:
@@ -313,6 +314,7 @@ def profile_from(meta: dict, tensors: tuple[TensorInfo, ...] | list[TensorInfo],
     active_bytes = 0.0
     flops_params = 0.0
     by_type: dict[str, int] = {}
+    active_by_type: dict[str, float] = {}
     unknown = set()
     for t in tensors:
         nbytes = t.n_bytes or 0
@@ -333,12 +335,15 @@ def profile_from(meta: dict, tensors: tuple[TensorInfo, ...] | list[TensorInfo],
         if t.name == "token_embd.weight":
             rows = t.shape[1] if len(t.shape) > 1 else 1
             active_bytes += nbytes / rows  # one row per token
+            # A row lookup is a copy, not a dot product: no compute cost by type.
             if tied:  # output = token_embd^T, read whole for the logits
                 active_bytes += nbytes
+                active_by_type[t.type_name] = active_by_type.get(t.type_name, 0) + nbytes
                 active += t.n_params
                 flops_params += t.n_params
             continue
         active_bytes += nbytes * share
+        active_by_type[t.type_name] = active_by_type.get(t.type_name, 0) + nbytes * share
         active += round(t.n_params * share)
         if len(t.shape) >= 2:
             flops_params += t.n_params * share
@@ -367,6 +372,7 @@ def profile_from(meta: dict, tensors: tuple[TensorInfo, ...] | list[TensorInfo],
         kv_v_elems_per_token=sum(v_elems), attn_flops_per_ctx_token=attn,
         bytes_by_type=dict(sorted(by_type.items(), key=lambda kv: -kv[1])),
         unknown_types=tuple(sorted(unknown)),
+        active_bytes_by_type={k: round(v) for k, v in sorted(active_by_type.items(), key=lambda kv: -kv[1])},
     )
 
 

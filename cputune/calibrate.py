@@ -1,0 +1,206 @@
+"""Fit the predictor's constants to real llama-bench runs on synthetic models shaped like the target.
+
+Orchestration (generate, quantize, bench) and the fit live here; the model they fit is
+predictor.predict, so what is calibrated is exactly what is predicted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+from cputune import gguf_model, llama_bench, synth
+from cputune.data import load_toml
+from cputune.gguf_model import ModelProfile
+from cputune.predictor import Calibration, MachineBandwidth, Settings, nearest_rate, predict
+
+MIB = 1 << 20
+PRIOR_WEIGHT = 0.01
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """One llama-bench result: a model at a thread count, decode and prompt tokens/s."""
+
+    model: ModelProfile
+    threads: int
+    n_prompt: int
+    tg_tokens_per_s: float
+    pp_tokens_per_s: float
+
+
+def default_calibration() -> Calibration:
+    """configs/calibration.toml: the constants shipped, each with its source."""
+    c = load_toml("calibration.toml")["default"]
+    return Calibration(bw_efficiency=c["bw_efficiency"],
+                       decode_gbps_per_core=dict(c["decode_gbps_per_core"]),
+                       prefill_gflops_per_core=dict(c["prefill_gflops_per_core"]),
+                       overhead_s_per_layer=c["overhead_s_per_layer"],
+                       overhead_s_per_layer_thread=c["overhead_s_per_layer_thread"],
+                       source=c["source"])
+
+
+def machine_from_profile(profile) -> MachineBandwidth:
+    """The predictor's view of a saved probe (cputune.probe.MachineProfile)."""
+    t, bw = profile.inventory.topology, profile.bandwidth
+    node_bw = max(bw.node_read_gbps.values())
+    one_core = bw.sweep_read_gbps[0][1] if bw.sweep_read_gbps and bw.sweep_read_gbps[0][0] == 1 \
+        else node_bw / max(len(t.cores) // max(len(t.nodes), 1), 1)
+    remote = [g / bw.node_read_gbps[i] for i, _, g in bw.matrix_read_gbps if bw.node_read_gbps.get(i)]
+    cpu_nodes = [n for n in t.nodes if n.cpus]
+    return MachineBandwidth(
+        name=profile.hostname, sockets=len(t.packages), nodes=len(cpu_nodes),
+        cores=len(t.first_thread_per_core()), node_read_gbps=node_bw, core_read_gbps=one_core,
+        remote_ratio=min(remote) if remote else 1.0,
+        mem_bytes=profile.inventory.memory.mem_total_bytes or 0, isa=t.isa_flags)
+
+
+# --------------------------------------------------------------------------------------------
+# measuring
+
+
+def make_models(folder: Path, llama_quantize: Path, arch: str, sizes_bytes: Sequence[int],
+                quants: Sequence[str], progress: Callable[[str], None] | None = None) -> list[Path]:
+    """Synthetic f16 models of the given sizes, quantized; files are reused when present."""
+    out = []
+    for size in sizes_bytes:
+        shape = synth.shape_for_size(arch, size, "f16")
+        base = folder / f"{arch}-{size // MIB}M-f16.gguf"
+        if not base.exists():
+            if progress:
+                progress(f"writing {base.name}")
+            synth.write_model(base, shape)
+        for q in quants:
+            if q.lower() == "f16":
+                out.append(base)
+                continue
+            dst = folder / f"{arch}-{size // MIB}M-{q.lower()}.gguf"
+            if not dst.exists():
+                if progress:
+                    progress(f"quantizing {dst.name}")
+                synth.quantize(base, dst, q.upper(), llama_quantize)
+            out.append(dst)
+    return out
+
+
+def measure(llama_bench_bin: Path, models: Sequence[Path], threads: Sequence[int],
+            n_prompt: int = 64, n_gen: int = 16, reps: int = 3,
+            progress: Callable[[int, int, str], None] | None = None) -> list[Point]:
+    points = []
+    for i, path in enumerate(models):
+        if progress:
+            progress(i, len(models), path.name)
+        prof = gguf_model.read_model(path)
+        argv = llama_bench.bench_argv(llama_bench_bin, path, threads=threads, n_prompt=(n_prompt,),
+                                      n_gen=(n_gen,), reps=reps)
+        rows = llama_bench.run(argv, timeout_s=600)
+        for t in threads:
+            tg = [r.avg_ts for r in rows if r.n_threads == t and r.n_gen > 0]
+            pp = [r.avg_ts for r in rows if r.n_threads == t and r.n_prompt > 0]
+            if tg and pp:
+                points.append(Point(prof, t, n_prompt, tg[0], pp[0]))
+    if progress:
+        progress(len(models), len(models), "done")
+    return points
+
+
+# --------------------------------------------------------------------------------------------
+# fitting
+
+
+def nelder_mead(f: Callable[[list[float]], float], x0: list[float], step: float = 0.5,
+                iters: int = 3000, tol: float = 1e-10) -> list[float]:
+    """Minimise f from x0 (Nelder & Mead 1965, standard coefficients 1, 2, 0.5, 0.5)."""
+    n = len(x0)
+    pts = [list(x0)] + [[x + (step if i == j else 0.0) for j, x in enumerate(x0)] for i in range(n)]
+    vals = [f(p) for p in pts]
+    for _ in range(iters):
+        order = sorted(range(n + 1), key=vals.__getitem__)
+        pts, vals = [pts[i] for i in order], [vals[i] for i in order]
+        if abs(vals[-1] - vals[0]) < tol:
+            break
+        centroid = [sum(p[j] for p in pts[:-1]) / n for j in range(n)]
+        worst = pts[-1]
+        refl = [c + (c - w) for c, w in zip(centroid, worst)]
+        fr = f(refl)
+        if fr < vals[0]:
+            exp = [c + 2 * (c - w) for c, w in zip(centroid, worst)]
+            fe = f(exp)
+            pts[-1], vals[-1] = (exp, fe) if fe < fr else (refl, fr)
+        elif fr < vals[-2]:
+            pts[-1], vals[-1] = refl, fr
+        else:
+            con = [c + 0.5 * (w - c) for c, w in zip(centroid, worst)]
+            fc = f(con)
+            if fc < vals[-1]:
+                pts[-1], vals[-1] = con, fc
+            else:
+                best = pts[0]
+                pts = [best] + [[b + 0.5 * (x - b) for b, x in zip(best, p)] for p in pts[1:]]
+                vals = [vals[0]] + [f(p) for p in pts[1:]]
+    return pts[min(range(n + 1), key=vals.__getitem__)]
+
+
+def fitted_types(points: Sequence[Point], share: float = 0.05) -> list[str]:
+    """Types holding at least `share` of some model's active bytes: the ones the runs can tell apart."""
+    types = set()
+    for p in points:
+        total = sum(p.model.active_bytes_by_type.values()) or 1
+        types |= {t for t, b in p.model.active_bytes_by_type.items() if b / total >= share}
+    return sorted(types)
+
+
+def log_errors(points: Sequence[Point], machine: MachineBandwidth, cal: Calibration) -> list[float]:
+    """ln(predicted / measured) for decode and prefill of every point."""
+    out = []
+    for p in points:
+        pred = predict(p.model, machine, Settings(threads=p.threads, n_ubatch=p.n_prompt), cal)
+        out.append(math.log(pred.tg_tokens_per_s / p.tg_tokens_per_s))
+        out.append(math.log(pred.pp_tokens_per_s / p.pp_tokens_per_s))
+    return out
+
+
+def fit(points: Sequence[Point], machine: MachineBandwidth, start: Calibration,
+        fit_efficiency: bool = True) -> Calibration:
+    """Least squares on ln(predicted/measured) over tg and pp, in log-parameters (all positive).
+
+    bw_efficiency is capped at 1: a fit that wants more says the runs were compute-bound and
+    cannot tell it; `fit_efficiency=False` keeps the starting value (from published runs).
+    """
+    types = fitted_types(points)
+    names = (["eff"] if fit_efficiency else []) + ["ovh", "ovh_t"] + \
+        [f"tg:{t}" for t in types] + [f"pp:{t}" for t in types]
+
+    def unpack(x: list[float]) -> Calibration:
+        v = dict(zip(names, (math.exp(a) for a in x)))
+        return replace(
+            start,
+            bw_efficiency=min(v.get("eff", start.bw_efficiency), 1.0),
+            overhead_s_per_layer=v["ovh"], overhead_s_per_layer_thread=v["ovh_t"],
+            decode_gbps_per_core={**start.decode_gbps_per_core,
+                                  **{t: v[f"tg:{t}"] for t in types}},
+            prefill_gflops_per_core={**start.prefill_gflops_per_core,
+                                     **{t: v[f"pp:{t}"] for t in types}},
+            source=f"fitted to {len(points)} llama-bench runs on {machine.name}")
+
+    def x_of(c: Calibration) -> list[float]:
+        vals = {"eff": c.bw_efficiency, "ovh": c.overhead_s_per_layer,
+                "ovh_t": max(c.overhead_s_per_layer_thread, 1e-9),
+                **{f"tg:{t}": nearest_rate(c.decode_gbps_per_core, t) for t in types},
+                **{f"pp:{t}": nearest_rate(c.prefill_gflops_per_core, t) for t in types}}
+        return [math.log(vals[n]) for n in names]
+
+    x0 = x_of(start)
+
+    def loss(x: list[float]) -> float:
+        # A weak pull toward the starting values keeps rates the runs cannot tell apart (a type
+        # that is never the bottleneck) finite instead of drifting to 10^9.
+        prior = PRIOR_WEIGHT * sum((a - b) ** 2 for a, b in zip(x, x0))
+        return sum(e * e for e in log_errors(points, machine, unpack(x))) + prior
+
+    x = x0
+    for _ in range(3):  # restarts shake the simplex out of early collapse
+        x = nelder_mead(loss, x)
+    return unpack(x)

@@ -1,0 +1,160 @@
+"""Decode and prefill tokens/s from bandwidth, compute and a per-token fixed cost: pure math.
+
+No I/O, no clock: a machine, a model profile, settings and calibrated constants in; a
+Prediction carrying every term out, so the CLI can explain it and tests can check each term.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from cputune.gguf_model import ModelProfile, kv_bytes_per_token, type_sizes
+
+NUMA_POLICIES = ("one-node", "distribute", "interleave", "off")
+
+
+@dataclass(frozen=True, slots=True)
+class MachineBandwidth:
+    """What the predictor needs from a machine (a probe profile or a hardware TOML)."""
+
+    name: str
+    sockets: int
+    nodes: int
+    cores: int  # physical cores llama.cpp may use
+    node_read_gbps: float  # one node, all its cores, local memory
+    core_read_gbps: float  # one core alone
+    remote_ratio: float  # node-to-node read / local read (1.0 on one node)
+    mem_bytes: int
+    isa: tuple[str, ...] = ()
+
+    @property
+    def cores_per_node(self) -> int:
+        return max(self.cores // max(self.nodes, 1), 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    """Constants fitted from llama-bench runs (`cputune calibrate`) or published measurements.
+
+    bw_efficiency: share of the probe's read bandwidth that llama.cpp decode reaches.
+    decode_gbps_per_core: weight bytes one core dequantizes and dots per second at batch 1.
+    prefill_gflops_per_core: matrix FLOP/s one core reaches in prompt processing, by type.
+    overhead_s_per_layer / overhead_s_per_layer_thread: per-token fixed cost (graph, barriers).
+    """
+
+    bw_efficiency: float
+    decode_gbps_per_core: dict[str, float]
+    prefill_gflops_per_core: dict[str, float]
+    overhead_s_per_layer: float
+    overhead_s_per_layer_thread: float
+    source: str = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    threads: int
+    numa: str = "one-node"
+    depth: int = 0  # tokens already in the KV cache
+    n_ubatch: int = 512
+    cache_type: str = "f16"
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    tg_tokens_per_s: float
+    pp_tokens_per_s: float
+    bottleneck: str  # memory | compute | overhead
+    bytes_per_token: float  # weights read + KV read at this depth
+    effective_bw_gbps: float
+    roofline_tg_tokens_per_s: float  # effective bandwidth / bytes per token
+    t_memory_s: float
+    t_compute_s: float
+    t_overhead_s: float
+    pp_bottleneck: str
+    memory_needed_bytes: int
+    nodes_used: int
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def nearest_rate(rates: dict[str, float], type_name: str) -> float:
+    """A type not calibrated takes the rate of the calibrated type closest in bits per weight."""
+    if type_name in rates:
+        return rates[type_name]
+    bpw = {name: size * 8 / block for name, block, size in type_sizes().values()}
+    want = bpw.get(type_name, 8.0)
+    best = min(rates, key=lambda n: abs(bpw.get(n, 8.0) - want))
+    return rates[best]
+
+
+def read_bandwidth_gbps(m: MachineBandwidth, threads: int, numa: str) -> tuple[float, int]:
+    """Bandwidth `threads` pinned cores pull under a NUMA policy, and the nodes they span.
+
+    Cores add bandwidth until their node saturates (the probe's thread sweep shows that knee);
+    `distribute` keeps each thread on pages it first touched (local); `interleave` makes
+    (k-1)/k of each node's reads remote; `off` leaves all weights on the loader's node.
+    """
+    if numa not in NUMA_POLICIES:
+        raise ValueError(f"numa policy {numa!r} is not one of {NUMA_POLICIES}")
+    nodes = 1 if numa == "one-node" else min(m.nodes, math.ceil(threads / m.cores_per_node))
+    per_node_threads = threads / nodes
+    node_bw = min(per_node_threads * m.core_read_gbps, m.node_read_gbps)
+    if numa in ("one-node", "distribute") or nodes == 1:
+        return nodes * node_bw, nodes
+    if numa == "interleave":
+        local = 1 / nodes
+        per_byte = local / node_bw + (1 - local) / (node_bw * m.remote_ratio)
+        return nodes / per_byte, nodes
+    # off: one node's controllers serve everyone; other nodes' threads read remotely.
+    local = 1 / nodes
+    per_byte = local / node_bw + (1 - local) / (node_bw * m.remote_ratio)
+    return min(m.node_read_gbps, nodes / per_byte), nodes
+
+
+def _active_bytes_by_type(model: ModelProfile) -> dict[str, float]:
+    if model.active_bytes_by_type:
+        return dict(model.active_bytes_by_type)
+    scale = model.active_bytes_per_token / model.weight_bytes if model.weight_bytes else 0.0
+    return {k: v * scale for k, v in model.bytes_by_type.items()}
+
+
+def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
+            cal: Calibration) -> Prediction:
+    threads = max(1, min(settings.threads, machine.cores))
+    notes = []
+    if settings.threads > machine.cores:
+        notes.append(f"{settings.threads} threads asked, {machine.cores} physical cores: "
+                     f"predicted at {threads}")
+    bw, nodes = read_bandwidth_gbps(machine, threads, settings.numa)
+    eff_bw = bw * cal.bw_efficiency
+    kv_tok = kv_bytes_per_token(model, settings.cache_type)
+    kv_read = kv_tok * settings.depth
+    bytes_tok = model.active_bytes_per_token + kv_read
+    t_mem = bytes_tok / (eff_bw * 1e9)
+
+    by_type = _active_bytes_by_type(model)
+    t_cpu = sum(b / (threads * nearest_rate(cal.decode_gbps_per_core, t) * 1e9)
+                for t, b in by_type.items() if b)
+    # Attention over the cache: K·q and the value mix read the KV in f16 arithmetic.
+    t_cpu += kv_read / (threads * nearest_rate(cal.decode_gbps_per_core, "F16") * 1e9)
+    t_ovh = model.n_layer * (cal.overhead_s_per_layer + cal.overhead_s_per_layer_thread * threads)
+    t_tok = max(t_mem, t_cpu) + t_ovh
+    bottleneck = "memory" if t_mem >= t_cpu else "compute"
+    if t_ovh > max(t_mem, t_cpu):
+        bottleneck = "overhead"
+
+    # Prefill: FLOPs of the active matrices per token at each type's rate; one pass over all
+    # weights per ubatch (a batch of 512 touches nearly every expert).
+    flops_tok = model.flops_per_token + model.attn_flops_per_ctx_token * (settings.depth + settings.n_ubatch / 2)
+    total_active = sum(by_type.values()) or 1.0
+    t_pp_cpu = sum(flops_tok * (b / total_active) / (threads * nearest_rate(cal.prefill_gflops_per_core, t) * 1e9)
+                   for t, b in by_type.items() if b)
+    t_pp_mem = model.weight_bytes / settings.n_ubatch / (eff_bw * 1e9)
+    t_pp = max(t_pp_cpu, t_pp_mem) + t_ovh / settings.n_ubatch
+    need = model.weight_bytes + int(kv_tok * (settings.depth + settings.n_ubatch))
+    return Prediction(
+        tg_tokens_per_s=1 / t_tok, pp_tokens_per_s=1 / t_pp, bottleneck=bottleneck,
+        bytes_per_token=bytes_tok, effective_bw_gbps=eff_bw,
+        roofline_tg_tokens_per_s=eff_bw * 1e9 / bytes_tok, t_memory_s=t_mem, t_compute_s=t_cpu,
+        t_overhead_s=t_ovh, pp_bottleneck="compute" if t_pp_cpu >= t_pp_mem else "memory",
+        memory_needed_bytes=need, nodes_used=nodes, notes=tuple(notes))

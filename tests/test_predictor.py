@@ -1,0 +1,113 @@
+"""The predictor's terms on hand-worked examples, its properties, and the calibration fit."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from cputune import calibrate
+from cputune.gguf_model import profile_from, tensor_bytes, TensorInfo
+from cputune.predictor import Calibration, MachineBandwidth, Settings, predict, read_bandwidth_gbps
+
+GB = 1e9
+Q8_0 = 8
+
+
+def dense_q8(n_layer=10, n_embd=1024) -> "ModelProfile":  # noqa: F821
+    """A dense llama whose matrices are all Q8_0 (34 bytes per 32 weights)."""
+    meta = {"general.architecture": "llama", "llama.block_count": n_layer,
+            "llama.embedding_length": n_embd, "llama.attention.head_count": 8,
+            "llama.attention.head_count_kv": 8}
+    tensors = [TensorInfo(f"blk.{i}.ffn_up.weight", "Q8_0", Q8_0, (n_embd, 4 * n_embd),
+                          4 * n_embd * n_embd, tensor_bytes((n_embd, 4 * n_embd), Q8_0))
+               for i in range(n_layer)]
+    tensors.append(TensorInfo("output.weight", "Q8_0", Q8_0, (n_embd, 32000), 32000 * n_embd,
+                              tensor_bytes((n_embd, 32000), Q8_0)))
+    return profile_from(meta, tensors, file_bytes=0)
+
+
+BOX = MachineBandwidth(name="2-node", sockets=2, nodes=2, cores=64, node_read_gbps=400.0,
+                       core_read_gbps=25.0, remote_ratio=0.5, mem_bytes=768 << 30)
+CAL = Calibration(bw_efficiency=0.8, decode_gbps_per_core={"Q8_0": 15.0, "F16": 8.0},
+                  prefill_gflops_per_core={"Q8_0": 50.0, "F16": 40.0},
+                  overhead_s_per_layer=1e-5, overhead_s_per_layer_thread=1e-7)
+
+
+def test_bandwidth_by_threads_and_numa_policy():
+    # 8 threads on one node: 8 x 25 = 200 GB/s, below the node's 400.
+    assert read_bandwidth_gbps(BOX, 8, "one-node") == (200.0, 1)
+    # 32 threads saturate a node (32 x 25 = 800 > 400).
+    assert read_bandwidth_gbps(BOX, 32, "one-node") == (400.0, 1)
+    # 64 threads distributed over 2 nodes, each local: 2 x 400.
+    assert read_bandwidth_gbps(BOX, 64, "distribute") == (800.0, 2)
+    # Interleaved: half of each node's bytes remote at 0.5x -> per byte 0.5/400 + 0.5/200.
+    bw, _ = read_bandwidth_gbps(BOX, 64, "interleave")
+    assert bw == pytest.approx(2 / (0.5 / 400 + 0.5 / 200))
+    # Off: all weights on one node, its controllers cap everyone at 400.
+    assert read_bandwidth_gbps(BOX, 64, "off")[0] <= 400.0
+
+
+def test_decode_terms_hand_worked():
+    m = dense_q8()
+    p = predict(m, BOX, Settings(threads=32), CAL)
+    w = m.active_bytes_per_token  # 10 x 1024 x 4096 x 34/32 + 1024 x 32000 x 34/32
+    assert w == 10 * 1024 * 4096 * 34 // 32 + 1024 * 32000 * 34 // 32
+    # memory: w / (0.8 x 400 GB/s); compute: w / (32 x 15 GB/s); overhead: 10 x (1e-5 + 32e-7).
+    assert p.t_memory_s == pytest.approx(w / (0.8 * 400 * GB))
+    assert p.t_compute_s == pytest.approx(w / (32 * 15 * GB))
+    assert p.t_overhead_s == pytest.approx(10 * (1e-5 + 32 * 1e-7))
+    assert p.tg_tokens_per_s == pytest.approx(1 / (max(p.t_memory_s, p.t_compute_s) + p.t_overhead_s))
+    assert p.bottleneck == "memory" and p.roofline_tg_tokens_per_s == pytest.approx(0.8 * 400 * GB / w)
+
+
+def test_decode_is_compute_bound_on_few_cores():
+    p = predict(dense_q8(), BOX, Settings(threads=2), CAL)
+    # 2 cores pull 50 GB/s x 0.8 = 40 GB/s but process only 2 x 15 = 30 GB/s of Q8_0.
+    assert p.bottleneck == "compute"
+
+
+def test_properties_monotonic_in_bandwidth_and_kv_depth():
+    m = dense_q8()
+    speeds = [predict(m, dataclasses.replace(BOX, node_read_gbps=bw), Settings(threads=64), CAL)
+              .tg_tokens_per_s for bw in (100.0, 200.0, 400.0)]
+    assert speeds == sorted(speeds)
+    deep = [predict(m, BOX, Settings(threads=32, depth=d), CAL).tg_tokens_per_s
+            for d in (0, 4096, 32768)]
+    assert deep == sorted(deep, reverse=True)
+
+
+def test_moe_reads_fewer_bytes_than_it_stores():
+    meta = {"general.architecture": "deepseek2", "deepseek2.block_count": 1,
+            "deepseek2.embedding_length": 256, "deepseek2.attention.head_count": 4,
+            "deepseek2.expert_count": 64, "deepseek2.expert_used_count": 4}
+    exps = TensorInfo("blk.0.ffn_up_exps.weight", "Q8_0", Q8_0, (256, 512, 64), 256 * 512 * 64,
+                      tensor_bytes((256, 512, 64), Q8_0))
+    m = profile_from(meta, [exps], file_bytes=0)
+    assert m.active_bytes_per_token == exps.n_bytes * 4 // 64 < m.weight_bytes
+
+
+def test_fit_recovers_constants_from_runs_it_generated():
+    """Points made by predict() with known constants: the fit must find them again."""
+    truth = dataclasses.replace(CAL, decode_gbps_per_core={"Q8_0": 3.0, "F16": 8.0},
+                                prefill_gflops_per_core={"Q8_0": 70.0, "F16": 40.0},
+                                overhead_s_per_layer=3e-5)
+    small = MachineBandwidth("small", 1, 1, 2, 30.0, 18.0, 1.0, 24 << 30)
+    points = []
+    for n_layer, width in ((4, 1024), (16, 1024), (8, 2048)):
+        m = dense_q8(n_layer, width)
+        for t in (1, 2):
+            p = predict(m, small, Settings(threads=t, n_ubatch=64), truth)
+            points.append(calibrate.Point(m, t, 64, p.tg_tokens_per_s, p.pp_tokens_per_s))
+    fitted = calibrate.fit(points, small, CAL, fit_efficiency=False)
+    errs = calibrate.log_errors(points, small, fitted)
+    assert max(abs(e) for e in errs) < 0.02
+    assert fitted.decode_gbps_per_core["Q8_0"] == pytest.approx(3.0, rel=0.05)
+    assert fitted.prefill_gflops_per_core["Q8_0"] == pytest.approx(70.0, rel=0.05)
+
+
+def test_nelder_mead_finds_a_quadratic_minimum():
+    x = calibrate.nelder_mead(lambda v: (v[0] - 1) ** 2 + 10 * (v[1] + 2) ** 2, [0.0, 0.0])
+    assert x == pytest.approx([1.0, -2.0], abs=1e-3)
+    assert math.isfinite(calibrate.default_calibration().bw_efficiency)
