@@ -8,6 +8,7 @@ active parameters, bytes read per decoded token (MoE-aware) and KV-cache bytes p
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import struct
@@ -31,12 +32,19 @@ LEGACY_EXPERT_RE = re.compile(r"^blk\.\d+\.ffn_(gate|up|down)\.\d+\.weight$")
 BLK_RE = re.compile(r"^blk\.(\d+)\.")
 
 
+@functools.lru_cache(maxsize=None)
 def type_sizes() -> dict[int, tuple[str, int, int]]:
     """type id -> (name, elements per block, bytes per block): gguf's table plus newer types."""
     out = {int(t): (GGMLQuantizationType(t).name, b, s) for t, (b, s) in GGML_QUANT_SIZES.items()}
     for row in load_csv("ggml_types_extra.csv"):
         out.setdefault(int(row["id"]), (row["type"], int(row["block_elems"]), int(row["bytes_per_block"])))
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def bits_per_weight() -> dict[str, float]:
+    """type name -> bits per weight (bytes per block x 8 / elements per block)."""
+    return {name: size * 8 / block for name, block, size in type_sizes().values()}
 
 
 def type_id(name: str) -> int:

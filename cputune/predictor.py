@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from cputune.gguf_model import ModelProfile, kv_bytes_per_token, type_sizes
+from cputune.gguf_model import ModelProfile, bits_per_weight, kv_bytes_per_token
 
 NUMA_POLICIES = ("one-node", "distribute", "interleave", "off")
 
@@ -81,7 +81,7 @@ def nearest_rate(rates: dict[str, float], type_name: str) -> float:
     """A type not calibrated takes the rate of the calibrated type closest in bits per weight."""
     if type_name in rates:
         return rates[type_name]
-    bpw = {name: size * 8 / block for name, block, size in type_sizes().values()}
+    bpw = bits_per_weight()
     want = bpw.get(type_name, 8.0)
     best = min(rates, key=lambda n: abs(bpw.get(n, 8.0) - want))
     return rates[best]
