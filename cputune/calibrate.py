@@ -13,11 +13,14 @@ from typing import Callable, Sequence
 
 from cputune import gguf_model, llama_bench, synth
 from cputune.data import load_toml
+from cputune.fsutil import cache_root
+from cputune.jsonio import document, read_json, write_json
 from cputune.gguf_model import ModelProfile
 from cputune.predictor import Calibration, MachineBandwidth, Settings, nearest_rate, predict
 
 MIB = 1 << 20
 PRIOR_WEIGHT = 0.01
+SCHEMA = "cputune.calibration/1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,30 +34,40 @@ class Point:
     pp_tokens_per_s: float
 
 
-def default_calibration() -> Calibration:
-    """configs/calibration.toml: the constants shipped, each with its source."""
-    c = load_toml("calibration.toml")["default"]
-    return Calibration(bw_efficiency=c["bw_efficiency"],
-                       decode_gbps_per_core=dict(c["decode_gbps_per_core"]),
-                       prefill_gflops_per_core=dict(c["prefill_gflops_per_core"]),
-                       overhead_s_per_layer=c["overhead_s_per_layer"],
-                       overhead_s_per_layer_thread=c["overhead_s_per_layer_thread"],
-                       source=c["source"])
+def calibration_from(c: dict) -> Calibration:
+    fields = {f: c[f] for f in Calibration.__slots__ if f in c}
+    return Calibration(**{**fields,
+                          "decode_gbps_per_core": dict(c["decode_gbps_per_core"]),
+                          "prefill_gflops_per_core": dict(c["prefill_gflops_per_core"])})
 
 
-def machine_from_profile(profile) -> MachineBandwidth:
-    """The predictor's view of a saved probe (cputune.probe.MachineProfile)."""
-    t, bw = profile.inventory.topology, profile.bandwidth
-    node_bw = max(bw.node_read_gbps.values())
-    one_core = bw.sweep_read_gbps[0][1] if bw.sweep_read_gbps and bw.sweep_read_gbps[0][0] == 1 \
-        else node_bw / max(len(t.cores) // max(len(t.nodes), 1), 1)
-    remote = [g / bw.node_read_gbps[i] for i, _, g in bw.matrix_read_gbps if bw.node_read_gbps.get(i)]
-    cpu_nodes = [n for n in t.nodes if n.cpus]
-    return MachineBandwidth(
-        name=profile.hostname, sockets=len(t.packages), nodes=len(cpu_nodes),
-        cores=len(t.first_thread_per_core()), node_read_gbps=node_bw, core_read_gbps=one_core,
-        remote_ratio=min(remote) if remote else 1.0,
-        mem_bytes=profile.inventory.memory.mem_total_bytes or 0, isa=t.isa_flags)
+def default_calibration(section: str = "default") -> Calibration:
+    """configs/calibration.toml: the constants shipped, each with its source.
+
+    `default` is the starting point for this box's fit; `published` is fitted to the big-server
+    runs in shared/reference/published_measurements.md and serves the hardware profiles.
+    """
+    return calibration_from(load_toml("calibration.toml")[section])
+
+
+def calibration_path() -> Path:
+    """Beside the machine profile: a calibration belongs to the box it was measured on."""
+    return cache_root() / "calibration.json"
+
+
+def save_calibration(cal: Calibration, path: Path | None = None) -> Path:
+    path = path or calibration_path()
+    write_json(path, document(SCHEMA, calibration=cal))
+    return path
+
+
+def load_calibration(path: Path | None = None) -> Calibration | None:
+    """This box's fitted constants, or None when `cputune calibrate` has not run."""
+    path = path or calibration_path()
+    if not path.exists():
+        return None
+    doc = read_json(path, SCHEMA)
+    return calibration_from(doc["calibration"])
 
 
 # --------------------------------------------------------------------------------------------
