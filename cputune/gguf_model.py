@@ -259,6 +259,8 @@ class ModelProfile:
     bytes_by_type: dict[str, int]
     unknown_types: tuple[str, ...]
     active_bytes_by_type: dict[str, int] = field(default_factory=dict)
+    # Matrices a mul_mat reads (>= 2-D, not the embedding lookup): what the CPU repack copies.
+    matmul_bytes_by_type: dict[str, int] = field(default_factory=dict)
 
     @property
     def is_moe(self) -> bool:
@@ -322,6 +324,7 @@ def profile_from(meta: dict, tensors: tuple[TensorInfo, ...] | list[TensorInfo],
     active_bytes = 0.0
     flops_params = 0.0
     by_type: dict[str, int] = {}
+    matmul_by_type: dict[str, int] = {}
     active_by_type: dict[str, float] = {}
     unknown = set()
     for t in tensors:
@@ -331,6 +334,8 @@ def profile_from(meta: dict, tensors: tuple[TensorInfo, ...] | list[TensorInfo],
         weight_bytes += nbytes
         total += t.n_params
         by_type[t.type_name] = by_type.get(t.type_name, 0) + nbytes
+        if len(t.shape) >= 2 and t.name != "token_embd.weight":
+            matmul_by_type[t.type_name] = matmul_by_type.get(t.type_name, 0) + nbytes
         m = BLK_RE.match(t.name)
         layer = int(m.group(1)) if m else None
         if layer is not None and nextn and layer >= n_layer:
@@ -381,6 +386,7 @@ def profile_from(meta: dict, tensors: tuple[TensorInfo, ...] | list[TensorInfo],
         bytes_by_type=dict(sorted(by_type.items(), key=lambda kv: -kv[1])),
         unknown_types=tuple(sorted(unknown)),
         active_bytes_by_type={k: round(v) for k, v in sorted(active_by_type.items(), key=lambda kv: -kv[1])},
+        matmul_bytes_by_type=dict(sorted(matmul_by_type.items(), key=lambda kv: -kv[1])),
     )
 
 
