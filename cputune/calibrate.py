@@ -183,7 +183,8 @@ def fit(points: Sequence[Point], machine: MachineBandwidth, start: Calibration,
     cannot tell it; `fit_efficiency=False` keeps the starting value (from published runs).
     """
     types = fitted_types(points)
-    names = (["eff"] if fit_efficiency else []) + ["ovh", "ovh_t"] + \
+    moe = ["moe", "moe_pp"] if any(p.model.is_moe for p in points) else []
+    names = (["eff"] if fit_efficiency else []) + ["ovh", "ovh_t"] + moe + \
         [f"tg:{t}" for t in types] + [f"pp:{t}" for t in types]
 
     def unpack(x: list[float]) -> Calibration:
@@ -191,6 +192,8 @@ def fit(points: Sequence[Point], machine: MachineBandwidth, start: Calibration,
         return replace(
             start,
             bw_efficiency=min(v.get("eff", start.bw_efficiency), 1.0),
+            moe_bw_efficiency=min(v.get("moe", start.moe_bw_efficiency), 1.0),
+            moe_prefill_efficiency=min(v.get("moe_pp", start.moe_prefill_efficiency), 1.0),
             overhead_s_per_layer=v["ovh"], overhead_s_per_layer_thread=v["ovh_t"],
             decode_gbps_per_core={**start.decode_gbps_per_core,
                                   **{t: v[f"tg:{t}"] for t in types}},
@@ -201,6 +204,7 @@ def fit(points: Sequence[Point], machine: MachineBandwidth, start: Calibration,
     def x_of(c: Calibration) -> list[float]:
         vals = {"eff": c.bw_efficiency, "ovh": c.overhead_s_per_layer,
                 "ovh_t": max(c.overhead_s_per_layer_thread, 1e-9),
+                "moe": c.moe_bw_efficiency, "moe_pp": c.moe_prefill_efficiency,
                 **{f"tg:{t}": nearest_rate(c.decode_gbps_per_core, t) for t in types},
                 **{f"pp:{t}": nearest_rate(c.prefill_gflops_per_core, t) for t in types}}
         return [math.log(vals[n]) for n in names]
@@ -217,3 +221,124 @@ def fit(points: Sequence[Point], machine: MachineBandwidth, start: Calibration,
     for _ in range(3):  # restarts shake the simplex out of early collapse
         x = nelder_mead(loss, x)
     return unpack(x)
+
+
+# --------------------------------------------------------------------------------------------
+# published big-server runs: what this machine cannot show (many cores, sockets, 671B MoE)
+
+@dataclass(frozen=True, slots=True)
+class PublishedRun:
+    """One row of configs/published_runs.toml, resolved to a model profile and a machine."""
+
+    row: int
+    hardware: str
+    model_id: str
+    quant: str
+    threads: int
+    numa: str
+    engine: str
+    tg_tokens_per_s: float | None
+    pp_tokens_per_s: float | None
+    model: ModelProfile
+    machine: MachineBandwidth
+
+
+def load_published_runs() -> list[PublishedRun]:
+    from cputune import catalog, hardware
+
+    data = load_toml("published_runs.toml")
+    shapes = {mid: catalog.model_from_table(mid, t, "configs/published_runs.toml")
+              for mid, t in data.get("models", {}).items()}
+    profiles: dict[tuple[str, str], ModelProfile] = {}
+    machines: dict[str, MachineBandwidth] = {}
+    out = []
+    for r in data["run"]:
+        key = (r["model"], r["quant"])
+        if key not in profiles:
+            m = shapes.get(r["model"]) or catalog.catalog_model(r["model"])
+            profiles[key] = catalog.catalog_profile(m, r["quant"])
+        if r["hardware"] not in machines:
+            machines[r["hardware"]] = hardware.machine_from_hardware(hardware.load_hardware(r["hardware"]))
+        out.append(PublishedRun(
+            row=r["row"], hardware=r["hardware"], model_id=r["model"], quant=r["quant"],
+            threads=r["threads"], numa=r["numa"], engine=r["engine"],
+            tg_tokens_per_s=r.get("tg_tokens_per_s"), pp_tokens_per_s=r.get("pp_tokens_per_s"),
+            model=profiles[key], machine=machines[r["hardware"]]))
+    return out
+
+
+def engine_calibration(run: PublishedRun, cal: Calibration, factors: dict[str, float]) -> Calibration:
+    """ik_llama.cpp with -fmoe/-rtr has faster CPU kernels than the mainline build the predictor
+    models: its runs get the per-core rates scaled by the fitted ik factors."""
+    if run.engine != "ik":
+        return cal
+    return replace(cal, decode_gbps_per_core={t: r * factors["ik_tg"] for t, r in cal.decode_gbps_per_core.items()},
+                   prefill_gflops_per_core={t: r * factors["ik_pp"] for t, r in cal.prefill_gflops_per_core.items()})
+
+
+def published_predictions(runs: Sequence[PublishedRun], cal: Calibration,
+                          factors: dict[str, float]) -> list[tuple[PublishedRun, str, float, float]]:
+    """(run, "tg"|"pp", predicted, measured) for every published figure."""
+    out = []
+    for r in runs:
+        p = predict(r.model, r.machine, Settings(threads=r.threads, numa=r.numa),
+                    engine_calibration(r, cal, factors))
+        if r.tg_tokens_per_s:
+            out.append((r, "tg", p.tg_tokens_per_s, r.tg_tokens_per_s))
+        if r.pp_tokens_per_s:
+            out.append((r, "pp", p.pp_tokens_per_s, r.pp_tokens_per_s))
+    return out
+
+
+def fit_published(runs: Sequence[PublishedRun], start: Calibration) -> tuple[Calibration, dict[str, float]]:
+    """Fit the big-box terms: bandwidth efficiency, the fixed cost and its growth with threads and
+    nodes, one scale on the per-core decode and prefill rates (their ratios between types kept
+    from `start`), and the ik_llama.cpp factors. Log least squares, as `fit`."""
+    names = ["eff", "moe", "ovh", "ovh_t", "node", "dscale", "pscale", "moe_pp", "avx512_pp",
+             "ik_tg", "ik_pp"]
+
+    def unpack(x: list[float]) -> tuple[Calibration, dict[str, float]]:
+        v = dict(zip(names, (math.exp(a) for a in x)))
+        cal = replace(
+            start, bw_efficiency=min(v["eff"], 1.0), moe_bw_efficiency=min(v["moe"], 1.0),
+            moe_prefill_efficiency=min(v["moe_pp"], 1.0), avx512_prefill_factor=v["avx512_pp"],
+            overhead_s_per_layer=v["ovh"],
+            overhead_s_per_layer_thread=v["ovh_t"], overhead_node_factor=v["node"],
+            decode_gbps_per_core={t: r * v["dscale"] for t, r in start.decode_gbps_per_core.items()},
+            prefill_gflops_per_core={t: r * v["pscale"] for t, r in start.prefill_gflops_per_core.items()},
+            source=f"fitted to {len(runs)} published big-server runs (configs/published_runs.toml)")
+        return cal, {"ik_tg": v["ik_tg"], "ik_pp": v["ik_pp"]}
+
+    x0 = [math.log(v) for v in (start.bw_efficiency, start.moe_bw_efficiency, start.overhead_s_per_layer,
+                                max(start.overhead_s_per_layer_thread, 1e-9),
+                                max(start.overhead_node_factor, 0.1), 1.0, 1.0,
+                                start.moe_prefill_efficiency, 2.0, 1.5, 1.5)]
+
+    def loss(x: list[float]) -> float:
+        cal, f = unpack(x)
+        errs = [math.log(p / m) for _, _, p, m in published_predictions(runs, cal, f)]
+        return sum(e * e for e in errs) + PRIOR_WEIGHT * sum((a - b) ** 2 for a, b in zip(x, x0))
+
+    x = x0
+    for _ in range(3):
+        x = nelder_mead(loss, x)
+    return unpack(x)
+
+
+def calibration_toml(cal: Calibration, section: str, extra: dict[str, float] | None = None) -> str:
+    """A calibration as a calibration.toml section, to ship a fit (3 significant digits)."""
+    def num(v: float) -> str:
+        text = f"{v:.3g}"
+        return text if any(c in text for c in ".e") else text + ".0"
+
+    lines = [f"[{section}]", f"source = {cal.source!r}".replace("'", '"')]
+    for f in Calibration.__slots__:
+        v = getattr(cal, f)
+        if isinstance(v, float):
+            lines.append(f"{f} = {num(v)}")
+    for k, v in (extra or {}).items():
+        lines.append(f"{k} = {num(v)}")
+    for table in ("decode_gbps_per_core", "prefill_gflops_per_core"):
+        lines += ["", f"[{section}.{table}]"]
+        lines += [f"{t} = {num(r)}" for t, r in getattr(cal, table).items()]
+    return "\n".join(lines) + "\n"

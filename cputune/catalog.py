@@ -79,22 +79,25 @@ _ARCHS = ("deepseek2", "qwen2", "llama")
 _FIELDS = {f.name for f in dataclasses.fields(CatalogModel)}
 
 
+def model_from_table(model_id: str, table: dict, where: str = "configs/models.toml") -> CatalogModel:
+    """One model table (models.toml, or the shapes in published_runs.toml) as a CatalogModel."""
+    unknown = set(table) - _FIELDS
+    if unknown:
+        raise ConfigError(f"{where} [{model_id}]: unknown keys {', '.join(sorted(unknown))}")
+    if table.get("arch") not in _ARCHS:
+        raise ConfigError(f"{where} [{model_id}]: arch {table.get('arch')!r} is not one of "
+                          + ", ".join(_ARCHS))
+    fields = dict(table, id=model_id, aliases=tuple(table.get("aliases", ())))
+    try:
+        return CatalogModel(**fields)
+    except TypeError as e:
+        raise ConfigError(f"{where} [{model_id}]: {e}") from None
+
+
 def load_catalog() -> dict[str, CatalogModel]:
     """Every catalog model by id (aliases not expanded; catalog_model() resolves them)."""
-    out = {}
-    for model_id, table in load_toml("models.toml").items():
-        unknown = set(table) - _FIELDS
-        if unknown:
-            raise ConfigError(f"configs/models.toml [{model_id}]: unknown keys {', '.join(sorted(unknown))}")
-        if table.get("arch") not in _ARCHS:
-            raise ConfigError(f"configs/models.toml [{model_id}]: arch {table.get('arch')!r} is not one of "
-                              + ", ".join(_ARCHS))
-        fields = dict(table, id=model_id, aliases=tuple(table.get("aliases", ())))
-        try:
-            out[model_id] = CatalogModel(**fields)
-        except TypeError as e:
-            raise ConfigError(f"configs/models.toml [{model_id}]: {e}") from None
-    return out
+    return {model_id: model_from_table(model_id, table)
+            for model_id, table in load_toml("models.toml").items()}
 
 
 def catalog_model(model_id: str) -> CatalogModel:
@@ -265,9 +268,9 @@ def header_bytes(n_tensors: int, n_vocab: int) -> int:
             + HEADER_BYTES_FIXED)
 
 
-def catalog_profile(model_id: str, preset: str) -> ModelProfile:
+def catalog_profile(model: CatalogModel | str, preset: str) -> ModelProfile:
     """The ModelProfile of a catalog model at a preset, from the same profile_from real files use."""
-    m = catalog_model(model_id)
+    m = catalog_model(model) if isinstance(model, str) else model
     meta, tensors = catalog_tensors(m, preset)
     weights = sum(t.n_bytes or 0 for t in tensors)
     meta = dict(meta, **{"general.name": f"{m.name} {preset_types(preset).name}"})

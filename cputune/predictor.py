@@ -41,6 +41,14 @@ class Calibration:
     decode_gbps_per_core: weight bytes one core dequantizes and dots per second at batch 1.
     prefill_gflops_per_core: matrix FLOP/s one core reaches in prompt processing, by type.
     overhead_s_per_layer / overhead_s_per_layer_thread: per-token fixed cost (graph, barriers).
+    moe_bw_efficiency: routed-expert bytes reach this share of the dense efficiency (many small
+        matrices, chosen per token: less streaming, uneven work per thread).
+    moe_prefill_efficiency: share of the dense matrix rate that routed-expert FLOPs reach in
+        prompt processing (a 512-token batch gives each expert only a few rows).
+    avx512_prefill_factor: prefill rates scale by this on AVX-512 machines when the rates were
+        fitted across ISAs (the published fit); a box's own calibration keeps 1.
+    overhead_node_factor: the fixed cost grows by this share per extra NUMA node spanned
+        (barriers across sockets); fitted to the published two-socket runs.
     """
 
     bw_efficiency: float
@@ -48,6 +56,10 @@ class Calibration:
     prefill_gflops_per_core: dict[str, float]
     overhead_s_per_layer: float
     overhead_s_per_layer_thread: float
+    overhead_node_factor: float = 0.0
+    moe_bw_efficiency: float = 1.0
+    moe_prefill_efficiency: float = 1.0
+    avx512_prefill_factor: float = 1.0
     source: str = "default"
 
 
@@ -130,14 +142,16 @@ def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
     kv_tok = kv_bytes_per_token(model, settings.cache_type)
     kv_read = kv_tok * settings.depth
     bytes_tok = model.active_bytes_per_token + kv_read
-    t_mem = bytes_tok / (eff_bw * 1e9)
+    expert_tok = (model.expert_bytes * model.n_expert_used / model.n_expert) if model.is_moe else 0.0
+    t_mem = (bytes_tok - expert_tok + expert_tok / cal.moe_bw_efficiency) / (eff_bw * 1e9)
 
     by_type = _active_bytes_by_type(model)
     t_cpu = sum(b / (threads * nearest_rate(cal.decode_gbps_per_core, t) * 1e9)
                 for t, b in by_type.items() if b)
     # Attention over the cache: K·q and the value mix read the KV in f16 arithmetic.
     t_cpu += kv_read / (threads * nearest_rate(cal.decode_gbps_per_core, "F16") * 1e9)
-    t_ovh = model.n_layer * (cal.overhead_s_per_layer + cal.overhead_s_per_layer_thread * threads)
+    t_ovh = (model.n_layer * (cal.overhead_s_per_layer + cal.overhead_s_per_layer_thread * threads)
+             * (1 + cal.overhead_node_factor * (nodes - 1)))
     t_tok = max(t_mem, t_cpu) + t_ovh
     bottleneck = "memory" if t_mem >= t_cpu else "compute"
     if t_ovh > max(t_mem, t_cpu):
@@ -147,7 +161,12 @@ def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
     # weights per ubatch (a batch of 512 touches nearly every expert).
     flops_tok = model.flops_per_token + model.attn_flops_per_ctx_token * (settings.depth + settings.n_ubatch / 2)
     total_active = sum(by_type.values()) or 1.0
-    t_pp_cpu = sum(flops_tok * (b / total_active) / (threads * nearest_rate(cal.prefill_gflops_per_core, t) * 1e9)
+    # Routed experts' share of the matrix FLOPs runs at the MoE prefill efficiency.
+    expert_share = min(expert_tok / total_active, 1.0)
+    flop_cost = (1 - expert_share) + expert_share / cal.moe_prefill_efficiency
+    isa_factor = cal.avx512_prefill_factor if "avx512f" in machine.isa else 1.0
+    t_pp_cpu = sum(flops_tok * flop_cost * (b / total_active)
+                   / (threads * isa_factor * nearest_rate(cal.prefill_gflops_per_core, t) * 1e9)
                    for t, b in by_type.items() if b)
     t_pp_mem = model.weight_bytes / settings.n_ubatch / (eff_bw * 1e9)
     t_pp = max(t_pp_cpu, t_pp_mem) + t_ovh / settings.n_ubatch
