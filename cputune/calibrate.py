@@ -7,6 +7,7 @@ predictor.predict, so what is calibrated is exactly what is predicted.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -98,6 +99,11 @@ def make_models(folder: Path, llama_quantize: Path, arch: str, sizes_bytes: Sequ
     return out
 
 
+def _median_ts(row) -> float:
+    """The median repetition: one disturbed run on a shared machine does not move it."""
+    return statistics.median(row.samples_ts) if row.samples_ts else row.avg_ts
+
+
 def measure(llama_bench_bin: Path, models: Sequence[Path], threads: Sequence[int],
             n_prompt: int = 64, n_gen: int = 16, reps: int = 3,
             progress: Callable[[int, int, str], None] | None = None) -> list[Point]:
@@ -110,13 +116,51 @@ def measure(llama_bench_bin: Path, models: Sequence[Path], threads: Sequence[int
                                       n_gen=(n_gen,), reps=reps)
         rows = llama_bench.run(argv, timeout_s=600)
         for t in threads:
-            tg = [r.avg_ts for r in rows if r.n_threads == t and r.n_gen > 0]
-            pp = [r.avg_ts for r in rows if r.n_threads == t and r.n_prompt > 0]
+            tg = [_median_ts(r) for r in rows if r.n_threads == t and r.n_gen > 0]
+            pp = [_median_ts(r) for r in rows if r.n_threads == t and r.n_prompt > 0]
             if tg and pp:
                 points.append(Point(prof, t, n_prompt, tg[0], pp[0]))
     if progress:
         progress(len(models), len(models), "done")
     return points
+
+
+def default_sizes(l3_bytes: int, available_bytes: int) -> tuple[int, ...]:
+    """Two model sizes far beyond the last-level cache (8x and 16x, at least 256 MiB) and well
+    inside free memory (each at most an eighth of it)."""
+    small = max(8 * l3_bytes, 256 * MIB)
+    cap = max(available_bytes // 8, 64 * MIB)
+    return tuple(sorted({min(small, cap), min(2 * small, cap)}))
+
+
+@dataclass(frozen=True, slots=True)
+class CalibrationRun:
+    calibration: Calibration
+    points: tuple[Point, ...]
+    errors: tuple[tuple[Point, float, float], ...]  # point, tg and pp predicted/measured - 1
+
+
+def relative_errors(points: Sequence[Point], machine: MachineBandwidth,
+                    cal: Calibration) -> tuple[tuple[Point, float, float], ...]:
+    logs = log_errors(points, machine, cal)
+    return tuple((p, math.exp(logs[2 * i]) - 1, math.exp(logs[2 * i + 1]) - 1)
+                 for i, p in enumerate(points))
+
+
+def calibrate_box(machine: MachineBandwidth, bin_dir: Path, work_dir: Path, archs: Sequence[str],
+                  sizes_bytes: Sequence[int], quants: Sequence[str], threads: Sequence[int],
+                  reps: int = 3, start: Calibration | None = None,
+                  progress: Callable[[int, int, str], None] | None = None) -> CalibrationRun:
+    """Generate and quantize the synthetic models, bench them with llama-bench, fit."""
+    start = start or default_calibration()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    models = []
+    for arch in archs:
+        models += make_models(work_dir, bin_dir / "llama-quantize", arch, sizes_bytes, quants,
+                              progress=lambda text: progress(0, 1, text) if progress else None)
+    points = measure(bin_dir / "llama-bench", models, threads, reps=reps, progress=progress)
+    cal = fit(points, machine, start)
+    return CalibrationRun(cal, tuple(points), relative_errors(points, machine, cal))
 
 
 # --------------------------------------------------------------------------------------------

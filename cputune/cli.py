@@ -8,6 +8,7 @@ import click
 
 from cputune import __version__, report
 from cputune.errors import CputuneError, ProcessFailed
+from cputune.predictor import NUMA_POLICIES
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -137,6 +138,109 @@ def inspect_cmd(model, as_json):
     if as_json:
         return report.print_json(report.document("cputune.model/1", model=m,
                                                  kv_bytes_per_token_f16=kv))
+    report.render_model(m, kv)
+
+
+@cli.command("predict")
+@click.option("--model", "-m", required=True, metavar="NAME|FILE",
+              help="A GGUF file, or a catalog model (deepseek-r1, r1-distill-llama-70b, ...).")
+@click.option("--quant", "-q", metavar="PRESET", help="llama-quantize preset for a catalog model: q4_k_m, q8_0 ...")
+@click.option("--hardware", metavar="NAME|TOML",
+              help="A box from configs/hardware (epyc-9655-2s ...) or a TOML file [default: this box's probe].")
+@click.option("--threads", "-t", type=click.IntRange(1), help="[default: what serve would use]")
+@click.option("--numa", type=click.Choice(("auto",) + NUMA_POLICIES), default="auto", show_default=True,
+              help="auto: one node when the model fits in its memory, else distribute.")
+@click.option("--depth", type=click.IntRange(0), default=0, show_default=True,
+              help="Tokens already in the KV cache (decode slows as the context fills).")
+@click.option("--cache-type", default="f16", show_default=True, help="KV cache type.")
+@json_option
+def predict_cmd(model, quant, hardware, threads, numa, depth, cache_type, as_json):
+    """Decode and prefill tokens/s for a model on this box or a described one, and the bottleneck."""
+    from cputune import hardware as hw
+    from cputune.modelfiles import resolve_model
+    from cputune.predictor import Settings, predict
+
+    box = hw.resolve_box(hardware)
+    prof = resolve_model(model, quant)
+    settings = hw.default_settings(box.machine, prof, numa, threads, depth, cache_type)
+    p = predict(prof, box.machine, settings, box.calibration)
+    if as_json:
+        return report.print_json(report.document(
+            "cputune.predict/1", model={"name": prof.name, "path": prof.path, "file_type": prof.file_type,
+                                        "weight_bytes": prof.weight_bytes,
+                                        "active_bytes_per_token": prof.active_bytes_per_token},
+            machine=box.machine, machine_source=box.source, calibration_source=box.calibration.source,
+            settings=settings, prediction=p))
+    report.render_prediction(prof, box, settings, p)
+
+
+@cli.command("calibrate")
+@click.option("--arch", "archs", multiple=True, type=click.Choice(("llama", "deepseek2")),
+              help="Model shapes to run [default: both].")
+@click.option("--size", "sizes", multiple=True, metavar="SIZE",
+              help="Model size in f16, e.g. 512MiB (repeatable) [default: 8x and 16x the L3 cache].")
+@click.option("--quant", "quants", multiple=True, metavar="PRESET",
+              help="Quant types to fit (repeatable) [default: f16 q8_0 q4_k_m q2_k].")
+@click.option("--threads", "threads", default=None, metavar="N,N",
+              help="Thread counts [default: 1, half and all physical cores].")
+@click.option("--reps", type=click.IntRange(1), default=3, show_default=True, help="llama-bench repetitions.")
+@click.option("--work-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Where the synthetic models go (kept for reuse) [default: the cache].")
+@json_option
+def calibrate_cmd(archs, sizes, quants, threads, reps, work_dir, as_json):
+    """Fit the predictor's constants to llama-bench runs on synthetic models here; saves them."""
+    from cputune import build, calibrate, hardware, probe
+    from cputune.fsutil import cache_root
+    from cputune.units import parse_size
+
+    box = hardware.resolve_box(None)
+    b = build.require_build()
+    profile = probe.load_profile()
+    t = profile.inventory.topology
+    if sizes:
+        size_list = [parse_size(s) for s in sizes]
+    else:
+        l3 = sum(g.size_bytes or 0 for g in t.l3_groups)
+        size_list = calibrate.default_sizes(l3, profile.inventory.memory.mem_available_bytes or box.machine.mem_bytes)
+    n = box.machine.cores
+    thread_list = sorted({int(x) for x in threads.split(",")}) if threads else sorted({1, max(n // 2, 1), n})
+    with report.progress("calibrating (llama-bench on synthetic models)", total=1) as update:
+        run = calibrate.calibrate_box(
+            box.machine, b.bin_dir, work_dir or cache_root() / "calibration-models",
+            archs or ("llama", "deepseek2"), size_list, quants or ("f16", "q8_0", "q4_k_m", "q2_k"),
+            thread_list, reps=reps, progress=lambda i, k, text: update(i / max(k, 1), text))
+    path = calibrate.save_calibration(run.calibration)
+    if as_json:
+        return report.print_json(report.document("cputune.calibration-run/1", calibration=run.calibration,
+                                                 saved_to=str(path), points=[
+            {"model": pt.model.path, "threads": pt.threads, "tg_tokens_per_s": pt.tg_tokens_per_s,
+             "pp_tokens_per_s": pt.pp_tokens_per_s, "tg_error": e_tg, "pp_error": e_pp}
+            for pt, e_tg, e_pp in run.errors]))
+    report.render_calibration(run, path)
+
+
+@cli.command("synth")
+@click.option("--arch", required=True, type=click.Choice(("llama", "deepseek2")),
+              help="llama: dense; deepseek2: DeepSeek-R1's shape (MLA, shared + routed experts).")
+@click.option("--size", required=True, metavar="SIZE", help="File size after quantizing, e.g. 2GB.")
+@click.option("--quant", default="f16", show_default=True, metavar="PRESET", help="llama-quantize preset.")
+@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="The GGUF file to write (atomically).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@json_option
+def synth_cmd(arch, size, quant, out_path, seed, as_json):
+    """Write a random-weight model shaped like a real one, to calibrate or test before downloading."""
+    from cputune import build, gguf_model, synth
+    from cputune.units import parse_size
+
+    b = build.require_build()
+    with report.progress(f"writing a {size} {arch} model ({quant})", total=None) as update:
+        path = synth.make_quantized(out_path, arch, parse_size(size), quant, b.bin_dir / "llama-quantize", seed)
+    m = gguf_model.read_model(path)
+    kv = gguf_model.kv_bytes_per_token(m, "f16")
+    if as_json:
+        return report.print_json(report.document("cputune.model/1", model=m, kv_bytes_per_token_f16=kv))
+    report.info(f"wrote {path}")
     report.render_model(m, kv)
 
 

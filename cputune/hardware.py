@@ -14,7 +14,7 @@ from pathlib import Path
 from cputune.data import config_path
 from cputune.errors import ConfigError
 from cputune.memory import theoretical_peak_gbps
-from cputune.predictor import Calibration, MachineBandwidth
+from cputune.predictor import Calibration, MachineBandwidth, Settings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -145,9 +145,25 @@ def machine_from_hardware(hw: HardwareProfile) -> MachineBandwidth:
         remote_ratio=hw.remote_ratio, mem_bytes=hw.mem_bytes, isa=hw.isa)
 
 
+def auto_numa(m: MachineBandwidth, need_bytes: int) -> str:
+    """serve's `auto`: one node when the model fits in one node's memory, else all nodes."""
+    if m.nodes <= 1 or need_bytes <= m.mem_bytes // m.nodes:
+        return "one-node"
+    return "distribute"
+
+
 def default_threads(m: MachineBandwidth, numa: str) -> int:
     """What serve would use: the physical cores of the nodes the policy spans."""
     return m.cores_per_node if numa == "one-node" else m.cores
+
+
+def default_settings(m: MachineBandwidth, model, numa: str = "auto", threads: int | None = None,
+                     depth: int = 0, cache_type: str = "f16") -> Settings:
+    """The settings a prediction assumes when the user gives only some of them."""
+    if numa == "auto":
+        numa = auto_numa(m, model.weight_bytes)
+    return Settings(threads=threads or default_threads(m, numa), numa=numa, depth=depth,
+                    cache_type=cache_type)
 
 
 def machine_from_profile(profile) -> MachineBandwidth:

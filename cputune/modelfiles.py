@@ -105,3 +105,21 @@ def find(folder: Path, quant: str, model: str | None = None) -> ModelFile:
     raise ConfigError(f"{len(hits)} {quant} models in {folder}: "
                       + ", ".join(f.label for f in hits),
                       hint="pass --model NAME (part of the file name) to pick one")
+
+
+def resolve_model(model: str, quant: str | None) -> ModelProfile:
+    """--model as a GGUF path (any shard), or a catalog id with --quant a llama-quantize preset."""
+    from cputune.catalog import catalog_model, catalog_profile
+
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf" or path.exists():
+        prof = read_model(path)
+        if quant and prof.file_type and normalize(prof.file_type) != normalize(quant):
+            raise ConfigError(f"{path.name} is {prof.file_type}, not {quant.upper()}",
+                              hint="drop --quant when --model is a file")
+        return prof
+    m = catalog_model(model)
+    if not quant:
+        raise ConfigError(f"--quant is needed with the catalog model {m.id}",
+                          hint="for example --quant q4_k_m (any llama-quantize preset)")
+    return catalog_profile(m, quant)

@@ -237,3 +237,50 @@ def render_model(m, kv_f16: float) -> None:
     if m.unknown_types:
         warn(f"tensor types unknown to this cputune: {', '.join(m.unknown_types)}; their bytes are "
              "not counted", "upgrade cputune, or add them to configs/ggml_types_extra.csv")
+
+
+# ---- predict / calibrate / synth -------------------------------------------------------------
+
+def render_prediction(model, box, settings, p) -> None:
+    m = box.machine
+    numa = settings.numa + (f", {p.nodes_used} of {m.nodes} nodes" if m.nodes > 1 else "")
+    out.print(kv_table(f"{model.name or model.path} on {m.name}", [
+        ("decode (tg)", f"{p.tg_tokens_per_s:.2f} tokens/s, {p.bottleneck}-bound"),
+        ("prefill (pp)", f"{p.pp_tokens_per_s:.1f} tokens/s, {p.pp_bottleneck}-bound "
+                         f"(ubatch {settings.n_ubatch})"),
+        ("roofline", f"{p.roofline_tg_tokens_per_s:.2f} tokens/s = {p.effective_bw_gbps:.1f} GB/s / "
+                     f"{_bytes(p.bytes_per_token)} per token"),
+        ("per token", f"memory {p.t_memory_s * 1e3:.2f} ms, compute {p.t_compute_s * 1e3:.2f} ms, "
+                      f"fixed {p.t_overhead_s * 1e3:.2f} ms"),
+        ("settings", f"{settings.threads} threads, numa {numa}, depth {settings.depth}, "
+                     f"KV cache {settings.cache_type}"),
+        ("memory needed", f"{_bytes(p.memory_needed_bytes)} (weights + KV at this depth); "
+                          f"{_bytes(m.mem_bytes)} in the box"),
+        ("machine", box.source),
+        ("constants", box.calibration.source),
+    ]))
+    for note in p.notes:
+        warn(note)
+
+
+def render_calibration(run, path: Path | None) -> None:
+    t = Table(title="Calibration runs: predicted with the fitted constants vs measured", title_justify="left")
+    for col, just in (("model", "left"), ("threads", "right"), ("tg t/s", "right"), ("tg err", "right"),
+                      ("pp t/s", "right"), ("pp err", "right")):
+        t.add_column(col, justify=just)
+    for pt, e_tg, e_pp in run.errors:
+        t.add_row(Path(pt.model.path or "?").name, str(pt.threads), f"{pt.tg_tokens_per_s:.2f}",
+                  f"{e_tg:+.1%}", f"{pt.pp_tokens_per_s:.1f}", f"{e_pp:+.1%}")
+    out.print(t)
+    c = run.calibration
+    rows = [("bandwidth efficiency", f"{c.bw_efficiency:.2f} of the probe's read bandwidth"),
+            ("MoE expert efficiency", f"{c.moe_bw_efficiency:.2f}"),
+            ("fixed cost per token", f"{c.overhead_s_per_layer * 1e6:.1f} µs + "
+                                     f"{c.overhead_s_per_layer_thread * 1e6:.2f} µs x threads, per layer")]
+    rows += [(f"decode {k}", f"{v:.1f} GB/s per core") for k, v in c.decode_gbps_per_core.items()
+             if any(k in pt.model.active_bytes_by_type for pt in run.points)]
+    rows += [(f"prefill {k}", f"{v:.1f} GFLOP/s per core") for k, v in c.prefill_gflops_per_core.items()
+             if any(k in pt.model.active_bytes_by_type for pt in run.points)]
+    if path:
+        rows.append(("saved to", str(path)))
+    out.print(kv_table("Fitted constants", rows))

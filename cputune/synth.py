@@ -601,3 +601,24 @@ def quantize(src: Path | str, dst: Path | str, qtype: str, llama_quantize: Path 
     finally:
         tmp.unlink(missing_ok=True)
     return dst
+
+
+def make_quantized(out: Path | str, arch: str, size_bytes: int, quant: str,
+                   llama_quantize: Path | str, seed: int = 0) -> Path:
+    """A model of `arch` about `size_bytes` on disk after quantizing to `quant` (a llama-quantize
+    preset): the f16 shape is scaled by 16 / the preset's main bits per weight, written next to
+    `out`, quantized, and removed. F16/BF16 are written directly."""
+    from cputune.gguf_model import bits_per_weight
+    from cputune.quant_rules import preset_types
+
+    out = Path(out)
+    preset = preset_types(quant)
+    if preset.name in ("F16", "BF16", "F32"):
+        return write_model(out, shape_for_size(arch, size_bytes, preset.name.lower()), seed,
+                           preset.name.lower())[0]
+    bpw = bits_per_weight().get(preset.default_type, 8.0)
+    shape = shape_for_size(arch, int(size_bytes * 16 / bpw), "f16")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".cputune-synth-", dir=out.parent) as tmp:
+        base = write_model(Path(tmp) / "f16.gguf", shape, seed)[0]
+        return quantize(base, out, preset.name, llama_quantize)

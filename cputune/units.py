@@ -1,0 +1,19 @@
+"""Sizes as people type them: 2GB, 512MiB, 300M."""
+
+from __future__ import annotations
+
+import re
+
+from cputune.errors import ConfigError
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 10**3, "KIB": 1 << 10, "M": 1 << 20, "MB": 10**6,
+          "MIB": 1 << 20, "G": 1 << 30, "GB": 10**9, "GIB": 1 << 30, "T": 1 << 40, "TB": 10**12,
+          "TIB": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '2GB' (10^9), '2GiB' or '2G' (2^30), '512MiB', '1.5TB' or a plain number."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(text), re.I)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ConfigError(f"cannot read the size {text!r}", hint="write it like 2GB, 512MiB or 300M")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
