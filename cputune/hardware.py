@@ -158,10 +158,14 @@ def default_threads(m: MachineBandwidth, numa: str) -> int:
 
 
 def default_settings(m: MachineBandwidth, model, numa: str = "auto", threads: int | None = None,
-                     depth: int = 0, cache_type: str = "f16") -> Settings:
-    """The settings a prediction assumes when the user gives only some of them."""
+                     depth: int = 0, cache_type: str = "f16", ctx_tokens: int = 4096) -> Settings:
+    """The settings a prediction assumes when the user gives only some of them; `auto` sizes the
+    model as serve will load it (mmap, repack copy, KV cache at ctx_tokens)."""
+    from cputune.selector import ram_needed
+
     if numa == "auto":
-        numa = auto_numa(m, model.weight_bytes)
+        need = ram_needed(model, max(ctx_tokens, depth), cache_type, isa=m.isa).total_bytes
+        numa = auto_numa(m, need)
     return Settings(threads=threads or default_threads(m, numa), numa=numa, depth=depth,
                     cache_type=cache_type)
 

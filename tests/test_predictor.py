@@ -111,3 +111,49 @@ def test_nelder_mead_finds_a_quadratic_minimum():
     x = calibrate.nelder_mead(lambda v: (v[0] - 1) ** 2 + 10 * (v[1] + 2) ** 2, [0.0, 0.0])
     assert x == pytest.approx([1.0, -2.0], abs=1e-3)
     assert math.isfinite(calibrate.default_calibration().bw_efficiency)
+
+
+def moe_q8(n_expert=8, used=2):
+    """One MoE layer: a Q8_0 attention matrix and n_expert routed Q8_0 experts."""
+    meta = {"general.architecture": "llama", "llama.block_count": 1, "llama.embedding_length": 1024,
+            "llama.attention.head_count": 8, "llama.attention.head_count_kv": 8,
+            "llama.expert_count": n_expert, "llama.expert_used_count": used}
+    shape_a, shape_e = (1024, 1024), (1024, 1024, n_expert)
+    tensors = [TensorInfo("blk.0.attn_q.weight", "Q8_0", Q8_0, shape_a, math.prod(shape_a),
+                          tensor_bytes(shape_a, Q8_0)),
+               TensorInfo("blk.0.ffn_up_exps.weight", "Q8_0", Q8_0, shape_e, math.prod(shape_e),
+                          tensor_bytes(shape_e, Q8_0))]
+    return profile_from(meta, tensors, file_bytes=0)
+
+
+def test_expert_bytes_read_at_the_moe_efficiency():
+    m = moe_q8()
+    dense_part = 1024 * 1024 * 34 // 32
+    expert_part = m.expert_bytes * 2 / 8
+    assert m.active_bytes_per_token == pytest.approx(dense_part + expert_part)
+    cal = dataclasses.replace(CAL, moe_bw_efficiency=0.5)
+    p = predict(m, BOX, Settings(threads=32), cal)
+    # Expert bytes cost twice: (dense + 2 x expert) / (0.8 x 400 GB/s).
+    assert p.t_memory_s == pytest.approx((dense_part + 2 * expert_part) / (0.8 * 400 * GB))
+
+
+def test_fixed_cost_grows_with_nodes_spanned():
+    m = dense_q8()
+    cal = dataclasses.replace(CAL, overhead_node_factor=0.5)
+    one = predict(m, BOX, Settings(threads=32, numa="one-node"), cal)
+    two = predict(m, BOX, Settings(threads=32, numa="distribute"), cal)
+    assert two.nodes_used == 1  # 32 threads fit on one 32-core node
+    four = predict(m, BOX, Settings(threads=64, numa="distribute"), cal)
+    assert four.nodes_used == 2
+    assert four.t_overhead_s == pytest.approx(10 * (1e-5 + 64 * 1e-7) * 1.5)
+    assert one.t_overhead_s == two.t_overhead_s
+
+
+def test_avx512_prefill_factor_applies_only_on_avx512():
+    m = dense_q8()
+    cal = dataclasses.replace(CAL, avx512_prefill_factor=2.0)
+    plain = predict(m, BOX, Settings(threads=32), cal)
+    wide = predict(m, dataclasses.replace(BOX, isa=("avx2", "avx512f")), Settings(threads=32), cal)
+    assert wide.pp_tokens_per_s > plain.pp_tokens_per_s
+    assert wide.tg_tokens_per_s == plain.tg_tokens_per_s  # decode does not use it
+    assert predict(m, BOX, Settings(threads=32), CAL).pp_tokens_per_s == plain.pp_tokens_per_s

@@ -1,0 +1,108 @@
+"""`cputune predict`, `synth` and `calibrate` end to end: real models, real llama.cpp tools."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cputune import build, calibrate
+from cputune.cli import cli
+from cputune.gguf_model import read_model
+
+
+def run(args, **kw):
+    return CliRunner().invoke(cli, args, **kw)
+
+
+def test_predict_catalog_model_on_the_reference_box_without_a_file():
+    r = run(["predict", "--model", "deepseek-r1", "--quant", "q4_k_m", "--hardware",
+             "configs/hardware/epyc-9655-2s.toml", "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["schema"] == "cputune.predict/1"
+    p, s = doc["prediction"], doc["settings"]
+    assert doc["model"]["path"] is None and doc["model"]["file_type"] == "Q4_K_M"
+    # 377 GiB of weights would fit in one 384 GiB node, but not with the repacked copy that
+    # mmap keeps (selector.ram_needed): auto spreads over both sockets, as serve will.
+    assert doc["model"]["weight_bytes"] < 384 * 2**30 and s["numa"] == "distribute"
+    assert s["threads"] == 192 and p["nodes_used"] == 2
+    assert p["tg_tokens_per_s"] > 0 and p["bottleneck"] in ("memory", "compute", "overhead")
+    assert p["roofline_tg_tokens_per_s"] >= p["tg_tokens_per_s"]
+
+
+def test_predict_a_generated_file_on_a_profile(tiny_models):
+    path = tiny_models["deepseek2"].quantized["q8_0"]
+    r = run(["predict", "-m", str(path), "--hardware", "ryzen-7950x", "--threads", "4",
+             "--depth", "1000", "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["settings"] == {**doc["settings"], "threads": 4, "depth": 1000, "numa": "one-node"}
+    assert doc["model"]["path"] == str(path)
+    r = run(["predict", "-m", str(path), "--hardware", "ryzen-7950x"], catch_exceptions=False)
+    assert "decode (tg)" in r.output and "tokens/s" in r.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-m", "deepseek-r1", "-q", "q9_9"], "unknown quantization preset"),
+    (["-m", "deepseek-r1"], "--quant is needed"),
+    (["-m", "llama-9000", "-q", "q8_0"], "no model 'llama-9000'"),
+    (["-m", "deepseek-r1", "-q", "q8_0", "--hardware", "nope"], "no hardware profile 'nope'"),
+])
+def test_predict_errors_are_one_line(args, message):
+    r = run(["predict", *args])
+    assert r.exit_code == 1
+    assert r.output.splitlines()[0].startswith("Error: ") and message in r.output
+    assert "Traceback" not in r.output
+
+
+def test_predict_file_and_wrong_quant(tiny_models):
+    r = run(["predict", "-m", str(tiny_models["llama"].quantized["q8_0"]), "-q", "q4_k_m",
+             "--hardware", "ryzen-7950x"])
+    assert r.exit_code == 1 and "is Q8_0, not Q4_K_M" in r.output
+
+
+def test_synth_writes_a_quantized_deepseek2_of_the_asked_size(tmp_path, llama_bin_dir):
+    out = tmp_path / "ds2.gguf"
+    r = run(["synth", "--arch", "deepseek2", "--size", "24MiB", "--quant", "q4_k_m", "--out", str(out),
+             "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    m = read_model(out)
+    assert m.arch == "deepseek2" and m.file_type == "Q4_K_M" and m.is_moe
+    assert 0.75 * 24 * 2**20 <= out.stat().st_size <= 1.25 * 24 * 2**20
+    assert [p.name for p in tmp_path.iterdir()] == ["ds2.gguf"]  # no f16 left behind
+    assert json.loads(r.stdout)["model"]["n_expert"] == m.n_expert
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    """A fresh cache root that still sees the one cached llama.cpp build."""
+    real = build.find_build()
+    assert real is not None
+    root = tmp_path / "cache" / "cputune"
+    root.mkdir(parents=True)
+    (root / "builds").symlink_to(real.path.parent)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return root
+
+
+def test_calibrate_needs_a_probe_first(own_cache):
+    r = run(["calibrate"])
+    assert r.exit_code == 1 and "cputune probe" in r.output
+
+
+def test_calibrate_fits_and_saves_beside_the_profile(own_cache, tmp_path):
+    assert run(["probe", "--quick"], catch_exceptions=False).exit_code == 0
+    r = run(["calibrate", "--arch", "llama", "--size", "24MiB", "--quant", "q8_0", "--threads", "1",
+             "--reps", "1", "--work-dir", str(tmp_path / "models"), "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert Path(doc["saved_to"]) == own_cache / "calibration.json"
+    assert len(doc["points"]) == 1 and doc["points"][0]["tg_tokens_per_s"] > 0
+    cal = calibrate.load_calibration(own_cache / "calibration.json")
+    assert "llama-bench runs" in cal.source
+    # predict now uses it.
+    r = run(["predict", "-m", "r1-distill-qwen-1.5b", "-q", "q8_0", "--json"], catch_exceptions=False)
+    assert json.loads(r.stdout)["calibration_source"] == cal.source

@@ -1,0 +1,124 @@
+"""Hardware profiles, the published-run fit, and resolving the box a prediction is for."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from cputune import calibrate, hardware
+from cputune.errors import ConfigError
+from cputune.predictor import Settings, predict
+
+
+def test_every_shipped_profile_loads_and_the_reference_box_is_there():
+    names = hardware.list_hardware()
+    assert "epyc-9655-2s" in names and len(names) >= 5
+    for n in names:
+        hw = hardware.load_hardware(n)
+        assert hw.source and hw.cores == hw.sockets * hw.cores_per_socket
+        m = hardware.machine_from_hardware(hw)
+        # A node cannot read faster than its channels allow.
+        assert m.node_read_gbps <= hw.theoretical_socket_gbps / hw.numa_nodes_per_socket
+
+
+def test_reference_box_numbers():
+    hw = hardware.load_hardware("epyc-9655-2s")
+    assert (hw.sockets, hw.cores, hw.nodes) == (2, 192, 2)
+    assert hw.mem_bytes == 24 * 32 * 2**30
+    assert hw.theoretical_socket_gbps == pytest.approx(12 * 6000 * 8 / 1000)  # 576 GB/s
+    assert not hw.bandwidth_measured
+    assert hw.node_read_gbps == pytest.approx(hardware.ESTIMATED_READ_FRACTION * 576.0)
+
+
+def test_measured_bandwidth_is_kept(tmp_path):
+    p = tmp_path / "box.toml"
+    p.write_text('[cpu]\nmodel = "x"\nsockets = 1\ncores_per_socket = 8\n'
+                 '[memory]\nchannels_per_socket = 2\nmts = 5600\ndimm_gib = 32\n'
+                 '[bandwidth]\nnode_read_gbps = 70.5\n')
+    hw = hardware.load_hardware(p)
+    assert hw.bandwidth_measured and hw.node_read_gbps == 70.5
+    assert hw.remote_ratio == 1.0 and hw.dimms == 2
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[cpu]\nmodel = 'x'\n", "missing 'memory'"),
+    ("[cpu]\nmodel='x'\nsockets=0\ncores_per_socket=1\n[memory]\nchannels_per_socket=1\nmts=1\ndimm_gib=1\n",
+     "'sockets' must be at least 1"),
+    ("not = [toml", "not valid TOML"),
+])
+def test_bad_profiles_are_one_line_errors(tmp_path, text, message):
+    p = tmp_path / "bad.toml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        hardware.load_hardware(p)
+
+
+def test_unknown_profile_lists_the_shipped_ones():
+    with pytest.raises(ConfigError) as e:
+        hardware.load_hardware("epyc-9999")
+    assert "epyc-9655-2s" in e.value.hint
+
+
+def test_no_probe_profile_says_what_to_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with pytest.raises(ConfigError, match="has not been probed") as e:
+        hardware.resolve_box(None)
+    assert "cputune probe" in e.value.hint and "--hardware" in e.value.hint
+
+
+def test_a_hardware_box_gets_the_published_constants():
+    box = hardware.resolve_box("epyc-9655-2s")
+    assert box.calibration == calibrate.default_calibration("published")
+    assert "published" in box.calibration.source
+
+
+def test_auto_numa_and_default_threads():
+    m = hardware.machine_from_hardware(hardware.load_hardware("epyc-9655-2s"))
+    per_node = m.mem_bytes // m.nodes
+    assert hardware.auto_numa(m, per_node) == "one-node"
+    assert hardware.auto_numa(m, per_node + 1) == "distribute"
+    assert hardware.default_threads(m, "one-node") == 96
+    assert hardware.default_threads(m, "distribute") == 192
+
+
+# --- the published big-server runs ------------------------------------------------------------
+
+def test_published_runs_resolve_to_catalog_models_and_profiles():
+    runs = calibrate.load_published_runs()
+    assert len(runs) >= 15
+    assert {r.hardware for r in runs} <= set(hardware.list_hardware())
+    r1 = [r for r in runs if r.model_id == "deepseek-r1"]
+    assert r1 and all(r.model.is_moe for r in r1)
+
+
+def test_shipped_published_constants_match_the_runs():
+    """The [published] constants predict the dense rows within 10% and most MoE rows within 25%."""
+    runs = calibrate.load_published_runs()
+    cal = calibrate.default_calibration("published")
+    from cputune.data import load_toml
+    sec = load_toml("calibration.toml")["published"]
+    rows = calibrate.published_predictions(runs, cal, {"ik_tg": sec["ik_tg_factor"],
+                                                       "ik_pp": sec["ik_pp_factor"]})
+    dense_tg = [abs(p / m - 1) for r, k, p, m in rows if k == "tg" and not r.model.is_moe]
+    moe_tg = [abs(p / m - 1) for r, k, p, m in rows if k == "tg" and r.model.is_moe]
+    assert max(dense_tg[:2]) <= 0.10  # rows 50 and 52: measured bandwidth on both boxes
+    assert statistics.median(moe_tg) <= 0.15
+
+
+def test_refit_reproduces_the_shipped_constants():
+    runs = calibrate.load_published_runs()
+    cal, _ = calibrate.fit_published(runs, calibrate.default_calibration())
+    shipped = calibrate.default_calibration("published")
+    for f in ("bw_efficiency", "moe_bw_efficiency", "overhead_s_per_layer", "overhead_node_factor"):
+        assert getattr(cal, f) == pytest.approx(getattr(shipped, f), rel=0.02), f
+
+
+def test_reference_box_r1_prediction_is_in_the_published_range():
+    """R1 Q4_K on one 12-channel socket: the published single-socket runs are 8.5-10 t/s."""
+    box = hardware.resolve_box("epyc-9655-2s")
+    from cputune.catalog import catalog_profile
+    m = catalog_profile("deepseek-r1", "Q4_K_M")
+    p = predict(m, box.machine, Settings(threads=96), box.calibration)
+    assert 6 <= p.tg_tokens_per_s <= 14
+    assert p.bottleneck == "memory"
