@@ -597,6 +597,9 @@ def quantize(src: Path | str, dst: Path | str, qtype: str, llama_quantize: Path 
             raise ProcessFailed(f"llama-quantize failed to make {qtype} from {src.name}", argv,
                                 proc.returncode, proc.stdout,
                                 hint="llama-quantize --help lists the type names")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it 0600; a model file is an ordinary file
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
