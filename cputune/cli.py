@@ -244,6 +244,40 @@ def synth_cmd(arch, size, quant, out_path, seed, as_json):
     report.render_model(m, kv)
 
 
+@cli.command("bench")
+@click.option("--model", "-m", metavar="NAME|FILE", help="A GGUF file, or a model name to find in the models folder.")
+@click.option("--quant", "-q", metavar="PRESET", help="Which quant of --model to find (q8_0, q4_k_m ...).")
+@click.option("--models-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="[default: $CPUTUNE_MODELS_DIR, ~/.config/cputune/config.toml, ~/models]")
+@click.option("--twin", "twin_size", metavar="SIZE",
+              help="Bench a synthetic model of the same architecture and quant of this size instead.")
+@click.option("--threads", "-t", default=None, metavar="N,N", help="[default: all physical cores]")
+@click.option("--depth", type=click.IntRange(0), default=0, show_default=True,
+              help="Fill the KV cache to this many tokens first.")
+@click.option("--n-prompt", type=click.IntRange(0), default=256, show_default=True)
+@click.option("--n-gen", type=click.IntRange(0), default=32, show_default=True)
+@click.option("--reps", type=click.IntRange(1), default=5, show_default=True)
+@json_option
+def bench_cmd(model, quant, models_dir, twin_size, threads, depth, n_prompt, n_gen, reps, as_json):
+    """Measure tokens/s with llama-bench beside the prediction and the roofline; keeps a history."""
+    from cputune import bench, build, gguf_model, hardware, modelfiles
+
+    box = hardware.resolve_box(None)
+    b = build.require_build()
+    path = modelfiles.bench_target(model, quant, models_dir, twin_size, b.bin_dir / "llama-quantize")
+    prof = gguf_model.read_model(path)
+    thread_list = [int(x) for x in threads.split(",")] if threads else [box.machine.cores]
+    with report.progress(f"llama-bench {path.name}", total=1) as update:
+        results = bench.run_bench(b.bin_dir / "llama-bench", path, prof, box, thread_list, n_prompt, n_gen,
+                                  depth, reps, progress=lambda i, k, text: update(i / max(k, 1), text))
+    hist = bench.append_history(results, prof, box.machine.name)
+    if as_json:
+        return report.print_json(report.document("cputune.bench/1", model=str(path), machine=box.machine.name,
+                                                 calibration_source=box.calibration.source,
+                                                 results=results, history=str(hist)))
+    report.render_bench(results, prof, box, hist)
+
+
 def main() -> None:
     cli(prog_name="cputune")
 

@@ -123,3 +123,37 @@ def resolve_model(model: str, quant: str | None) -> ModelProfile:
         raise ConfigError(f"--quant is needed with the catalog model {m.id}",
                           hint="for example --quant q4_k_m (any llama-quantize preset)")
     return catalog_profile(m, quant)
+
+
+def bench_target(model: str | None, quant: str | None, folder: Path | str | None,
+                 twin_size: str | None, llama_quantize: Path) -> Path:
+    """The file `bench` measures: --model FILE; --model NAME --quant Q from the models folder;
+    or, with --twin SIZE, a synthetic model of that architecture and quant, cached by shape."""
+    from cputune import synth
+    from cputune.fsutil import cache_root
+    from cputune.units import parse_size
+
+    if twin_size:
+        if model and Path(model).expanduser().exists():
+            prof = read_model(Path(model).expanduser())
+            arch, quant = prof.arch, quant or prof.file_type
+        else:
+            from cputune.catalog import catalog_model
+            arch = catalog_model(model).arch if model else "llama"
+        if not quant:
+            raise ConfigError("--twin needs --quant (or a --model file to copy it from)")
+        arch = "deepseek2" if arch == "deepseek2" else "llama"
+        size = parse_size(twin_size)
+        out = cache_root() / "twins" / f"{arch}-{size}-{normalize(quant)}.gguf"
+        if not out.exists():
+            synth.make_quantized(out, arch, size, quant.upper(), llama_quantize)
+        return out
+    if not model and not quant:
+        raise ConfigError("nothing to bench", hint="pass --model FILE, --quant Q (a file in the "
+                          "models folder), or --twin SIZE --quant Q for a synthetic model")
+    if model and Path(model).expanduser().is_file():
+        return Path(model).expanduser()
+    if not quant:
+        raise ConfigError(f"--quant is needed to pick a file of '{model}'",
+                          hint="for example --quant q4_k_m; or pass the GGUF file itself")
+    return find(models_dir(folder), quant, model).path

@@ -284,3 +284,26 @@ def render_calibration(run, path: Path | None) -> None:
     if path:
         rows.append(("saved to", str(path)))
     out.print(kv_table("Fitted constants", rows))
+
+
+# ---- bench -------------------------------------------------------------------------------------
+
+def render_bench(results, model, box, history: Path | None) -> None:
+    t = Table(title=f"{model.name or model.path} on {box.machine.name}", title_justify="left")
+    for col in ("test", "threads", "measured t/s (median ± σ)", "min … max", "predicted", "vs predicted",
+                "roofline", "efficiency"):
+        t.add_column(col, justify="left" if col == "test" else "right")
+    for r in results:
+        t.add_row(r.test, str(r.threads), f"{r.median_tokens_per_s:.2f} ± {r.stddev_tokens_per_s:.2f}",
+                  f"{r.min_tokens_per_s:.2f} … {r.max_tokens_per_s:.2f}", f"{r.predicted_tokens_per_s:.2f}",
+                  f"{r.vs_predicted:+.1%}",
+                  f"{r.roofline_tokens_per_s:.2f}" if r.roofline_tokens_per_s else "-",
+                  f"{r.efficiency:.0%}" if r.efficiency is not None else "-")
+    out.print(t)
+    for r in results:
+        if r.median_tokens_per_s and r.stddev_tokens_per_s / r.mean_tokens_per_s > 0.10:
+            warn(f"{r.test} at {r.threads} threads varied by {r.stddev_tokens_per_s / r.mean_tokens_per_s:.0%} "
+                 "between repetitions", "another process may be using the cores; run again on a quiet box")
+    info(f"constants: {box.calibration.source}")
+    if history:
+        info(f"appended to {history}")

@@ -1,0 +1,115 @@
+"""`cputune bench`: llama-bench on a model, measured beside predicted and the roofline, kept in a history.
+
+The efficiency column (measured / roofline) is the number a builder tracks: it says how much of
+what the memory allows llama.cpp gets, independent of the model's size.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from cputune import llama_bench
+from cputune.fsutil import cache_root
+from cputune.gguf_model import ModelProfile
+from cputune.hardware import Box
+from cputune.predictor import Prediction, Settings, predict
+
+
+@dataclass(frozen=True, slots=True)
+class BenchResult:
+    """One test (pp or tg) at one thread count: samples, their spread, and the prediction."""
+
+    test: str  # "tg32", "pp256", "tg32 @ d4096"
+    kind: str  # tg | pp
+    threads: int
+    depth: int
+    median_tokens_per_s: float
+    mean_tokens_per_s: float
+    stddev_tokens_per_s: float
+    min_tokens_per_s: float
+    max_tokens_per_s: float
+    samples_tokens_per_s: tuple[float, ...]
+    predicted_tokens_per_s: float
+    roofline_tokens_per_s: float | None  # decode only: effective bandwidth / bytes per token
+    build_commit: str
+
+    @property
+    def vs_predicted(self) -> float:
+        return self.median_tokens_per_s / self.predicted_tokens_per_s - 1
+
+    @property
+    def efficiency(self) -> float | None:
+        return self.median_tokens_per_s / self.roofline_tokens_per_s if self.roofline_tokens_per_s else None
+
+
+def summarize(row: llama_bench.BenchRow, pred: Prediction) -> BenchResult:
+    samples = row.samples_ts or (row.avg_ts,)
+    kind = "tg" if row.n_gen else "pp"
+    return BenchResult(
+        test=row.test, kind=kind, threads=row.n_threads, depth=row.n_depth,
+        median_tokens_per_s=statistics.median(samples), mean_tokens_per_s=statistics.fmean(samples),
+        stddev_tokens_per_s=statistics.stdev(samples) if len(samples) > 1 else 0.0,
+        min_tokens_per_s=min(samples), max_tokens_per_s=max(samples), samples_tokens_per_s=tuple(samples),
+        predicted_tokens_per_s=pred.tg_tokens_per_s if kind == "tg" else pred.pp_tokens_per_s,
+        roofline_tokens_per_s=pred.roofline_tg_tokens_per_s if kind == "tg" else None,
+        build_commit=row.build_commit)
+
+
+def run_bench(bench_bin: Path, model_path: Path, model: ModelProfile, box: Box, threads: Sequence[int],
+              n_prompt: int = 256, n_gen: int = 32, depth: int = 0, reps: int = 5,
+              progress: Callable[[int, int, str], None] | None = None) -> list[BenchResult]:
+    """One llama-bench call per thread count (so progress can move), each predicted the same way."""
+    out = []
+    for i, t in enumerate(threads):
+        if progress:
+            progress(i, len(threads), f"{t} threads")
+        extra = ["-d", str(depth)] if depth else []
+        argv = llama_bench.bench_argv(bench_bin, model_path, threads=(t,), n_prompt=(n_prompt,),
+                                      n_gen=(n_gen,), reps=reps, extra=extra)
+        rows = llama_bench.run(argv, timeout_s=3600)
+        for row in rows:
+            pred = predict(model, box.machine,
+                           Settings(threads=t, depth=depth, n_ubatch=min(n_prompt, 512) or 512),
+                           box.calibration)
+            out.append(summarize(row, pred))
+    if progress:
+        progress(len(threads), len(threads), "done")
+    return out
+
+
+def history_path() -> Path:
+    return cache_root() / "bench-history.jsonl"
+
+
+def append_history(results: Sequence[BenchResult], model: ModelProfile, machine_name: str,
+                   path: Path | None = None) -> Path:
+    """One JSON line per result, appended with a single write each so lines never interleave."""
+    from cputune.jsonio import plain
+
+    path = path or history_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    with path.open("a") as f:
+        for r in results:
+            f.write(json.dumps({"at": when, "machine": machine_name, "model": model.path,
+                                "model_name": model.name, "file_type": model.file_type,
+                                **plain(r)}) + "\n")
+    return path
+
+
+def read_history(path: Path | None = None) -> list[dict]:
+    path = path or history_path()
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut by a crash is skipped, not fatal
+    return out
