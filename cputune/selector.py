@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Sequence
 
 from cputune.data import load_csv
@@ -123,7 +124,7 @@ class Candidate:
     def origin(self) -> str:
         if self.file is None:
             return "catalog preset"
-        name = self.file.rsplit("/", 1)[-1]
+        name = Path(self.file).name
         return name if self.n_shards == 1 else f"{name} (+{self.n_shards - 1} shards)"
 
 
@@ -541,7 +542,7 @@ def select(model: str, candidates: Sequence[Candidate], machine: MachineBandwidt
     where = f"node {capacity.largest_node}'s " if s.numa == "one-node" and len(capacity.node_bytes) > 1 else ""
     if fast:
         rec = fast[0]
-        better = pairs[:opts.index(rec)]
+        better = pairs[:next(i for i, o in enumerate(opts) if o is rec)]
         why = _why(rec, [o for o, _ in better], s)
         if better and not better[-1][0].fits:
             # The next quality up: what it would take to run that one instead.
