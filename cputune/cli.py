@@ -181,9 +181,9 @@ def select_cmd(model, min_tps, hardware_spec, models_dir, ctx_tokens, cache_type
     from cputune import candidates, hardware, selector
 
     box = hardware.resolve_box(hardware_spec)
-    choice = candidates.resolve_model(model, models_dir)
     s = selector.fit_settings(box.machine, ctx_tokens, cache_type, numa, threads, mmap, flash_attn,
                               min_tps=min_tps)
+    choice = candidates.resolve_model(model, models_dir)
     sel = selector.select(choice.label, choice.candidates, box.machine, box.calibration,
                           candidates.box_capacity(box), s, from_catalog=choice.from_catalog,
                           notes=choice.notes)
@@ -208,8 +208,8 @@ def plan_cmd(hardware_spec, model, quant, target_tps, ctx_tokens, cache_type, nu
     from cputune import candidates, hardware, selector
 
     box = hardware.resolve_box(hardware_spec)
-    models = [(c.catalog_id or c.label, c.label, c.candidates) for c in candidates.plan_models(model, quant)]
     s = selector.fit_settings(box.machine, ctx_tokens, cache_type, numa, threads, mmap, flash_attn)
+    models = [(c.catalog_id or c.label, c.label, c.candidates) for c in candidates.plan_models(model, quant)]
     mts = box.hardware.mts if box.hardware else selector.DEFAULT_CHANNEL_MTS
     p = selector.plan(models, box.machine, box.calibration, candidates.box_capacity(box), s, target_tps, mts)
     if as_json:

@@ -436,7 +436,7 @@ def requirements(model: ModelProfile, target_tps: float, machine: MachineBandwid
 class Change:
     """One change to the settings or the box that would make a quant usable."""
 
-    kind: str  # ctx | cache_type | no_mmap | numa | more_ram | bandwidth
+    kind: str  # ctx | cache_type | no_mmap | numa | combined | more_ram | bandwidth
     option: str  # as typed: "--ctx 4096", "--no-mmap", "+12.0 GiB"
     value: float  # the new ctx tokens, the bytes needed, the GB/s needed
     quant: str
@@ -456,43 +456,61 @@ class Selection:
     what_would_fit: tuple[Change, ...]
 
 
+def _largest_ctx(model: ModelProfile, s: FitSettings, isa: tuple[str, ...], avail: int) -> int | None:
+    """The largest whole step of context below s.ctx_tokens whose need fits `avail`, or None."""
+    def total(ctx: int) -> int:
+        return need_for(model, replace(s, ctx_tokens=ctx), isa).total_bytes
+
+    if s.ctx_tokens <= CTX_STEP_TOKENS or total(CTX_STEP_TOKENS) > avail:
+        return None
+    lo, hi = CTX_STEP_TOKENS, s.ctx_tokens  # need(lo) fits; need grows with ctx
+    if total(hi) <= avail:
+        return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if total(mid) <= avail else (lo, mid)
+    return lo // CTX_STEP_TOKENS * CTX_STEP_TOKENS
+
+
 def what_would_fit(c: Candidate, machine: MachineBandwidth, capacity: Capacity,
                    s: FitSettings) -> tuple[Change, ...]:
     """The single changes that make `c` fit: a smaller context, a q8_0 cache, --no-mmap, every
-    node, or more RAM (always, as the bytes missing)."""
+    node; when none of those alone does, --no-mmap and a q8_0 cache together (with the context that
+    then fits); and more RAM, always, as the bytes missing."""
     avail = capacity.available_bytes(s.numa)
     need = need_for(c.profile, s, machine.isa)
+    isa = tuple(machine.isa)
     q = c.quant
-
-    def total(**changes) -> int:
-        return need_for(c.profile, replace(s, **changes), machine.isa).total_bytes
-
-    out = []
     if need.total_bytes <= avail:
         return ()
-    if s.ctx_tokens > CTX_STEP_TOKENS and total(ctx_tokens=CTX_STEP_TOKENS) <= avail:
-        lo, hi = CTX_STEP_TOKENS, s.ctx_tokens  # need(lo) fits, need(hi) does not; need grows with ctx
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if total(ctx_tokens=mid) <= avail else (lo, mid)
-        ctx = lo // CTX_STEP_TOKENS * CTX_STEP_TOKENS
+
+    def total(**changes) -> int:
+        return need_for(c.profile, replace(s, **changes), isa).total_bytes
+
+    out = []
+    ctx = _largest_ctx(c.profile, s, isa, avail)
+    if ctx is not None:
         out.append(Change("ctx", f"--ctx {ctx}", ctx, q,
-                          f"{q} fits with --ctx {ctx} instead of {s.ctx_tokens}: "
-                          f"{_gib(total(ctx_tokens=ctx))} GiB"))
-    if s.cache_type in FLOAT_CACHE_TYPES:
-        n = total(cache_type="q8_0", flash_attn=True)
-        if n <= avail:
-            out.append(Change("cache_type", "--cache-type q8_0", n, q,
-                              f"{q} fits with a q8_0 KV cache (flash attention on): {_gib(n)} GiB"))
-    if s.mmap and need.repack_copy_bytes:
-        n = total(mmap=False)
-        if n <= avail:
-            out.append(Change("no_mmap", "--no-mmap", n, q,
-                              f"{q} fits with --no-mmap: {_gib(n)} GiB, without the mmap'd copy of the "
-                              f"{_gib(need.repack_copy_bytes)} GiB llama.cpp repacks (llama.cpp #16761)"))
+                          f"{q} fits with --ctx {ctx} instead of {s.ctx_tokens}: {_gib(total(ctx_tokens=ctx))} GiB"))
+    q8 = {"cache_type": "q8_0", "flash_attn": True} if s.cache_type in FLOAT_CACHE_TYPES else {}
+    if q8 and total(**q8) <= avail:
+        out.append(Change("cache_type", "--cache-type q8_0", total(**q8), q,
+                          f"{q} fits with a q8_0 KV cache (flash attention on): {_gib(total(**q8))} GiB"))
+    no_mmap = {"mmap": False} if s.mmap and need.repack_copy_bytes else {}
+    if no_mmap and total(**no_mmap) <= avail:
+        out.append(Change("no_mmap", "--no-mmap", total(**no_mmap), q,
+                          f"{q} fits with --no-mmap: {_gib(total(**no_mmap))} GiB, without the mmap'd copy of "
+                          f"the {_gib(need.repack_copy_bytes)} GiB llama.cpp repacks (llama.cpp #16761)"))
     if s.numa == "one-node" and len(capacity.node_bytes) > 1 and need.total_bytes <= capacity.total_bytes:
         out.append(Change("numa", "--numa distribute", need.total_bytes, q,
                           f"{q} fits the whole box ({_gib(capacity.total_bytes)} GiB) with --numa distribute"))
+    if q8 and no_mmap and not any(ch.kind in ("ctx", "cache_type", "no_mmap") for ch in out):
+        both = replace(s, **q8, **no_mmap)
+        ctx = s.ctx_tokens if total(**q8, **no_mmap) <= avail else _largest_ctx(c.profile, both, isa, avail)
+        if ctx is not None:
+            opts = "--no-mmap --cache-type q8_0" + ("" if ctx == s.ctx_tokens else f" --ctx {ctx}")
+            n = total(**q8, **no_mmap, ctx_tokens=ctx)
+            out.append(Change("combined", opts, n, q, f"{q} fits with {opts}: {_gib(n)} GiB"))
     short = need.total_bytes - avail
     where = " on the node" if s.numa == "one-node" and len(capacity.node_bytes) > 1 else ""
     out.append(Change("more_ram", f"+{_gib(short)} GiB", short, q,

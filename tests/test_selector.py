@@ -459,3 +459,25 @@ def test_select_on_this_box_reads_the_probe_and_its_hugepage_pools(tmp_path, mon
     assert cap["node_bytes"] == {"0": 324 * GIB, "1": 344 * GIB}
     assert sel["options"][0]["available_bytes"] == 344 * GIB  # pinned to the node with more left
     assert "probe profile" in cap["source"]
+
+
+def test_r1_q4_k_m_on_one_node_needs_no_mmap_and_a_q8_0_cache_together():
+    # The repack trap (llama_cpp_cpu.md A5) on the reference box: Q4_K_M's repacked Q4_K matrices
+    # are held twice with mmap on, so one 384 GiB node cannot hold it; --no-mmap alone leaves it
+    # just over, and only --no-mmap with a q8_0 cache (flash attention drops the scores) fits.
+    box = hardware.resolve_box("epyc-9655-2s")
+    c = Candidate("Q4_K_M", catalog_profile("deepseek-r1", "Q4_K_M"))
+    s = selector.fit_settings(box.machine, 16384, numa="one-node")
+    cap = candidates.box_capacity(box)
+    node = 12 * 32 * GIB
+
+    def need(**kw) -> int:
+        return selector.need_for(c.profile, dataclasses.replace(s, **kw), box.machine.isa).total_bytes
+
+    assert need() > node and need(mmap=False) > node and need(cache_type="q8_0", flash_attn=True) > node
+    assert need(ctx_tokens=selector.CTX_STEP_TOKENS) > node
+    both = need(mmap=False, cache_type="q8_0", flash_attn=True)
+    changes = {ch.kind: ch for ch in selector.what_would_fit(c, box.machine, cap, s)}
+    assert set(changes) == {"numa", "combined", "more_ram"}
+    assert both <= node and changes["combined"].option == "--no-mmap --cache-type q8_0"
+    assert changes["combined"].value == both
