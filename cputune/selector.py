@@ -88,7 +88,8 @@ def ram_needed(model: ModelProfile, ctx_tokens: int, cache_type: str = "f16", *,
 FLOAT_CACHE_TYPES = ("f32", "f16", "bf16")
 KV_CACHE_TYPES = FLOAT_CACHE_TYPES + ("q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 # What select and plan show when the models folder has no GGUF of the model: the presets builders
-# download (unsloth, bartowski), best quality first. The IQ presets need an imatrix to quantize.
+# download (unsloth, bartowski), best quality first. llama-quantize makes IQ2_XXS and IQ1_S only
+# with an imatrix (tools/quantize/quantize.cpp).
 CATALOG_PRESETS = ("BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M", "IQ3_XXS", "Q2_K",
                    "IQ2_XXS", "IQ1_S")
 DEFAULT_CTX_TOKENS = 8192
@@ -163,7 +164,7 @@ def capacity_from_memory(mem: MemoryInfo, source: str, fallback_total_bytes: int
     """This box: MemTotal (and each node's MemTotal) less the hugepage pools reserved there.
 
     The system-wide pool files count pages on every node; the per-node files split them
-    (Documentation/admin-guide/mm/hugetlbpage.rst, "Interaction of Task Memory Policy").
+    (Documentation/admin-guide/mm/hugetlbpage.rst, "Per Node Hugepages Attributes").
     """
     system = sum(_pool_bytes(p) for p in mem.hugepages if p.node_id is None)
     per_node: dict[int, int] = {}
