@@ -140,6 +140,84 @@ def inspect_cmd(model, as_json):
                                                  kv_bytes_per_token_f16=kv))
     report.render_model(m, kv)
 
+# --- select / plan ---------------------------------------------------------------------------
+
+def fit_options(f):
+    """Options select and plan share: how the model would be served."""
+    for opt in reversed([
+        click.option("--ctx", "ctx_tokens", type=click.IntRange(1), default=8192, show_default=True,
+                     help="Context (KV cache) size in tokens; speed is predicted with it full."),
+        click.option("--cache-type", default="f16", show_default=True, metavar="TYPE",
+                     help="KV cache type: f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1 "
+                          "(a quantized one turns flash attention on)."),
+        click.option("--numa", type=click.Choice(["one-node", "distribute", "interleave"]),
+                     default="distribute", show_default=True,
+                     help="How serving spreads over NUMA nodes; one-node must fit one node's memory."),
+        click.option("--threads", "-t", type=click.IntRange(1),
+                     help="Threads [default: the physical cores of the nodes used]."),
+        click.option("--mmap/--no-mmap", default=True, show_default=True,
+                     help="With mmap, llama.cpp keeps the file's copy of every weight it repacks."),
+        click.option("--flash-attn", is_flag=True,
+                     help="Count flash attention's smaller compute buffer."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@cli.command("select")
+@click.option("--model", required=True, metavar="NAME|FILE",
+              help="Catalog model or alias (deepseek-r1, r1-distill-qwen-32b ...), part of a file name in "
+                   "the models folder, or a GGUF file.")
+@click.option("--min-tps", type=click.FloatRange(0, min_open=True), metavar="X",
+              help="Only recommend quants predicted to decode at least X tokens/s.")
+@click.option("--hardware", "hardware_spec", metavar="PROFILE",
+              help="A box from configs/hardware (epyc-9655-2s ...) or a TOML file [default: this box's probe].")
+@click.option("--models-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Folder of GGUF files [default: $CPUTUNE_MODELS_DIR, config.toml, ~/models].")
+@fit_options
+@json_option
+def select_cmd(model, min_tps, hardware_spec, models_dir, ctx_tokens, cache_type, numa, threads, mmap,
+               flash_attn, as_json):
+    """Which quant of a model fits this box (or PROFILE), how fast, at what quality; the best one."""
+    from cputune import candidates, hardware, selector
+
+    box = hardware.resolve_box(hardware_spec)
+    s = selector.fit_settings(box.machine, ctx_tokens, cache_type, numa, threads, mmap, flash_attn,
+                              min_tps=min_tps)
+    choice = candidates.resolve_model(model, models_dir)
+    sel = selector.select(choice.label, choice.candidates, box.machine, box.calibration,
+                          candidates.box_capacity(box), s, from_catalog=choice.from_catalog,
+                          notes=choice.notes)
+    if as_json:
+        return report.print_json(report.document("cputune.select/1", box=box.source, machine=box.machine,
+                                                 calibration=box.calibration.source, selection=sel))
+    report.render_selection(sel, box)
+
+
+@cli.command("plan")
+@click.option("--hardware", "hardware_spec", default="epyc-9655-2s", show_default=True, metavar="PROFILE",
+              help="The box to plan: a name from configs/hardware or a TOML file.")
+@click.option("--model", metavar="NAME|FILE", help="One catalog model or GGUF file [default: every catalog model].")
+@click.option("--quant", metavar="PRESET", help="One llama-quantize preset [default: the usual eleven].")
+@click.option("--target-tps", type=click.FloatRange(0, min_open=True), metavar="X",
+              help="Also say what read bandwidth and RAM a box needs to decode X tokens/s.")
+@fit_options
+@json_option
+def plan_cmd(hardware_spec, model, quant, target_tps, ctx_tokens, cache_type, numa, threads, mmap,
+             flash_attn, as_json):
+    """Fit and speed of every catalog model and quant on a box not built yet; what box a speed needs."""
+    from cputune import candidates, hardware, selector
+
+    box = hardware.resolve_box(hardware_spec)
+    s = selector.fit_settings(box.machine, ctx_tokens, cache_type, numa, threads, mmap, flash_attn)
+    models = [(c.catalog_id or c.label, c.label, c.candidates) for c in candidates.plan_models(model, quant)]
+    mts = box.hardware.mts if box.hardware else selector.DEFAULT_CHANNEL_MTS
+    p = selector.plan(models, box.machine, box.calibration, candidates.box_capacity(box), s, target_tps, mts)
+    if as_json:
+        return report.print_json(report.document("cputune.plan/1", box=box.source,
+                                                 calibration=box.calibration.source, plan=p))
+    report.render_plan(p, box)
+
 
 @cli.command("predict")
 @click.option("--model", "-m", required=True, metavar="NAME|FILE",

@@ -307,3 +307,143 @@ def render_bench(results, model, box, history: Path | None) -> None:
     info(f"constants: {box.calibration.source}")
     if history:
         info(f"appended to {history}")
+
+# --- select / plan ---------------------------------------------------------------------------
+
+def _gib1(n: float | None) -> str:
+    return "-" if n is None else f"{n / (1 << 30):.1f}"
+
+
+def _capacity_text(cap, numa: str) -> str:
+    nodes = cap.node_bytes
+    text = f"{_gib(cap.total_bytes)} usable"
+    if len(nodes) > 1:
+        sizes = sorted(set(nodes.values()))
+        per = " / ".join(_gib(n) for n in sizes)
+        text += f", {len(nodes)} NUMA nodes x {per}"
+    if cap.hugepage_bytes:
+        text += f" (hugepage pools of {_gib(cap.hugepage_bytes)} counted as used)"
+    if numa == "one-node":
+        text += f"; pinned to node {cap.largest_node}: {_gib(cap.largest_node_bytes)}"
+    return text
+
+
+def _settings_text(s) -> str:
+    return (f"{s.ctx_tokens} tokens of {s.cache_type} KV cache, --numa {s.numa}, {s.threads} threads, "
+            f"mmap {'on' if s.mmap else 'off'}, flash attention {'on' if s.flash_attn else 'off'}")
+
+
+def _quality_cells(q) -> tuple[str, str, str]:
+    if q is None:
+        return "-", "-", "-"
+    ppl = "-" if q.ppl_change_pct is None else f"+{q.ppl_change_pct:.2f}"
+    kld = "-" if q.kld is None else f"{q.kld:.4f}"
+    return ppl, kld, q.row_quant if q.exact else f"≈ {q.row_quant}"
+
+
+def _calibration_text(cal) -> str:
+    return cal.source.split(":")[0].split(";")[0]
+
+
+def _yes(b: bool) -> str:
+    return "[green]yes[/]" if b else "[red]no[/]"
+
+
+def _ram_text(n) -> str:
+    parts = [f"{_gib1(n.weights_bytes)} weights"]
+    if n.repack_copy_bytes:
+        parts.append(f"{_gib1(n.repack_copy_bytes)} repacked copy (mmap on)")
+    parts += [f"{_gib1(n.kv_bytes)} KV", f"{_gib1(n.compute_bytes)} compute", f"{_gib1(n.headroom_bytes)} OS"]
+    return f"{_gib1(n.total_bytes)} GiB = " + " + ".join(parts)
+
+
+def _quality_sources(options) -> list[str]:
+    seen = {}
+    for o in options:
+        if o.quality is not None:
+            seen.setdefault(o.quality.model_family, o.quality.source)
+    return [f"PPL and KLD rows of {fam} from {src}; ≈ marks the row nearest in bits per weight"
+            for fam, src in seen.items()]
+
+
+def render_selection(sel, box) -> None:
+    s = sel.settings
+    rows = [
+        ("box", f"{box.machine.name} ({box.source})"),
+        ("memory", _capacity_text(sel.capacity, s.numa)),
+        ("serving", _settings_text(s) + (f", at least {s.min_tps:g} tok/s" if s.min_tps else "")),
+        ("quants from", "catalog presets (no GGUF files)" if sel.from_catalog
+         else "GGUF files: " + ", ".join(sorted({o.origin for o in sel.options}))),
+        ("speed from", _calibration_text(box.calibration)),
+    ]
+    rec = sel.recommended
+    rows.append(("recommended", f"[bold green]{rec.quant}[/] ({rec.origin})" if rec else "[bold red]none[/]"))
+    rows.append(("why", sel.why))
+    if rec:
+        rows.append(("RAM", _ram_text(rec.need)))
+    out.print(kv_table(f"cputune select: {sel.model}", rows))
+
+    files = not sel.from_catalog
+    kld = any(o.quality and o.quality.kld is not None for o in sel.options)
+    t = Table(title=f"Every quant at {s.ctx_tokens} tokens of context, best quality first", title_justify="left")
+    cols = ["quant"] + (["file"] if files else []) + ["bpw", "RAM GiB", "spare GiB", "fits", "1 node",
+                                                      "tg t/s", "pp t/s", "PPL +%"] + (["KLD"] if kld else []) + ["PPL row"]
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("quant", "file", "PPL row") else "right")
+    for o in sel.options:
+        ppl, kl, row = _quality_cells(o.quality)
+        cells = [f"[bold]{o.quant}[/]" if o is rec else o.quant] + ([o.origin] if files else [])
+        cells += [f"{o.bits_per_weight:.2f}", _gib1(o.need_bytes), _gib1(o.margin_bytes), _yes(o.fits),
+                  _yes(o.fits_one_node), f"{o.tg_tokens_per_s:.1f}", f"{o.prediction.pp_tokens_per_s:.1f}", ppl]
+        t.add_row(*cells, *([kl] if kld else []), row)
+    out.print(t)
+    if sel.what_would_fit:
+        title = (f"What would fit {sel.what_would_fit[0].quant} instead" if rec
+                 else "What would change that")
+        out.print(kv_table(title, [(c.option, c.text) for c in sel.what_would_fit]))
+    for line in sel.notes + tuple(_quality_sources(sel.options)):
+        out.print(f"[dim]note: {line}[/]")
+
+
+def render_plan(p, box) -> None:
+    s = p.settings
+    rows = [
+        ("box", f"{p.machine.name} ({box.source})"),
+        ("memory", _capacity_text(p.capacity, s.numa)),
+        ("serving", _settings_text(s)),
+        ("speed from", _calibration_text(box.calibration)),
+    ]
+    if p.target_tg_tokens_per_s:
+        rows.append(("target", f"{p.target_tg_tokens_per_s:g} tok/s decode at {s.ctx_tokens} tokens of context"))
+    out.print(kv_table("cputune plan", rows))
+    target = p.target_tg_tokens_per_s
+    t = Table(title="Every model and quant on this box, best quality first", title_justify="left")
+    cols = ["model", "quant", "bpw", "RAM GiB", "fits", "1 node", "tg t/s", "pp t/s", "PPL +%"]
+    if target:
+        cols += ["needs GB/s", "channels"]
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("model", "quant") else "right", no_wrap=True)
+    for i, r in enumerate(p.rows):
+        o = r.option
+        first = i == 0 or p.rows[i - 1].model_id != r.model_id
+        last = i == len(p.rows) - 1 or p.rows[i + 1].model_id != r.model_id
+        cells = [r.model_id if first else "", o.quant, f"{o.bits_per_weight:.2f}", _gib1(o.need_bytes),
+                 _yes(o.fits), _yes(o.fits_one_node), f"{o.tg_tokens_per_s:.1f}",
+                 f"{o.prediction.pp_tokens_per_s:.1f}", _quality_cells(o.quality)[0]]
+        if target:
+            q = r.requirement
+            cells += ([f"{q.read_gbps:.0f}", str(q.channels)] if q.reachable
+                      else [f"[red]max {q.ceiling_tg_tokens_per_s:.1f} t/s[/]", "-"])
+        t.add_row(*cells, end_section=last)
+    out.print(t)
+    if p.target_tg_tokens_per_s:
+        from cputune.hardware import ESTIMATED_READ_FRACTION
+
+        mts = p.rows[0].requirement.channel_mts if p.rows else 0
+
+        out.print(f"[dim]note: to decode {target:g} tok/s a box needs the RAM column and `needs GB/s` of "
+                  "read bandwidth as `cputune probe` measures it over the nodes used, about the channels "
+                  f"shown of {mts} MT/s memory at {ESTIMATED_READ_FRACTION:.0%} of their peak; 'max' rows are capped by compute and "
+                  "per-token overhead at this thread count[/]")
+    for line in p.notes + tuple(_quality_sources(r.option for r in p.rows)):
+        out.print(f"[dim]note: {line}[/]")
