@@ -52,19 +52,31 @@ def local(args) -> bool:
 
     print(f"machine: {box.machine.name}: {box.machine.cores} cores, node read "
           f"{box.machine.node_read_gbps:.1f} GB/s, one core {box.machine.core_read_gbps:.1f} GB/s")
-    print("calibrating on", ", ".join(f"{s // MIB} MiB" for s in TRAIN_SIZES), "f16 sizes")
-    run = calibrate.calibrate_box(box.machine, b.bin_dir, work, ("llama", "deepseek2"), TRAIN_SIZES,
-                                  QUANTS, threads, reps=args.reps, progress=progress)
-    cal = run.calibration
-    train = [e for _, tg, pp in run.errors for e in (tg, pp)]
-    print("fit on the training set:", stats(train))
+    train_file, test_file = work / "points-train.json", work / "points-test.json"
+    if args.reuse and train_file.exists() and test_file.exists():
+        print("re-using the measurements in", work)
+        train_pts, points = calibrate.load_points(train_file), calibrate.load_points(test_file)
+    else:
+        print("measuring the training set:", ", ".join(f"{s // MIB} MiB" for s in TRAIN_SIZES), "f16 sizes")
+        train_models, test_models = [], []
+        for arch in ("llama", "deepseek2"):
+            train_models += calibrate.make_models(work, b.bin_dir / "llama-quantize", arch, TRAIN_SIZES,
+                                                  QUANTS, progress=lambda text: progress(0, 1, text))
+            test_models += calibrate.make_models(work, b.bin_dir / "llama-quantize", arch, TEST_SIZES,
+                                                 QUANTS, progress=lambda text: progress(0, 1, text))
+        train_pts = calibrate.measure(b.bin_dir / "llama-bench", train_models, threads, reps=args.reps,
+                                      progress=progress)
+        calibrate.save_points(train_pts, train_file)
+        points = calibrate.measure(b.bin_dir / "llama-bench", test_models, threads, reps=args.reps,
+                                   progress=progress)
+        calibrate.save_points(points, test_file)
+    cal = calibrate.fit(train_pts, box.machine, calibrate.default_calibration())
+    train_errs = calibrate.relative_errors(train_pts, box.machine, cal)
+    print("fit on the training set:", stats([e for _, tg, pp in train_errs for e in (tg, pp)]))
+    for p, et, ep in train_errs:
+        if max(abs(et), abs(ep)) > 0.15:
+            print(f"  train outlier {Path(p.model.path).name} t={p.threads}: tg {et:+.0%} pp {ep:+.0%}")
 
-    models = []
-    for arch in ("llama", "deepseek2"):
-        models += calibrate.make_models(work, b.bin_dir / "llama-quantize", arch, TEST_SIZES, QUANTS,
-                                        progress=lambda text: progress(0, 1, text))
-    points = calibrate.measure(b.bin_dir / "llama-bench", models, threads, reps=args.reps,
-                               progress=progress)
     rows, tg_err, pp_err = [], [], []
     for p in points:
         pred = predict(p.model, box.machine, Settings(threads=p.threads, n_ubatch=p.n_prompt), cal)
@@ -118,6 +130,7 @@ def main() -> int:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--work-dir")
+    ap.add_argument("--reuse", action="store_true", help="fit and predict from the last run's measurements")
     args = ap.parse_args()
     ok = True
     if not args.published_only:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
+
 from cputune import gguf_model, llama_bench, synth
 from cputune.data import load_toml
 from cputune.fsutil import cache_root
@@ -159,6 +161,7 @@ def calibrate_box(machine: MachineBandwidth, bin_dir: Path, work_dir: Path, arch
         models += make_models(work_dir, bin_dir / "llama-quantize", arch, sizes_bytes, quants,
                               progress=lambda text: progress(0, 1, text) if progress else None)
     points = measure(bin_dir / "llama-bench", models, threads, reps=reps, progress=progress)
+    save_points(points, work_dir / "points.json")
     cal = fit(points, machine, start)
     return CalibrationRun(cal, tuple(points), relative_errors(points, machine, cal))
 
@@ -167,37 +170,60 @@ def calibrate_box(machine: MachineBandwidth, bin_dir: Path, work_dir: Path, arch
 # fitting
 
 
-def nelder_mead(f: Callable[[list[float]], float], x0: list[float], step: float = 0.5,
-                iters: int = 3000, tol: float = 1e-10) -> list[float]:
-    """Minimise f from x0 (Nelder & Mead 1965, standard coefficients 1, 2, 0.5, 0.5)."""
-    n = len(x0)
-    pts = [list(x0)] + [[x + (step if i == j else 0.0) for j, x in enumerate(x0)] for i in range(n)]
-    vals = [f(p) for p in pts]
+# Shares in (0, 1) are fitted through a logistic, everything else through a log: both keep the
+# value in range without a kink (a hard cap has no gradient past it, and LM stalls there).
+SHARES = ("eff", "moe", "moe_pp")
+
+
+def _to_x(name: str, value: float) -> float:
+    if name in SHARES:
+        v = min(max(value, 1e-3), 0.97)
+        return math.log(v / (1 - v))
+    return math.log(value)
+
+
+def _from_x(name: str, x: float) -> float:
+    return 1 / (1 + math.exp(-x)) if name in SHARES else math.exp(x)
+
+
+def best_fit(residuals: Callable[[list[float]], list[float]], starts: Sequence[list[float]]) -> list[float]:
+    """least_squares from each start; the lowest sum of squares wins."""
+    fits = [least_squares(residuals, x) for x in starts]
+    return min(fits, key=lambda x: sum(r * r for r in residuals(x)))
+
+
+def least_squares(residuals: Callable[[list[float]], list[float]], x0: list[float],
+                  iters: int = 200, h: float = 1e-5) -> list[float]:
+    """Minimise sum(residuals(x)^2) by Levenberg-Marquardt with a forward-difference Jacobian.
+
+    Nelder-Mead (used first) stalled in the ~17 dimensions of a four-quant, two-shape
+    calibration; LM uses the least-squares structure and converges in a few dozen steps.
+    """
+    x = np.asarray(x0, dtype=float)
+    r = np.asarray(residuals(list(x)))
+    cost, lam = float(r @ r), 1e-3
     for _ in range(iters):
-        order = sorted(range(n + 1), key=vals.__getitem__)
-        pts, vals = [pts[i] for i in order], [vals[i] for i in order]
-        if abs(vals[-1] - vals[0]) < tol:
+        jac = np.empty((len(r), len(x)))
+        for i in range(len(x)):
+            xi = x.copy()
+            xi[i] += h
+            jac[:, i] = (np.asarray(residuals(list(xi))) - r) / h
+        a, g = jac.T @ jac, jac.T @ r
+        while True:
+            step = np.linalg.solve(a + lam * (np.diag(np.diag(a)) + 1e-12 * np.eye(len(x))), -g)
+            xn = x + step
+            rn = np.asarray(residuals(list(xn)))
+            cn = float(rn @ rn)
+            if cn < cost:
+                done = cost - cn < 1e-12 * max(cost, 1e-30) or float(np.abs(step).max()) < 1e-9
+                x, r, cost, lam = xn, rn, cn, max(lam / 3, 1e-12)
+                break
+            lam *= 4
+            if lam > 1e12:
+                return list(x)
+        if done:
             break
-        centroid = [sum(p[j] for p in pts[:-1]) / n for j in range(n)]
-        worst = pts[-1]
-        refl = [c + (c - w) for c, w in zip(centroid, worst)]
-        fr = f(refl)
-        if fr < vals[0]:
-            exp = [c + 2 * (c - w) for c, w in zip(centroid, worst)]
-            fe = f(exp)
-            pts[-1], vals[-1] = (exp, fe) if fe < fr else (refl, fr)
-        elif fr < vals[-2]:
-            pts[-1], vals[-1] = refl, fr
-        else:
-            con = [c + 0.5 * (w - c) for c, w in zip(centroid, worst)]
-            fc = f(con)
-            if fc < vals[-1]:
-                pts[-1], vals[-1] = con, fc
-            else:
-                best = pts[0]
-                pts = [best] + [[b + 0.5 * (x - b) for b, x in zip(best, p)] for p in pts[1:]]
-                vals = [vals[0]] + [f(p) for p in pts[1:]]
-    return pts[min(range(n + 1), key=vals.__getitem__)]
+    return list(x)
 
 
 def fitted_types(points: Sequence[Point], share: float = 0.05) -> list[str]:
@@ -232,12 +258,12 @@ def fit(points: Sequence[Point], machine: MachineBandwidth, start: Calibration,
         [f"tg:{t}" for t in types] + [f"pp:{t}" for t in types]
 
     def unpack(x: list[float]) -> Calibration:
-        v = dict(zip(names, (math.exp(a) for a in x)))
+        v = {n: _from_x(n, a) for n, a in zip(names, x)}
         return replace(
             start,
-            bw_efficiency=min(v.get("eff", start.bw_efficiency), 1.0),
-            moe_bw_efficiency=min(v.get("moe", start.moe_bw_efficiency), 1.0),
-            moe_prefill_efficiency=min(v.get("moe_pp", start.moe_prefill_efficiency), 1.0),
+            bw_efficiency=v.get("eff", start.bw_efficiency),
+            moe_bw_efficiency=v.get("moe", start.moe_bw_efficiency),
+            moe_prefill_efficiency=v.get("moe_pp", start.moe_prefill_efficiency),
             overhead_s_per_layer=v["ovh"], overhead_s_per_layer_thread=v["ovh_t"],
             decode_gbps_per_core={**start.decode_gbps_per_core,
                                   **{t: v[f"tg:{t}"] for t in types}},
@@ -251,20 +277,21 @@ def fit(points: Sequence[Point], machine: MachineBandwidth, start: Calibration,
                 "moe": c.moe_bw_efficiency, "moe_pp": c.moe_prefill_efficiency,
                 **{f"tg:{t}": nearest_rate(c.decode_gbps_per_core, t) for t in types},
                 **{f"pp:{t}": nearest_rate(c.prefill_gflops_per_core, t) for t in types}}
-        return [math.log(vals[n]) for n in names]
+        return [_to_x(n, vals[n]) for n in names]
 
     x0 = x_of(start)
 
-    def loss(x: list[float]) -> float:
+    def residuals(x: list[float]) -> list[float]:
         # A weak pull toward the starting values keeps rates the runs cannot tell apart (a type
         # that is never the bottleneck) finite instead of drifting to 10^9.
-        prior = PRIOR_WEIGHT * sum((a - b) ** 2 for a, b in zip(x, x0))
-        return sum(e * e for e in log_errors(points, machine, unpack(x))) + prior
+        prior = [math.sqrt(PRIOR_WEIGHT) * (a - b) for a, b in zip(x, x0)]
+        return log_errors(points, machine, unpack(x)) + prior
 
-    x = x0
-    for _ in range(3):  # restarts shake the simplex out of early collapse
-        x = nelder_mead(loss, x)
-    return unpack(x)
+    # The max(memory, compute) kink leaves a rate with no gradient while the other term binds,
+    # so LM starts from the shipped rates and from rates 4x lower and higher; the best fit wins.
+    starts = [[a + (math.log(k) if n.startswith(("tg:", "pp:")) else 0.0) for a, n in zip(x0, names)]
+              for k in (1.0, 0.25, 4.0)]
+    return unpack(best_fit(residuals, starts))
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,10 +369,10 @@ def fit_published(runs: Sequence[PublishedRun], start: Calibration) -> tuple[Cal
              "ik_tg", "ik_pp"]
 
     def unpack(x: list[float]) -> tuple[Calibration, dict[str, float]]:
-        v = dict(zip(names, (math.exp(a) for a in x)))
+        v = {n: _from_x(n, a) for n, a in zip(names, x)}
         cal = replace(
-            start, bw_efficiency=min(v["eff"], 1.0), moe_bw_efficiency=min(v["moe"], 1.0),
-            moe_prefill_efficiency=min(v["moe_pp"], 1.0), avx512_prefill_factor=v["avx512_pp"],
+            start, bw_efficiency=v["eff"], moe_bw_efficiency=v["moe"],
+            moe_prefill_efficiency=v["moe_pp"], avx512_prefill_factor=v["avx512_pp"],
             overhead_s_per_layer=v["ovh"],
             overhead_s_per_layer_thread=v["ovh_t"], overhead_node_factor=v["node"],
             decode_gbps_per_core={t: r * v["dscale"] for t, r in start.decode_gbps_per_core.items()},
@@ -353,20 +380,20 @@ def fit_published(runs: Sequence[PublishedRun], start: Calibration) -> tuple[Cal
             source=f"fitted to {len(runs)} published big-server runs (configs/published_runs.toml)")
         return cal, {"ik_tg": v["ik_tg"], "ik_pp": v["ik_pp"]}
 
-    x0 = [math.log(v) for v in (start.bw_efficiency, start.moe_bw_efficiency, start.overhead_s_per_layer,
-                                max(start.overhead_s_per_layer_thread, 1e-9),
-                                max(start.overhead_node_factor, 0.1), 1.0, 1.0,
-                                start.moe_prefill_efficiency, 2.0, 1.5, 1.5)]
+    x0 = [_to_x(n, v) for n, v in zip(names, (
+        start.bw_efficiency, start.moe_bw_efficiency, start.overhead_s_per_layer,
+        max(start.overhead_s_per_layer_thread, 1e-9), max(start.overhead_node_factor, 0.1), 1.0, 1.0,
+        start.moe_prefill_efficiency, 2.0, 1.5, 1.5))]
 
-    def loss(x: list[float]) -> float:
+    def residuals(x: list[float]) -> list[float]:
         cal, f = unpack(x)
         errs = [math.log(p / m) for _, _, p, m in published_predictions(runs, cal, f)]
-        return sum(e * e for e in errs) + PRIOR_WEIGHT * sum((a - b) ** 2 for a, b in zip(x, x0))
+        return errs + [math.sqrt(PRIOR_WEIGHT) * (a - b) for a, b in zip(x, x0)]
 
-    x = x0
-    for _ in range(3):
-        x = nelder_mead(loss, x)
-    return unpack(x)
+    # Start also from a low expert efficiency and slow cores: the fixed cost and those two trade
+    # off, and LM finds the nearest minimum only.
+    alt = dict(zip(names, x0), moe=_to_x("moe", 0.4), dscale=math.log(0.3))
+    return unpack(best_fit(residuals, [x0, [alt[n] for n in names]]))
 
 
 def calibration_toml(cal: Calibration, section: str, extra: dict[str, float] | None = None) -> str:
@@ -386,3 +413,20 @@ def calibration_toml(cal: Calibration, section: str, extra: dict[str, float] | N
         lines += ["", f"[{section}.{table}]"]
         lines += [f"{t} = {num(r)}" for t, r in getattr(cal, table).items()]
     return "\n".join(lines) + "\n"
+
+
+def save_points(points: Sequence[Point], path: Path) -> None:
+    """Measured points as JSON (model paths, not profiles), to re-fit without re-measuring."""
+    write_json(path, document("cputune.calibration-points/1", points=[
+        {"model": p.model.path, "threads": p.threads, "n_prompt": p.n_prompt,
+         "tg_tokens_per_s": p.tg_tokens_per_s, "pp_tokens_per_s": p.pp_tokens_per_s} for p in points]))
+
+
+def load_points(path: Path) -> list[Point]:
+    doc = read_json(path, "cputune.calibration-points/1")
+    profiles: dict[str, ModelProfile] = {}
+    out = []
+    for d in doc["points"]:
+        prof = profiles.setdefault(d["model"], gguf_model.read_model(d["model"]))
+        out.append(Point(prof, d["threads"], d["n_prompt"], d["tg_tokens_per_s"], d["pp_tokens_per_s"]))
+    return out

@@ -107,9 +107,13 @@ def test_fit_recovers_constants_from_runs_it_generated():
     assert fitted.prefill_gflops_per_core["Q8_0"] == pytest.approx(70.0, rel=0.05)
 
 
-def test_nelder_mead_finds_a_quadratic_minimum():
-    x = calibrate.nelder_mead(lambda v: (v[0] - 1) ** 2 + 10 * (v[1] + 2) ** 2, [0.0, 0.0])
-    assert x == pytest.approx([1.0, -2.0], abs=1e-3)
+def test_least_squares_solves_a_nonlinear_fit():
+    # y = a * exp(b t) sampled without noise: LM recovers (a, b) = (2, -0.5) from (1, 0).
+    ts = [0.0, 0.5, 1.0, 2.0, 3.0]
+    ys = [2 * math.exp(-0.5 * t) for t in ts]
+    x = calibrate.least_squares(lambda v: [v[0] * math.exp(v[1] * t) - y for t, y in zip(ts, ys)],
+                                [1.0, 0.0])
+    assert x == pytest.approx([2.0, -0.5], abs=1e-6)
     assert math.isfinite(calibrate.default_calibration().bw_efficiency)
 
 
