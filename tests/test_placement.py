@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cputune import launch, placement, serve
+from cputune import launch, serve
 from cputune.errors import ConfigError
 from cputune.hwloc_xml import load_hwloc_xml
 from cputune.placement import NumaChoice, llama_visible_nodes, parse_numa, plan_placement
