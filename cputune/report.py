@@ -299,9 +299,9 @@ def render_serve_plan(plan) -> None:
                   f"{pc.sampled_pages} sampled pages), {pc.misplaced_fraction:.0%} on the wrong node")
     for note in plan.notes:
         out.print(f"note: {note}")
-    if plan.environment:
-        out.print("environment: " + " ".join(f"{k}={v}" for k, v in plan.environment.items()),
-                  markup=False, soft_wrap=True)
+    env = " ".join(f"{k}={v}" for k, v in plan.environment.items())
+    out.print("environment: " + (env or "inherited; no LLAMA_ARG_*, OMP_*, GOMP_* or KMP_* variable set"),
+              markup=False, soft_wrap=True)
     out.print("command:", markup=False)
     out.print(plan.command, markup=False, soft_wrap=True)
 

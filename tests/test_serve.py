@@ -287,6 +287,22 @@ def test_node_available_bytes_sums_free_and_reclaimable(tmp_path):
     assert avail == {0: 2 * GiB, 1: 3 * GiB}
 
 
+def test_memory_notes_hugepages_thp_and_mlock(monkeypatch):
+    from cputune.memory import HugepagePool
+    from cputune.probe import memory_from_topology
+    base = memory_from_topology(one_node_topology(), "test")
+    mem = replace(base, thp_enabled="madvise",
+                  hugepages=(HugepagePool(None, 2 * MiB, 1024, 1024), HugepagePool(0, 2 * MiB, 1024, 1024)))
+    warnings, notes = serve.memory_notes(mem, "none", 10 * GiB)
+    assert notes[0].startswith("2.0 GiB is reserved as hugetlb pages")  # the node pool is the same pages
+    assert "THP is 'madvise'" in notes[1] and warnings == []
+    assert serve.memory_notes(replace(mem, hugepages=()), "mmap", GiB) == ([], [])
+    monkeypatch.setattr(serve.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(serve.resource, "getrlimit", lambda what: (64 * 1024, 64 * 1024))
+    warnings, _ = serve.memory_notes(replace(mem, hugepages=()), "mlock", 10 * GiB)
+    assert warnings and warnings[0].startswith("--load-mode mlock: the locked-memory limit is 0.0 GiB")
+
+
 @pytest.fixture()
 def llama_models(tiny_models) -> Path:
     return tiny_models["llama"].quantized["q8_0"].parent
@@ -366,6 +382,24 @@ def test_cli_memory_refusal_and_force(llama_models, tmp_path):
                                                "this box needs 2.0 GiB but has 1.0 GiB available (MemAvailable)")
     assert "hint: " in r.output and "--force" in r.output
     assert invoke(*args, "--force", catch_exceptions=False).exit_code == 0
+
+
+@pytest.mark.llama
+def test_render_plan_with_page_cache_and_workers(llama_models, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_PROC_BIND", "close")
+    mem = rpc.WorkerMemory(Endpoint("10.0.0.2", 50052), "7.0.0", 1, 64 * GiB, 64 * GiB)
+    p = serve.plan_serve(serve.ServeRequest(quant="q8_0", model="llama", models_dir=llama_models, ctx_tokens=512,
+                                            rpc=(mem.endpoint,)),
+                         fake_box(tmp_path, [3.0, 4.0]), numactl=True, query_worker=lambda e: mem)
+    assert p.split is not None and p.memory.boxes[1].name == "10.0.0.2:50052"
+    assert any(w.startswith("OMP_PROC_BIND=close pins OpenMP threads") for w in p.warnings)
+    verdict = pagecache.judge([sample({0: 80})], [1], spread=False)
+    from cputune import report
+    report.render_serve_plan(replace(p, page_cache=verdict))
+    out = capsys.readouterr().out
+    assert "page cache: 80% of the model cached (node 0: 80 of 100 sampled pages), 80% on the wrong node" in out
+    assert "10.0.0.2:50052" in out and "environment: OMP_PROC_BIND=close" in out
+    assert p.command in out.replace("\n", "")
 
 
 @pytest.mark.parametrize("numa", ["sideways", "node:x", "numactl"])
