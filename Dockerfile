@@ -1,6 +1,6 @@
 # cputune + a llama.cpp build tuned for one CPU family, built on any x86-64 box.
 #   docker build --build-arg TARGET_CPU=znver5 -t cputune .
-#   docker run --rm --privileged -v /srv/models:/models cputune
+#   docker run --rm --privileged -p 8080:8080 -v /srv/models:/models -e CPUTUNE_QUANT=q8_0 cputune
 # The RUN steps are the README's steps (scripts/setup.sh, `cputune build`), so CI exercises them.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -19,9 +19,11 @@ RUN apt-get update && apt-get install -y --no-install-recommends numactl libgomp
 COPY --from=build /opt/cputune /opt/cputune
 COPY --from=build /opt/cache/cputune/builds /opt/cache/cputune/builds
 COPY --from=build /opt/cache/build.json /opt/cache/build.json
-ENV PATH=/opt/cputune/.venv/bin:$PATH XDG_CACHE_HOME=/opt/cache CPUTUNE_TARGET_CPU=${TARGET_CPU}
+ENV PATH=/opt/cputune/.venv/bin:$PATH XDG_CACHE_HOME=/opt/cache CPUTUNE_TARGET_CPU=${TARGET_CPU} \
+    CPUTUNE_MODELS_DIR=/models
 VOLUME /models
 WORKDIR /models
 EXPOSE 8080
-# Until `cputune serve` lands (issue 6) the image checks the box it runs on.
-CMD ["cputune", "probe"]
+# Serves the CPUTUNE_QUANT file of /models (CPUTUNE_MODEL picks among several), placed on the
+# host's NUMA nodes (numactl needs --privileged or --cap-add SYS_NICE). 0.0.0.0 so -p reaches it.
+CMD ["cputune", "serve", "--host", "0.0.0.0", "--port", "8080"]

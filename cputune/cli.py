@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from cputune import __version__, report
-from cputune.errors import CputuneError, ProcessFailed
+from cputune.errors import ConfigError, CputuneError, ProcessFailed
 from cputune.predictor import NUMA_POLICIES
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -354,6 +354,144 @@ def bench_cmd(model, quant, models_dir, twin_size, threads, depth, n_prompt, n_g
                                                  calibration_source=box.calibration.source,
                                                  results=results, history=str(hist)))
     report.render_bench(results, prof, box, hist)
+
+
+def _auto_int(name: str):
+    """A click callback for 'auto|N' options: None for auto, else a positive int."""
+    def convert(ctx, param, value):
+        if value is None or str(value).lower() == "auto":
+            return None
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ConfigError(f"{name} {value!r}: give auto or a whole number of at least 1",
+                              hint=f"{name} auto uses the physical cores of the planned nodes")
+        return n
+    return convert
+
+
+def numa_option(modes: str):
+    return click.option("--numa", default="auto", show_default=True, metavar="MODE",
+                        help=f"NUMA placement: {modes}.")
+
+
+def threads_option(f):
+    return click.option("--threads", "-t", default="auto", show_default=True, metavar="auto|N",
+                        callback=_auto_int("--threads"),
+                        help="Compute threads [auto: physical cores of the nodes used].")(f)
+
+
+def dry_run_option(f):
+    return click.option("--dry-run", is_flag=True,
+                        help="Print the command, environment and placement plan; start nothing.")(f)
+
+
+@cli.command("serve", context_settings={"ignore_unknown_options": True})
+@click.option("--quant", "-q", metavar="Q", envvar="CPUTUNE_QUANT", show_envvar=True,
+              help="Quant to serve (q8_0, q4_k_m, ...), found in the models folder.")
+@click.option("--model", "-m", metavar="NAME|FILE", envvar="CPUTUNE_MODEL", show_envvar=True,
+              help="Part of the model's file name to pick among several, or a GGUF file to serve.")
+@click.option("--models-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Folder of GGUF files [default: $CPUTUNE_MODELS_DIR, models_dir in "
+                   "~/.config/cputune/config.toml, ~/models].")
+@click.option("--ctx", "ctx_tokens", type=click.IntRange(1), default=8192, show_default=True,
+              help="Context size in tokens, for all slots together (the memory check counts its KV cache).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True,
+              help="Port to listen on.")
+@numa_option("auto, off, distribute, isolate, interleave or node:N")
+@threads_option
+@click.option("--threads-batch", default="auto", show_default=True, metavar="auto|N",
+              callback=_auto_int("--threads-batch"),
+              help="Threads for prompt processing [auto: as --threads].")
+@click.option("--load-mode", type=click.Choice(["mmap", "none", "mlock"]), default="mmap",
+              show_default=True, help="Map the file (mmap), read it into RAM (none) or lock it (mlock).")
+@click.option("--api-key-file", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="File of API keys, one per line, that clients must send.")
+@click.option("--rpc", "rpc_workers", metavar="HOST:PORT,...",
+              help="llama.cpp RPC workers (`cputune worker`) to spread the model over.")
+@click.option("--drop-caches", is_flag=True,
+              help="Evict the model's pages from the page cache first, so they load onto the planned nodes.")
+@click.option("--force", is_flag=True, help="Start even when the memory check says it does not fit.")
+@dry_run_option
+@root_option
+@json_option
+@click.argument("extra", nargs=-1, type=click.UNPROCESSED, metavar="[-- LLAMA-SERVER ARGS]")
+@click.pass_context
+def serve_cmd(ctx, quant, model, models_dir, ctx_tokens, host, port, numa, threads, threads_batch,
+              load_mode, api_key_file, rpc_workers, drop_caches, force, dry_run, sysfs_root, as_json,
+              extra):
+    """Start llama.cpp's server tuned and pinned to NUMA nodes: the quant's file, a memory check,
+    threads and NUMA policy, verified after start. Arguments after `--` go to llama-server."""
+    import time
+
+    from cputune import placement, rpc, serve
+
+    placement.parse_numa(numa)
+    req = serve.ServeRequest(
+        quant=quant, model=model, models_dir=models_dir, ctx_tokens=ctx_tokens, host=host, port=port,
+        numa=numa, threads=threads, threads_batch=threads_batch, api_key_file=api_key_file,
+        load_mode=load_mode, rpc=rpc.parse_endpoints(rpc_workers) if rpc_workers else (),
+        extra_args=tuple(extra), drop_caches=drop_caches)
+    plan = serve.plan_serve(req, sysfs_root)
+    report.warn_all(plan.warnings)
+    serve.require_fit(plan, force)
+    if dry_run:
+        if as_json:
+            return report.print_json(report.document("cputune.serve/1", plan=plan, command=plan.command))
+        return report.render_serve_plan(plan)
+    with serve.SignalForwarder() as signals:
+        with report.progress("starting llama-server", total=None) as update:
+            server = serve.start(plan, drop_caches, progress=update, signals=signals)
+        if as_json:
+            report.print_json(report.document("cputune.serve/1", plan=plan, command=plan.command, running={
+                "pid": server.pid, "url": plan.url, "log_path": server.log_path}))
+        else:
+            report.render_serve_started(plan, server, time.monotonic() - server.started_s)
+        report.warn_all(filter(None, [serve.check_affinity(server, plan.placement)]))
+        code = signals.wait()
+    ctx.exit(code)
+
+
+@cli.command("worker", context_settings={"ignore_unknown_options": True})
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0 for other machines; RPC has no authentication).")
+@click.option("--port", type=click.IntRange(1, 65535), default=50052, show_default=True,
+              help="Port to listen on.")
+@numa_option("auto, off, interleave or node:N")
+@threads_option
+@dry_run_option
+@root_option
+@json_option
+@click.argument("extra", nargs=-1, type=click.UNPROCESSED, metavar="[-- RPC-SERVER ARGS]")
+@click.pass_context
+def worker_cmd(ctx, host, port, numa, threads, dry_run, sysfs_root, as_json, extra):
+    """Start a pinned llama.cpp RPC worker (ggml-rpc-server) that `cputune serve --rpc` spreads
+    a model onto when one box is not enough."""
+    from cputune import placement, serve
+
+    placement.parse_numa(numa, worker=True)
+    req = serve.WorkerRequest(host=host, port=port, numa=numa, threads=threads, extra_args=tuple(extra))
+    plan = serve.plan_worker(req, sysfs_root)
+    report.warn_all(plan.warnings)
+    if dry_run:
+        if as_json:
+            return report.print_json(report.document("cputune.worker/1", plan=plan, command=plan.command))
+        return report.render_worker_plan(plan)
+    with serve.SignalForwarder() as signals:
+        with report.progress("starting ggml-rpc-server", total=None) as update:
+            server, memory = serve.start_worker(plan, progress=update, signals=signals)
+        if as_json:
+            report.print_json(report.document("cputune.worker/1", plan=plan, command=plan.command,
+                                              memory=memory, running={"pid": server.pid,
+                                                                      "log_path": server.log_path}))
+        else:
+            report.render_worker_started(plan, server, memory)
+        report.warn_all(filter(None, [serve.check_affinity(server, plan.placement)]))
+        code = signals.wait()
+    ctx.exit(code)
 
 
 def main() -> None:

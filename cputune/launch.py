@@ -3,12 +3,14 @@ back down without orphans. Placement decisions are made elsewhere; this runs an 
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -17,6 +19,71 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from cputune.errors import ConfigError, ProcessFailed
+from cputune.fsutil import cache_root
+
+LOGS_KEPT = 20  # per program: the newest logs of llama-server (or ggml-rpc-server) runs
+PR_SET_PDEATHSIG = 1  # include/uapi/linux/prctl.h
+
+
+def log_dir() -> Path:
+    return cache_root() / "logs"
+
+
+def new_log_path(program: str) -> Path:
+    """A fresh log file under the cache's logs/ folder; older ones beyond LOGS_KEPT are removed."""
+    d = log_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    old = sorted(d.glob(f"{program}-*.log"), key=lambda p: p.stat().st_mtime)
+    for stale in old[:max(0, len(old) - LOGS_KEPT + 1)]:
+        stale.unlink(missing_ok=True)
+    return d / f"{program}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+
+
+def program_name(argv: Sequence[str]) -> str:
+    """The llama.cpp program an argv runs, past a `numactl ...` prefix."""
+    words = list(argv)
+    if words and Path(words[0]).name == "numactl":
+        words = [w for w in words[1:] if not w.startswith("-")]
+    return Path(words[0]).name if words else "?"
+
+
+_FLAG = re.compile(r"(?:^|[\s,])(--?[A-Za-z][A-Za-z0-9_-]*)")
+
+
+def parse_help_flags(text: str) -> frozenset[str]:
+    """Every option a llama.cpp program's --help lists, aliases included.
+
+    common/arg.cpp prints each option's names (and metavar) in the first 40 columns, then the
+    description; a line too long for that column holds names only. Description lines are indented.
+    """
+    flags = set()
+    for line in text.splitlines():
+        stripped = line.lstrip()
+        if not stripped.startswith("-") or len(line) - len(stripped) > 8:
+            continue
+        names = line if len(line) <= 40 or line[38:40] != "  " else line[:40]
+        flags.update(_FLAG.findall(names))
+    return frozenset(flags)
+
+
+def help_flags(binary: Path | str) -> frozenset[str]:
+    """The options this build of a llama.cpp program takes, from its --help (cached per file
+    version): flags get renamed between builds (--no-mmap became --load-mode in PR #20834)."""
+    try:
+        st = os.stat(binary)
+    except OSError:
+        return frozenset()
+    return _help_flags(str(binary), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _help_flags(binary: str, mtime_ns: int, size: int) -> frozenset[str]:
+    try:
+        p = subprocess.run([binary, "--help"], capture_output=True, text=True, errors="replace",
+                           timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return frozenset()
+    return parse_help_flags(p.stdout + p.stderr)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -51,7 +118,7 @@ def http_json(url: str, payload: dict | None = None, timeout: float = 60.0) -> t
 
 @dataclass
 class Server:
-    """A running llama-server. Use as a context manager, or call stop()."""
+    """A running llama-server (or ggml-rpc-server). Use as a context manager, or call stop()."""
 
     argv: list[str]
     host: str
@@ -59,6 +126,14 @@ class Server:
     proc: subprocess.Popen
     log_path: Path
     started_s: float = field(default_factory=time.monotonic)
+
+    @property
+    def name(self) -> str:
+        return program_name(self.argv)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
     @property
     def url(self) -> str:
@@ -70,28 +145,35 @@ class Server:
         except OSError:
             return ""
 
-    def wait_ready(self, timeout_s: float = 300.0,
-                   progress: Callable[[float, str], None] | None = None) -> None:
-        """Poll /health: 503 while loading, 200 when ready (tools/server/README.md)."""
-        deadline = time.monotonic() + timeout_s
+    def health_state(self) -> str | None:
+        """None when /health answers 200; 503 while loading (tools/server/README.md)."""
+        try:
+            code, _ = http_json(self.url + "/health", timeout=2.0)
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return "starting"
+        return None if code == 200 else "loading model"
+
+    def wait_ready(self, timeout_s: float | None = 300.0,
+                   progress: Callable[[float, str], None] | None = None,
+                   probe: Callable[[], str | None] | None = None) -> None:
+        """Poll `probe` (default: /health) until it returns None; it returns a state text before.
+        `timeout_s` None waits as long as the process lives (a 700 GB model loads for minutes)."""
+        probe = probe or self.health_state
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             rc = self.proc.poll()
             if rc is not None:
-                raise ProcessFailed(f"llama-server exited with code {rc} before it was ready",
+                raise ProcessFailed(f"{self.name} exited with {describe_exit(rc)} before it was ready",
                                     self.argv, rc, self.log_tail(), log_path=str(self.log_path),
                                     hint="read the log lines above")
-            try:
-                code, _ = http_json(self.url + "/health", timeout=2.0)
-                if code == 200:
-                    return
-                state = "loading model"
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                state = "starting"
+            state = probe()
+            if state is None:
+                return
             if progress:
                 progress(time.monotonic() - self.started_s, state)
-            if time.monotonic() > deadline:
+            if deadline is not None and time.monotonic() > deadline:
                 self.stop()
-                raise ProcessFailed(f"llama-server was not ready after {timeout_s:.0f} s",
+                raise ProcessFailed(f"{self.name} was not ready after {timeout_s:.0f} s",
                                     self.argv, None, self.log_tail(), log_path=str(self.log_path))
             time.sleep(0.2)
 
@@ -119,23 +201,50 @@ class Server:
         self.stop()
 
 
+def describe_exit(returncode: int) -> str:
+    """'code 1', or 'signal 11 (SIGSEGV)' for a process a signal ended (Popen's negative codes)."""
+    if returncode < 0:
+        try:
+            return f"signal {-returncode} ({signal.Signals(-returncode).name})"
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"code {returncode}"
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_parent(prctl) -> Callable[[], None]:
+    # Runs in the forked child before exec: the kernel sends SIGTERM when cputune exits, even by
+    # SIGKILL, and the setting survives the exec of numactl and of the server (prctl(2)).
+    def set_pdeathsig() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    return set_pdeathsig
+
+
 def start_server(argv: Sequence[str], host: str, port: int, env: dict | None = None,
-                 log_path: Path | None = None) -> Server:
-    """Start llama-server (argv must already carry --host/--port) in its own process group."""
+                 log_path: Path | None = None, die_with_parent: bool = False) -> Server:
+    """Start llama-server (argv must already carry --host/--port) in its own process group.
+
+    Without `log_path` the output goes to a new file under the cache's logs/ folder.
+    """
     if port_in_use(host, port):
         raise ConfigError(f"port {port} on {host} is already in use",
                           hint="pick another with --port, or stop what is listening there")
     if log_path is None:
-        fd, name = tempfile.mkstemp(prefix="cputune-server-", suffix=".log")
-        os.close(fd)
-        log_path = Path(name)
+        log_path = new_log_path(program_name(argv))
+    preexec = _die_with_parent(_libc().prctl) if die_with_parent else None
     log = open(log_path, "w")
     try:
         proc = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                preexec_fn=preexec)
     except OSError as e:
-        raise ConfigError(f"cannot start {argv[0]}: {e.strerror}",
-                          hint="run `cputune build` to (re)build llama.cpp") from e
+        hint = ("install numactl (apt install numactl)" if Path(argv[0]).name == "numactl"
+                else "run `cputune build` to (re)build llama.cpp")
+        raise ConfigError(f"cannot start {argv[0]}: {e.strerror}", hint=hint) from e
     finally:
         log.close()
     return Server(list(argv), host, port, proc, Path(log_path))

@@ -42,6 +42,17 @@ def progress(description: str, total: float | None = 100.0, enabled: bool = True
     if not enabled:
         yield lambda completed, text=None: None
         return
+    if not err.is_terminal and total is None:
+        shown = [None]
+
+        def state(completed: float, text: str | None = None) -> None:
+            # No percentage to step through: one line each time the state changes.
+            if text != shown[0]:
+                shown[0] = text
+                err.print(f"{description}: {text}")
+
+        yield state
+        return
     if not err.is_terminal:
         last = [-1]
 
@@ -447,3 +458,82 @@ def render_plan(p, box) -> None:
                   "per-token overhead at this thread count[/]")
     for line in p.notes + tuple(_quality_sources(r.option for r in p.rows)):
         out.print(f"[dim]note: {line}[/]")
+
+# --- serve ---
+
+def _gib_or_unknown(n: int | None) -> str:
+    return "unknown" if n is None else f"{n / (1 << 30):.1f} GiB"
+
+
+def warn_all(messages) -> None:
+    for m in messages:
+        warn(m)
+
+
+def _placement_rows(p) -> list[tuple[str, Any]]:
+    return [
+        ("NUMA", f"{p.mode} ({p.reason})" if p.reason != f"--numa {p.requested}" else p.mode),
+        ("nodes", f"threads on {', '.join(map(str, p.node_ids))}; memory on "
+                  f"{', '.join(map(str, p.mem_node_ids))}"),
+        ("numactl", " ".join(p.numactl_argv) or "-"),
+        ("llama.cpp --numa", p.llama_numa or "-"),
+        ("threads", f"{p.threads} (batch {p.threads_batch}); {p.physical_cores} physical cores on "
+                    f"CPUs {p.cpu_list}"),
+    ]
+
+
+def render_serve_plan(plan) -> None:
+    """The placement plan, the memory check and the exact command (what --dry-run shows)."""
+    m = plan.memory
+    rows = [("model", f"{plan.model_label} [{plan.quant}]"), ("url", plan.url)]
+    rows += _placement_rows(plan.placement)
+    n = m.need
+    rows.append(("memory need", f"{_gib_or_unknown(n.total_bytes)}: weights {_bytes(n.weights_bytes)}, "
+                                f"repack copy {_bytes(n.repack_copy_bytes)}, KV {_bytes(n.kv_bytes)} "
+                                f"({n.ctx_tokens} tokens {n.cache_type}), compute {_bytes(n.compute_bytes)}, "
+                                f"headroom {_bytes(n.headroom_bytes)}"))
+    out.print(kv_table("llama-server plan", rows))
+    t = Table(title="Memory", title_justify="left")
+    for col, just in (("box", "left"), ("layers", "right"), ("needs", "right"), ("available", "right"),
+                      ("fits", "left"), ("available from", "left")):
+        t.add_column(col, justify=just)
+    for b in m.boxes:
+        t.add_row(b.name, "-" if b.units is None else str(b.units), _gib_or_unknown(b.need_bytes),
+                  _gib_or_unknown(b.available_bytes), "yes" if b.fits else "[bold red]no[/]", b.source)
+    out.print(t)
+    if plan.page_cache is not None:
+        pc = plan.page_cache
+        nodes = ", ".join(f"node {k}: {v}" for k, v in sorted(pc.pages_by_node.items())) or "none"
+        out.print(f"page cache: {pc.resident_fraction:.0%} of the model cached ({nodes} of "
+                  f"{pc.sampled_pages} sampled pages), {pc.misplaced_fraction:.0%} on the wrong node")
+    for note in plan.notes:
+        out.print(f"note: {note}")
+    env = " ".join(f"{k}={v}" for k, v in plan.environment.items())
+    out.print("environment: " + (env or "inherited; no LLAMA_ARG_*, OMP_*, GOMP_* or KMP_* variable set"),
+              markup=False, soft_wrap=True)
+    out.print("command:", markup=False)
+    out.print(plan.command, markup=False, soft_wrap=True)
+
+
+def render_serve_started(plan, server, seconds: float) -> None:
+    out.print(f"llama-server is ready at {plan.url} (pid {server.pid}, loaded in {seconds:.1f} s)",
+              markup=False)
+    out.print(f"  metrics: {plan.url}/metrics   log: {server.log_path}", markup=False, soft_wrap=True)
+    out.print(f"  command: {plan.command}", markup=False, soft_wrap=True)
+    out.print("  Ctrl-C stops the server.", markup=False)
+
+
+def render_worker_plan(plan) -> None:
+    out.print(kv_table("ggml-rpc-server plan", [("endpoint", str(plan.endpoint))]
+                       + _placement_rows(plan.placement)))
+    out.print("command:", markup=False)
+    out.print(plan.command, markup=False, soft_wrap=True)
+
+
+def render_worker_started(plan, server, memory) -> None:
+    out.print(f"RPC worker is ready at {plan.endpoint} (pid {server.pid}, {memory.devices} device, "
+              f"{_gib_or_unknown(memory.total_bytes)} RAM, protocol {memory.protocol})", markup=False)
+    out.print(f"  add it with: cputune serve --rpc {plan.endpoint} ...   log: {server.log_path}",
+              markup=False, soft_wrap=True)
+    out.print(f"  command: {plan.command}", markup=False, soft_wrap=True)
+    out.print("  Ctrl-C stops the worker.", markup=False)

@@ -50,3 +50,13 @@ def test_run_steps_mirror_the_readme_and_ci():
     assert "RUN scripts/setup.sh" in TEXT
     assert "scripts/setup.sh" in readme and "scripts/setup.sh --tests" in ci
     assert "cputune build" in readme
+
+
+def test_the_image_serves_by_default():
+    [cmd] = [line for line in instructions() if line.startswith("CMD ")]
+    words = [w.strip(' "') for w in cmd.split(None, 1)[1].strip("[]").split(",")]
+    assert words[:2] == ["cputune", "serve"]
+    assert words[words.index("--host") + 1] == "0.0.0.0"  # inside the container, so -p can reach it
+    assert words[words.index("--port") + 1] == "8080" and "EXPOSE 8080" in TEXT
+    assert "CPUTUNE_MODELS_DIR=/models" in TEXT and "VOLUME /models" in TEXT
+    assert "numactl" in TEXT  # the final stage installs it for the placement plans
