@@ -186,6 +186,16 @@ def _from_x(name: str, x: float) -> float:
     return 1 / (1 + math.exp(-x)) if name in SHARES else math.exp(x)
 
 
+ROBUST_SCALE = 0.1  # log-errors beyond ~10% count less than squared: one disturbed run must not steer
+
+
+def soft_l1(r: float, c: float = ROBUST_SCALE) -> float:
+    """A residual whose square is c^2 * 2(sqrt(1 + (r/c)^2) - 1): quadratic near 0, linear far out
+    (the soft-L1 loss), so a run slowed by another process pulls the fit less than a square would."""
+    z = (r / c) ** 2
+    return math.copysign(c * math.sqrt(2 * (math.sqrt(1 + z) - 1)), r)
+
+
 def best_fit(residuals: Callable[[list[float]], list[float]], starts: Sequence[list[float]]) -> list[float]:
     """least_squares from each start; the lowest sum of squares wins."""
     fits = [least_squares(residuals, x) for x in starts]
@@ -285,7 +295,7 @@ def fit(points: Sequence[Point], machine: MachineBandwidth, start: Calibration,
         # A weak pull toward the starting values keeps rates the runs cannot tell apart (a type
         # that is never the bottleneck) finite instead of drifting to 10^9.
         prior = [math.sqrt(PRIOR_WEIGHT) * (a - b) for a, b in zip(x, x0)]
-        return log_errors(points, machine, unpack(x)) + prior
+        return [soft_l1(e) for e in log_errors(points, machine, unpack(x))] + prior
 
     # The max(memory, compute) kink leaves a rate with no gradient while the other term binds,
     # so LM starts from the shipped rates and from rates 4x lower and higher; the best fit wins.

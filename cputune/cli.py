@@ -35,8 +35,13 @@ class CputuneGroup(click.Group):
             click.echo("Interrupted.", err=True)
             ctx.exit(130)
 
+    ORDER = ("probe", "inspect", "predict", "calibrate", "select", "plan", "build", "serve", "worker",
+             "bench", "synth")
+
     def list_commands(self, ctx):
-        return list(self.commands)  # in the order a builder needs them, not alphabetical
+        """In the order a builder needs them, not alphabetical."""
+        rank = {name: i for i, name in enumerate(self.ORDER)}
+        return sorted(self.commands, key=lambda n: rank.get(n, len(rank)))
 
 
 def json_option(f):
