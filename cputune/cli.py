@@ -309,7 +309,7 @@ def calibrate_cmd(archs, sizes, quants, threads, reps, work_dir, as_json):
 @click.option("--quant", default="f16", show_default=True, metavar="PRESET", help="llama-quantize preset.")
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path, dir_okay=False),
               help="The GGUF file to write (atomically).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed of the weights.")
 @json_option
 def synth_cmd(arch, size, quant, out_path, seed, as_json):
     """Write a random-weight model shaped like a real one, to calibrate or test before downloading."""
@@ -337,9 +337,12 @@ def synth_cmd(arch, size, quant, out_path, seed, as_json):
 @click.option("--threads", "-t", default=None, metavar="N,N", help="[default: all physical cores]")
 @click.option("--depth", type=click.IntRange(0), default=0, show_default=True,
               help="Fill the KV cache to this many tokens first.")
-@click.option("--n-prompt", type=click.IntRange(0), default=256, show_default=True)
-@click.option("--n-gen", type=click.IntRange(0), default=32, show_default=True)
-@click.option("--reps", type=click.IntRange(1), default=5, show_default=True)
+@click.option("--n-prompt", type=click.IntRange(0), default=256, show_default=True,
+              help="Prompt tokens of the prefill (pp) test; 0 skips it.")
+@click.option("--n-gen", type=click.IntRange(0), default=32, show_default=True,
+              help="Tokens generated in the decode (tg) test; 0 skips it.")
+@click.option("--reps", type=click.IntRange(1), default=5, show_default=True,
+              help="Repetitions of each test (median and spread are reported).")
 @json_option
 def bench_cmd(model, quant, models_dir, twin_size, threads, depth, n_prompt, n_gen, reps, as_json):
     """Measure tokens/s with llama-bench beside the prediction and the roofline; keeps a history."""

@@ -74,3 +74,18 @@ def tiny_split(tmp_path_factory) -> list[Path]:
     """TINY_LLAMA in two shards named NAME-0000k-of-00002.gguf, as llama-gguf-split names them; load the first."""
     return synth.write_llama(tmp_path_factory.mktemp("tiny_split") / "llama-split.gguf", TINY_LLAMA, seed=1,
                              n_shards=2)
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    """A fresh cache root ($XDG_CACHE_HOME) that still sees the one cached llama.cpp build."""
+    from cputune import build
+
+    real = build.find_build()
+    if real is None:
+        pytest.fail("no cached llama.cpp build: run `cputune build` first (CI does)")
+    root = tmp_path / "cache" / "cputune"
+    root.mkdir(parents=True)
+    (root / "builds").symlink_to(real.path.parent)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return root

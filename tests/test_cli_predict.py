@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cputune import build, calibrate
+from cputune import calibrate
 from cputune.cli import cli
 from cputune.gguf_model import read_model
 
@@ -74,18 +74,6 @@ def test_synth_writes_a_quantized_deepseek2_of_the_asked_size(tmp_path, llama_bi
     assert 0.75 * 24 * 2**20 <= out.stat().st_size <= 1.25 * 24 * 2**20
     assert [p.name for p in tmp_path.iterdir()] == ["ds2.gguf"]  # no f16 left behind
     assert json.loads(r.stdout)["model"]["n_expert"] == m.n_expert
-
-
-@pytest.fixture
-def own_cache(tmp_path, monkeypatch):
-    """A fresh cache root that still sees the one cached llama.cpp build."""
-    real = build.find_build()
-    assert real is not None
-    root = tmp_path / "cache" / "cputune"
-    root.mkdir(parents=True)
-    (root / "builds").symlink_to(real.path.parent)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    return root
 
 
 def test_calibrate_needs_a_probe_first(own_cache):
