@@ -232,7 +232,7 @@ def plan_cmd(hardware_spec, model, quant, target_tps, ctx_tokens, cache_type, nu
               help="A box from configs/hardware (epyc-9655-2s ...) or a TOML file [default: this box's probe].")
 @click.option("--threads", "-t", type=click.IntRange(1), help="[default: what serve would use]")
 @click.option("--numa", type=click.Choice(("auto",) + NUMA_POLICIES), default="auto", show_default=True,
-              help="auto: one node when the model fits in its memory, else distribute.")
+              help="auto: one node when the model fits in its memory, else interleave (as serve).")
 @click.option("--depth", type=click.IntRange(0), default=0, show_default=True,
               help="Tokens already in the KV cache (decode slows as the context fills).")
 @click.option("--cache-type", default="f16", show_default=True, help="KV cache type.")

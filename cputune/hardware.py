@@ -146,10 +146,11 @@ def machine_from_hardware(hw: HardwareProfile) -> MachineBandwidth:
 
 
 def auto_numa(m: MachineBandwidth, need_bytes: int) -> str:
-    """serve's `auto`: one node when the model fits in one node's memory, else all nodes."""
+    """serve's `auto` (placement.plan_placement): one node when the model fits in one node's
+    memory, else weights interleaved over all nodes (numactl --interleave=all)."""
     if m.nodes <= 1 or need_bytes <= m.mem_bytes // m.nodes:
         return "one-node"
-    return "distribute"
+    return "interleave"
 
 
 def default_threads(m: MachineBandwidth, numa: str) -> int:

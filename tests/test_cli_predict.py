@@ -26,8 +26,8 @@ def test_predict_catalog_model_on_the_reference_box_without_a_file():
     p, s = doc["prediction"], doc["settings"]
     assert doc["model"]["path"] is None and doc["model"]["file_type"] == "Q4_K_M"
     # 377 GiB of weights would fit in one 384 GiB node, but not with the repacked copy that
-    # mmap keeps (selector.ram_needed): auto spreads over both sockets, as serve will.
-    assert doc["model"]["weight_bytes"] < 384 * 2**30 and s["numa"] == "distribute"
+    # mmap keeps (selector.ram_needed): auto interleaves over both sockets, as serve will.
+    assert doc["model"]["weight_bytes"] < 384 * 2**30 and s["numa"] == "interleave"
     assert s["threads"] == 192 and p["nodes_used"] == 2
     assert p["tg_tokens_per_s"] > 0 and p["bottleneck"] in ("memory", "compute", "overhead")
     assert p["roofline_tg_tokens_per_s"] >= p["tg_tokens_per_s"]

@@ -77,7 +77,7 @@ def test_auto_numa_and_default_threads():
     m = hardware.machine_from_hardware(hardware.load_hardware("epyc-9655-2s"))
     per_node = m.mem_bytes // m.nodes
     assert hardware.auto_numa(m, per_node) == "one-node"
-    assert hardware.auto_numa(m, per_node + 1) == "distribute"
+    assert hardware.auto_numa(m, per_node + 1) == "interleave"
     assert hardware.default_threads(m, "one-node") == 96
     assert hardware.default_threads(m, "distribute") == 192
 
