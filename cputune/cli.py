@@ -36,7 +36,7 @@ class CputuneGroup(click.Group):
             ctx.exit(130)
 
     ORDER = ("probe", "inspect", "predict", "calibrate", "select", "plan", "build", "serve", "worker",
-             "bench", "synth")
+             "bench", "tune", "report", "synth")
 
     def list_commands(self, ctx):
         """In the order a builder needs them, not alphabetical."""
@@ -327,13 +327,71 @@ def synth_cmd(arch, size, quant, out_path, seed, as_json):
     report.render_model(m, kv)
 
 
+def bench_target_options(f):
+    """--model/--quant/--models-dir/--twin, shared by bench and tune."""
+    for opt in reversed([
+        click.option("--model", "-m", metavar="NAME|FILE",
+                     help="A GGUF file, or a model name to find in the models folder."),
+        click.option("--quant", "-q", metavar="PRESET", help="Which quant of --model to find (q8_0, q4_k_m ...)."),
+        click.option("--models-dir", type=click.Path(path_type=Path, file_okay=False),
+                     help="[default: $CPUTUNE_MODELS_DIR, ~/.config/cputune/config.toml, ~/models]"),
+        click.option("--twin", "twin_size", metavar="SIZE",
+                     help="Use a synthetic model of the same architecture and quant of this size instead."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@cli.command("tune")
+@bench_target_options
+@click.option("--budget", default="10m", show_default=True, metavar="DURATION",
+              help="Time for the whole search, e.g. 10m, 90s, 1h (split between tg and pp).")
+@click.option("--for", "kinds", default="tg,pp", show_default=True, metavar="tg,pp",
+              help="Tune decode (tg), prefill (pp) or both.")
+@click.option("--depth", type=click.IntRange(0), default=0, show_default=True,
+              help="Tokens already in the KV cache during the tests.")
+@click.option("--n-prompt", type=click.IntRange(1), default=256, show_default=True,
+              help="Prompt tokens of each prefill test.")
+@click.option("--n-gen", type=click.IntRange(1), default=32, show_default=True,
+              help="Tokens generated in each decode test.")
+@click.option("--cache-types", default="f16", show_default=True, metavar="T,T",
+              help="KV cache types tune may choose; f16,q8_0 allows a quantized cache (costs quality).")
+@click.option("--save/--no-save", default=True, show_default=True,
+              help="Keep the best settings as the profile `cputune serve` starts this model with.")
+@json_option
+def tune_cmd(model, quant, models_dir, twin_size, budget, kinds, depth, n_prompt, n_gen, cache_types, save,
+             as_json):
+    """Search threads, NUMA mode, ubatch, flash attention, repacking and KV type for decode and
+    prefill separately; keep the best for `serve` and report the gain over llama.cpp's defaults."""
+    import shutil
+
+    from cputune import build, gguf_model, hardware, modelfiles, selector, tune, units
+    from cputune.topology import discover_topology
+
+    budget_s = units.parse_duration(budget)
+    kind_list = tune.kinds_from(kinds)
+    box = hardware.resolve_box(None)
+    b = build.require_build()
+    path = modelfiles.bench_target(model, quant, models_dir, twin_size, b.bin_dir / "llama-quantize")
+    prof = gguf_model.read_model(path)
+    topo = discover_topology()
+    need = selector.ram_needed(prof, max(depth + max(n_prompt, n_gen), 512), isa=topo.isa_flags).total_bytes
+    with report.progress(f"tuning {path.name}", total=1) as update:
+        result = tune.run_tune(b.bin_dir / "llama-bench", path, prof, box.machine, box.calibration, topo,
+                               kinds=kind_list, budget_s=budget_s, depth=depth, n_prompt=n_prompt,
+                               n_gen=n_gen, cache_types=[c.strip() for c in cache_types.split(",") if c.strip()],
+                               numactl=shutil.which("numactl") is not None, need_bytes=need,
+                               build_commit=b.source_commit or b.source_label,
+                               progress=lambda frac, text: update(frac, text))
+    saved = tune.save(result) if save else None
+    if as_json:
+        return report.print_json(report.document("cputune.tune/1", result=result, saved=saved,
+                                                 serve=tune.serve_settings(result)))
+    report.render_tune(result, saved)
+
+
 @cli.command("bench")
-@click.option("--model", "-m", metavar="NAME|FILE", help="A GGUF file, or a model name to find in the models folder.")
-@click.option("--quant", "-q", metavar="PRESET", help="Which quant of --model to find (q8_0, q4_k_m ...).")
-@click.option("--models-dir", type=click.Path(path_type=Path, file_okay=False),
-              help="[default: $CPUTUNE_MODELS_DIR, ~/.config/cputune/config.toml, ~/models]")
-@click.option("--twin", "twin_size", metavar="SIZE",
-              help="Bench a synthetic model of the same architecture and quant of this size instead.")
+@bench_target_options
 @click.option("--threads", "-t", default=None, metavar="N,N", help="[default: all physical cores]")
 @click.option("--depth", type=click.IntRange(0), default=0, show_default=True,
               help="Fill the KV cache to this many tokens first.")
@@ -423,13 +481,15 @@ def dry_run_option(f):
 @click.option("--drop-caches", is_flag=True,
               help="Evict the model's pages from the page cache first, so they load onto the planned nodes.")
 @click.option("--force", is_flag=True, help="Start even when the memory check says it does not fit.")
+@click.option("--tuned/--no-tuned", default=True, show_default=True,
+              help="Start with the settings `cputune tune` saved for this file, where you set none.")
 @dry_run_option
 @root_option
 @json_option
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED, metavar="[-- LLAMA-SERVER ARGS]")
 @click.pass_context
 def serve_cmd(ctx, quant, model, models_dir, ctx_tokens, host, port, numa, threads, threads_batch,
-              load_mode, api_key_file, rpc_workers, drop_caches, force, dry_run, sysfs_root, as_json,
+              load_mode, api_key_file, rpc_workers, drop_caches, force, tuned, dry_run, sysfs_root, as_json,
               extra):
     """Start llama.cpp's server tuned and pinned to NUMA nodes: the quant's file, a memory check,
     threads and NUMA policy, verified after start. Arguments after `--` go to llama-server."""
@@ -442,7 +502,7 @@ def serve_cmd(ctx, quant, model, models_dir, ctx_tokens, host, port, numa, threa
         quant=quant, model=model, models_dir=models_dir, ctx_tokens=ctx_tokens, host=host, port=port,
         numa=numa, threads=threads, threads_batch=threads_batch, api_key_file=api_key_file,
         load_mode=load_mode, rpc=rpc.parse_endpoints(rpc_workers) if rpc_workers else (),
-        extra_args=tuple(extra), drop_caches=drop_caches)
+        extra_args=tuple(extra), drop_caches=drop_caches, tuned=tuned)
     plan = serve.plan_serve(req, sysfs_root)
     report.warn_all(plan.warnings)
     serve.require_fit(plan, force)

@@ -86,20 +86,25 @@ def parse_rows(text: str) -> list[BenchRow]:
 
 def takes_load_mode(binary: Path | str) -> bool:
     """Whether this llama-bench takes `-lm/--load-mode` (PR #20834, 2026-07), which replaced `-mmp 0|1`."""
+    return "--load-mode" in help_text(binary)
+
+
+def help_text(binary: Path | str) -> str:
+    """The binary's --help (its defaults and the flags it takes), read once per binary version."""
     try:
         st = os.stat(binary)
     except OSError:
-        return False  # run() reports the missing binary
-    return _help_mentions(str(binary), st.st_mtime_ns, st.st_size, "--load-mode")
+        return ""  # run() reports the missing binary
+    return _help(str(binary), st.st_mtime_ns, st.st_size)
 
 
 @functools.lru_cache(maxsize=32)
-def _help_mentions(binary: str, mtime_ns: int, size: int, flag: str) -> bool:
+def _help(binary: str, mtime_ns: int, size: int) -> str:
     try:
         p = subprocess.run([binary, "--help"], capture_output=True, text=True, errors="replace", timeout=30)
     except (OSError, subprocess.TimeoutExpired):
-        return False
-    return flag in p.stdout + p.stderr
+        return ""
+    return p.stdout + p.stderr
 
 
 def bench_argv(binary: Path, model: Path, threads: Sequence[int] = (), n_prompt: Sequence[int] = (512,),

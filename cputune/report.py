@@ -319,6 +319,36 @@ def render_bench(results, model, box, history: Path | None) -> None:
     if history:
         info(f"appended to {history}")
 
+# ---- tune --------------------------------------------------------------------------------------
+
+def _tps(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def render_tune(result, saved: Path | None) -> None:
+    for r in result.results:
+        t = Table(title=f"{r.test}: {r.best.label}  —  {r.best_tokens_per_s:.2f} t/s, "
+                        f"{r.gain:.2f}x llama.cpp's defaults ({r.default_tokens_per_s:.2f} t/s)",
+                  title_justify="left")
+        for col in ("stage", "settings", "predicted", "runs", "measured t/s (median ± σ)", "outcome"):
+            t.add_column(col, justify="left" if col in ("stage", "settings", "outcome") else "right")
+        order = {"best": 0, "default": 1, "dropped": 2, "unmeasured": 3, "failed": 4, "pruned": 5}
+        stages = {"baseline": 0, "placement": 1, "kernels": 2, "confirm": 3}
+        for x in sorted(r.trials, key=lambda x: (stages.get(x.stage, 9), order.get(x.outcome, 9),
+                                                   -(x.median_tokens_per_s or 0))):
+            sd = x.stdev_tokens_per_s
+            meas = "-" if x.median_tokens_per_s is None else (
+                f"{x.median_tokens_per_s:.2f}" + (f" ± {sd:.2f}" if sd is not None else ""))
+            t.add_row(x.stage, x.knobs.label, _tps(x.predicted_tokens_per_s), str(len(x.samples_tokens_per_s)),
+                      meas, x.outcome + (f" ({x.note})" if x.note else ""))
+        out.print(t)
+        for n in r.notes:
+            info(n)
+    info(f"tuned in {result.seconds:.0f} s of a {result.budget_s:.0f} s budget")
+    if saved:
+        info(f"saved to {saved}: `cputune serve` starts {result.model_path.name} with these settings")
+
+
 # --- select / plan ---------------------------------------------------------------------------
 
 def _gib1(n: float | None) -> str:

@@ -12,11 +12,11 @@ import resource
 import shlex
 import shutil
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from cputune import launch, modelfiles, pagecache, rpc
+from cputune import launch, modelfiles, pagecache, rpc, tune
 from cputune.build import Build, require_build
 from cputune.errors import ConfigError, InsufficientMemory, ProcessFailed
 from cputune.gguf_model import read_model, shard_paths
@@ -68,6 +68,8 @@ class ServeRequest:
     rpc: tuple[Endpoint, ...] = ()
     extra_args: tuple[str, ...] = ()
     drop_caches: bool = False
+    tuned: bool = True  # start with `cputune tune`'s saved settings for this file, when there are some
+    tuned_args: tuple[str, ...] = ()  # filled by apply_tuned
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +163,50 @@ def resolve_model(req: ServeRequest) -> ModelFile:
         raise ConfigError("which quant? --quant is required unless --model names a file",
                           hint="for example --quant q4_k_m")
     return modelfiles.find(modelfiles.models_dir(req.models_dir), req.quant, req.model)
+
+
+# ---- tuned settings --------------------------------------------------------------------------
+
+# The user's own `--` arguments win over the tuned value of the same setting.
+TUNED_FLAGS = {"n_ubatch": ("-ub", "--ubatch-size"), "n_batch": ("-b", "--batch-size"),
+               "flash_attn": ("-fa", "--flash-attn"), "repack": ("-nr", "--no-repack", "--repack"),
+               "cache_type": ("-ctk", "--cache-type-k", "-ctv", "--cache-type-v")}
+
+
+def apply_tuned(req: ServeRequest, settings: dict, flags: frozenset[str]) -> tuple[ServeRequest, list[str]]:
+    """The request with tune's settings where the user left the choice to cputune, and notes on
+    what was left out (an option the user set, a flag this build lacks)."""
+    given = {a.split("=", 1)[0] for a in req.extra_args}
+    skipped = []
+    args: list[str] = []
+
+    def want(key: str) -> bool:
+        names = TUNED_FLAGS[key]
+        if given & set(names):
+            skipped.append(f"{key} (set after `--`)")
+            return False
+        if not flags & set(names):
+            skipped.append(f"{key} (this llama-server has no {names[0]})")
+            return False
+        return True
+
+    if want("n_batch"):
+        args += ["-b", str(settings["n_batch"])]
+    if want("n_ubatch"):
+        args += ["-ub", str(settings["n_ubatch"])]
+    if want("flash_attn"):
+        args += ["-fa", settings["flash_attn"]]
+    if not settings["repack"] and want("repack"):
+        args.append("--no-repack")
+    cache_type = req.cache_type
+    if settings["cache_type"] != "f16" and want("cache_type"):
+        cache_type = settings["cache_type"]
+        args += ["-ctk", cache_type, "-ctv", cache_type]
+    new = replace(req, threads=req.threads or settings["threads"],
+                  threads_batch=req.threads_batch or settings["threads_batch"],
+                  numa=settings["numa"] if req.numa == "auto" else req.numa,
+                  cache_type=cache_type, tuned_args=tuple(args))
+    return new, skipped
 
 
 # ---- memory --------------------------------------------------------------------------------
@@ -322,7 +368,7 @@ def server_argv(binary: Path, flags: frozenset[str], model_path: Path, placement
         argv += ["--rpc", ",".join(str(e) for e in req.rpc)]
         if split is not None:
             argv += split.llama_args()
-    argv += list(req.extra_args)
+    argv += list(req.tuned_args) + list(req.extra_args)
     return argv, warnings
 
 
@@ -359,6 +405,18 @@ def plan_serve(req: ServeRequest, root: Path | str = Path("/"), build: Build | N
     binary = find_binary(b, ["llama-server"])
     flags = launch.help_flags(binary)
     mf = resolve_model(req)
+    tuned_notes, tuned_warnings = [], []
+    tuned = tune.tuned_for(mf.path) if req.tuned else None
+    if tuned is not None:
+        req, skipped = apply_tuned(req, tune.serve_settings(tuned), flags)
+        gains = ", ".join(f"{r.kind} {r.gain:.2f}x" for r in tuned.results)
+        tuned_notes.append(f"settings from `cputune tune` ({tuned.created_at}: {gains} llama.cpp's defaults)"
+                           + (f"; kept yours for {', '.join(skipped)}" if skipped else "")
+                           + "; --no-tuned starts without them")
+        commit = b.source_commit or b.source_label
+        if tuned.build_commit and commit and tuned.build_commit != commit:
+            tuned_warnings.append(f"the tuned settings were measured with llama.cpp {tuned.build_commit}, "
+                                  f"this build is {commit}: run `cputune tune` again")
     shards = tuple(shard_paths(mf.path))
     topo = discover_topology(root)
     mem = discover_memory(root, dmidecode_text="", udev_text="")  # no dmidecode: DIMMs are not needed
@@ -414,8 +472,8 @@ def plan_serve(req: ServeRequest, root: Path | str = Path("/"), build: Build | N
     if req.host not in ("127.0.0.1", "localhost", "::1") and req.api_key_file is None:
         warnings.append(f"listening on {req.host} without --api-key-file: anyone who can reach "
                         "the port can use the server")
-    warnings = list(placement.warnings) + warnings + flag_warnings + env_warnings + mem_warnings
-    notes = list(placement.notes) + mem_notes
+    warnings = list(placement.warnings) + warnings + flag_warnings + env_warnings + mem_warnings + tuned_warnings
+    notes = tuned_notes + list(placement.notes) + mem_notes
     host = "127.0.0.1" if req.host in ("0.0.0.0", "") else req.host
     return ServePlan(
         binary=binary, model_path=mf.path, model_label=mf.label, quant=mf.quant, shards=shards,

@@ -1,4 +1,4 @@
-"""Sizes as people type them: 2GB, 512MiB, 300M."""
+"""Sizes and durations as people type them: 2GB, 512MiB, 300M; 10m, 90s, 1h30m."""
 
 from __future__ import annotations
 
@@ -17,3 +17,18 @@ def parse_size(text: str) -> int:
     if not m or m.group(2).upper() not in _UNITS:
         raise ConfigError(f"cannot read the size {text!r}", hint="write it like 2GB, 512MiB or 300M")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+_SECONDS = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from '10m', '90s', '1h30m', '1.5h' or a plain number of seconds."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*(min|[smh]?)", str(text).strip().lower())
+    joined = "".join(f"{n}{u}" for n, u in parts)
+    if not parts or joined != re.sub(r"\s+", "", str(text).strip().lower()):
+        raise ConfigError(f"cannot read the duration {text!r}", hint="write it like 10m, 90s or 1h30m")
+    total = sum(float(n) * _SECONDS[u] for n, u in parts)
+    if total <= 0:
+        raise ConfigError(f"the duration {text!r} is not positive", hint="write it like 10m, 90s or 1h30m")
+    return total

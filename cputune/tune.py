@@ -1,0 +1,625 @@
+"""`cputune tune`: search llama.cpp's settings for decode (tg) and prefill (pp) separately, inside a
+time budget, and keep the best as the profile `cputune serve` starts with.
+
+Why two searches: decode streams the weights once per token and usually peaks below the core
+count; prefill is compute-bound and wants every core and a large ubatch.
+
+Why stages rather than one grid: thread count and NUMA placement interact and dominate, so they
+are searched together first ("placement"); ubatch, flash attention, repacking and the KV cache
+type hardly depend on them, so they are searched next with the placement fixed ("kernels").
+Each stage is successive halving (Jamieson & Talwalkar 2016): every candidate gets one short
+run, the better half gets twice the repetitions, and so on, so the budget goes to the close
+calls. The predictor drops placements it expects to be hopeless (under half the best
+prediction) and orders the rest when the budget cannot measure them all. The winner then runs
+alternately with llama.cpp's defaults; it is kept only if it beats them there.
+
+The engine (`halve`, `tune_kind`) takes a measuring function and a clock, so its logic is tested
+without llama.cpp; `BenchRunner` is the measuring function that runs the real llama-bench.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import re
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from cputune import llama_bench
+from cputune.errors import ConfigError, ProcessFailed
+from cputune.fsutil import cache_root
+from cputune.gguf_model import ModelProfile
+from cputune.placement import plan_placement
+from cputune.predictor import Calibration, MachineBandwidth, Settings, predict
+from cputune.selector import X86_REPACK
+from cputune.topology import Topology
+
+KINDS = ("tg", "pp")
+PRUNE_RATIO = 0.5  # a placement predicted under half the best one is not measured
+ETA = 2  # successive halving keeps 1/ETA of the candidates and gives them ETA x the repetitions
+BASELINE_REPS = 3
+CONFIRM_ROUNDS = 3
+CONFIRM_REPS = 2
+UBATCHES = (128, 256, 512, 1024, 2048)
+SCHEMA = "cputune.tuned/1"
+
+
+@dataclass(frozen=True, slots=True)
+class Knobs:
+    """One setting of everything tune searches. numa is a placement mode (placement.py)."""
+
+    threads: int
+    numa: str = "off"
+    n_batch: int = 2048
+    n_ubatch: int = 512
+    flash_attn: str = "auto"  # on | off | auto
+    repack: bool = True
+    cache_type: str = "f16"  # K and V alike
+
+    @property
+    def label(self) -> str:
+        return (f"t{self.threads} numa={self.numa} ub{self.n_ubatch} fa={self.flash_attn} "
+                f"repack={'on' if self.repack else 'off'} kv={self.cache_type}")
+
+    def bench_args(self) -> list[str]:
+        """llama-bench options besides -t (numa goes through the placement's prefix)."""
+        return ["-b", str(self.n_batch), "-ub", str(self.n_ubatch), "-fa", self.flash_attn,
+                "-ctk", self.cache_type, "-ctv", self.cache_type, "--repack", "1" if self.repack else "0"]
+
+
+@dataclass(frozen=True, slots=True)
+class Space:
+    """What one kind's search may vary, and why the rest is fixed."""
+
+    placements: tuple[tuple[int, str], ...]  # (threads, numa mode)
+    n_ubatch: tuple[int, ...]
+    flash_attn: tuple[str, ...]
+    repack: tuple[bool, ...]
+    cache_types: tuple[str, ...]
+    notes: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Tried:
+    """One candidate of one stage: every sample it got, and how it ended."""
+
+    kind: str
+    stage: str  # baseline | placement | kernels | confirm
+    knobs: Knobs
+    predicted_tokens_per_s: float | None
+    samples_tokens_per_s: tuple[float, ...]
+    rungs: int  # successive-halving rungs it was measured in
+    outcome: str  # best | default | dropped | pruned | unmeasured | failed
+    note: str = ""
+
+    @property
+    def median_tokens_per_s(self) -> float | None:
+        return statistics.median(self.samples_tokens_per_s) if self.samples_tokens_per_s else None
+
+    @property
+    def stdev_tokens_per_s(self) -> float | None:
+        s = self.samples_tokens_per_s
+        return statistics.stdev(s) if len(s) > 1 else None
+
+
+@dataclass(frozen=True, slots=True)
+class KindResult:
+    """The outcome of one kind's search: the settings to use and what they gain."""
+
+    kind: str
+    test: str  # tg32, pp256 @ d4096 ...
+    default: Knobs
+    best: Knobs
+    default_tokens_per_s: float  # median of the confirm rounds (or the baseline when best is default)
+    best_tokens_per_s: float
+    gain: float  # best / default, alternating in the same run
+    trials: tuple[Tried, ...]
+    seconds: float
+    notes: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TuneResult:
+    model_path: Path
+    model_size_bytes: int
+    machine: str
+    build_commit: str
+    budget_s: float
+    seconds: float
+    depth: int
+    results: tuple[KindResult, ...]
+    created_at: str = ""
+
+    def for_kind(self, kind: str) -> KindResult | None:
+        return next((r for r in self.results if r.kind == kind), None)
+
+
+# ---- llama.cpp's defaults ---------------------------------------------------------------------
+
+def _default_of(text: str, *names: str) -> str | None:
+    for name in names:
+        m = re.search(rf"^\s*(?:-[\w-]+,\s*)*{re.escape(name)}\b[^\n]*\(default:\s*([^)]*)\)", text, re.M)
+        if m:
+            return m.group(1).strip()
+    return None
+
+
+def defaults_from_help(text: str, cores: int) -> Knobs:
+    """llama.cpp's defaults as this llama-bench prints them, so 'default' means this build's."""
+    def num(v: str | None, fallback: int) -> int:
+        return int(v) if v and v.strip().isdigit() else fallback
+
+    fa = (_default_of(text, "--flash-attn") or "auto").split()[0]
+    fa = {"0": "off", "1": "on", "-1": "auto"}.get(fa, fa)
+    return Knobs(threads=num(_default_of(text, "--threads"), cores), numa="off",
+                 n_batch=num(_default_of(text, "--batch-size"), 2048),
+                 n_ubatch=num(_default_of(text, "--ubatch-size"), 512),
+                 flash_attn=fa if fa in ("on", "off", "auto") else "auto",
+                 repack=_default_of(text, "--repack") != "0",
+                 cache_type=_default_of(text, "--cache-type-k") or "f16")
+
+
+# ---- the search space -------------------------------------------------------------------------
+
+def thread_candidates(cores: int, kind: str, l3_group_cores: int = 1, logical: int = 0) -> tuple[int, ...]:
+    """Decode: all cores down to an eighth (bandwidth saturates early). Prefill: all cores, three
+    quarters, and every logical CPU when SMT is on. Counts round to whole L3 groups (CCDs)."""
+    fracs = (1, 0.75, 0.5, 0.25, 0.125) if kind == "tg" else (1, 0.75)
+    out = set()
+    for f in fracs:
+        n = int(cores * f + 0.5)
+        if l3_group_cores > 1 and n >= l3_group_cores and f != 1:
+            n = n // l3_group_cores * l3_group_cores
+        if n >= 1:
+            out.add(n)
+    if kind == "pp" and logical > cores:
+        out.add(logical)
+    return tuple(sorted(out, reverse=True))
+
+
+def numa_modes(topology: Topology, need_bytes: int | None, numactl: bool) -> tuple[tuple[str, ...], list[str]]:
+    """Placement modes worth trying here, and notes on the ones left out."""
+    nodes = [n for n in topology.nodes if n.cpus]
+    if len(nodes) < 2:
+        return ("off",), ["NUMA mode: one node, nothing to choose"]
+    modes, notes = ["off", "distribute", "isolate"], []
+    if numactl:
+        modes.append("interleave")
+        big = max(nodes, key=lambda n: n.mem_total_bytes or 0)
+        if need_bytes is not None and big.mem_total_bytes and need_bytes <= big.mem_total_bytes * 0.9:
+            modes.append(f"node:{big.id}")
+        else:
+            notes.append("NUMA node:N left out: the model does not fit in one node")
+    else:
+        notes.append("NUMA interleave and node:N left out: numactl is not installed")
+    return tuple(modes), notes
+
+
+def search_space(kind: str, topology: Topology, model: ModelProfile, default: Knobs, *,
+                 n_prompt: int, cache_types: Sequence[str] = ("f16",), need_bytes: int | None = None,
+                 numactl: bool = True) -> Space:
+    modes, notes = numa_modes(topology, need_bytes, numactl)
+    groups = [g for g in topology.l3_groups if g.cpus]
+    placements = []
+    for mode in modes:
+        if mode.startswith("node:"):
+            cpus = topology.node(int(mode[5:])).cpus
+        else:
+            cpus = topology.allowed_cpus
+        cores = len(topology.first_thread_per_core(cpus))
+        group = max(1, round(len(topology.first_thread_per_core()) / max(len(groups), 1)))
+        logical = len([c for c in cpus if c in set(topology.allowed_cpus)])
+        placements += [(t, mode) for t in thread_candidates(cores, kind, group, logical)]
+    if (default.threads, default.numa) not in placements:
+        placements.insert(0, (default.threads, default.numa))
+
+    if kind == "pp":
+        ubatches = tuple(sorted({u for u in UBATCHES if u <= max(n_prompt, UBATCHES[0])} | {default.n_ubatch}))
+    else:
+        ubatches = (default.n_ubatch,)
+        notes.append("ubatch: only splits prompts, so decode keeps the default")
+    repackable = sorted(t for t in model.matmul_bytes_by_type if X86_REPACK.get(t) in set(topology.isa_flags))
+    if repackable:
+        repack = (True, False)
+    else:
+        repack = (default.repack,)
+        notes.append("repack: no weights of a type this CPU repacks, so it changes nothing")
+    cts = tuple(dict.fromkeys([default.cache_type, *cache_types]))
+    if len(cts) == 1:
+        notes.append("KV cache type: f16 only (quantizing it costs quality: allow with --cache-types f16,q8_0)")
+    return Space(tuple(placements), ubatches, ("on", "off"), repack, cts, tuple(notes))
+
+
+def kernel_candidates(space: Space, base: Knobs, full: bool = True) -> list[Knobs]:
+    """ubatch x flash attention x repack x KV type around the placement winner (which keeps its
+    own flash-attention value, auto by default). With full=False, one setting changed at a time:
+    the grid's few dozen runs shrink to about ten when the budget is short. A quantized V cache
+    needs flash attention on (llama.cpp refuses it otherwise)."""
+    def knobs(ub: int, fa: str, rp: bool, ct: str) -> Knobs:
+        return replace(base, n_ubatch=ub, n_batch=max(base.n_batch, ub), flash_attn=fa, repack=rp,
+                       cache_type=ct)
+
+    if full:
+        out = [knobs(ub, fa, rp, ct) for ub in space.n_ubatch for fa in space.flash_attn
+               for rp in space.repack for ct in space.cache_types if ct == "f16" or fa != "off"]
+    else:
+        b = base
+        out = ([knobs(ub, b.flash_attn, b.repack, b.cache_type) for ub in space.n_ubatch]
+               + [knobs(b.n_ubatch, fa, b.repack, b.cache_type) for fa in space.flash_attn
+                  if b.cache_type == "f16" or fa != "off"]
+               + [knobs(b.n_ubatch, b.flash_attn, rp, b.cache_type) for rp in space.repack]
+               + [knobs(b.n_ubatch, "on" if ct != "f16" and b.flash_attn == "off" else b.flash_attn,
+                        b.repack, ct) for ct in space.cache_types])
+    return list(dict.fromkeys([base, *out]))
+
+
+# ---- the predictor's view ---------------------------------------------------------------------
+
+PREDICTOR_NUMA = {"off": "off", "distribute": "distribute", "isolate": "one-node", "interleave": "interleave"}
+
+
+def predicted(kind: str, knobs: Knobs, model: ModelProfile, machine: MachineBandwidth,
+              calibration: Calibration, depth: int = 0) -> float:
+    numa = "one-node" if knobs.numa.startswith("node:") or machine.nodes < 2 else PREDICTOR_NUMA[knobs.numa]
+    p = predict(model, machine, Settings(threads=knobs.threads, numa=numa, depth=depth,
+                                         n_ubatch=knobs.n_ubatch, cache_type=knobs.cache_type), calibration)
+    return p.tg_tokens_per_s if kind == "tg" else p.pp_tokens_per_s
+
+
+def prune(cands: Sequence[tuple[Knobs, float | None]], keep: Knobs, ratio: float = PRUNE_RATIO
+          ) -> tuple[list[tuple[Knobs, float | None]], list[tuple[Knobs, float | None]]]:
+    """(kept in predicted order, pruned): under `ratio` x the best prediction is hopeless; `keep`
+    (llama.cpp's default) is always measured."""
+    preds = [p for _, p in cands if p]
+    best = max(preds) if preds else None
+    kept, pruned = [], []
+    for k, p in cands:
+        (pruned if best and p is not None and p < ratio * best and k != keep else kept).append((k, p))
+    kept.sort(key=lambda kp: -(kp[1] or 0))
+    return kept, pruned
+
+
+# ---- successive halving -------------------------------------------------------------------------
+
+Measure = Callable[[Knobs, int], tuple[list[float], float]]  # (knobs, reps) -> (tokens/s samples, wall s)
+
+
+@dataclass(slots=True)
+class _Cand:
+    knobs: Knobs
+    pred: float | None
+    samples: list[float] = field(default_factory=list)
+    rungs: int = 0
+    failed: str = ""
+
+
+def rung_plan(n: int, eta: int = ETA, reps0: int = 1) -> list[tuple[int, int]]:
+    """(candidates, repetitions) per rung until one candidate is left."""
+    plan, reps = [], reps0
+    while n >= 2:
+        plan.append((n, reps))
+        n, reps = math.ceil(n / eta), reps * eta
+    return plan
+
+
+def plan_cost(n: int, run_s: Callable[[int], float], eta: int = ETA) -> float:
+    return sum(k * run_s(r) for k, r in rung_plan(n, eta))
+
+
+def fit_count(n_max: int, budget_s: float, run_s: Callable[[int], float]) -> int:
+    """How many candidates successive halving can take within the budget (at least 2)."""
+    n = n_max
+    while n > 2 and plan_cost(n, run_s) > budget_s:
+        n -= 1
+    return min(n, n_max)
+
+
+def halve(cands: Sequence[tuple[Knobs, float | None]], measure: Measure, deadline: float,
+          clock: Callable[[], float], run_s: Callable[[Knobs, int], float],
+          seed: dict[Knobs, list[float]] | None = None,
+          tick: Callable[[str], None] | None = None) -> list[_Cand]:
+    """Successive halving over `cands`, stopping a rung when the next run would pass `deadline`.
+    `seed` holds samples already taken (the baseline), pooled with new ones."""
+    pool = [_Cand(k, p, list((seed or {}).get(k, []))) for k, p in cands]
+    alive = list(pool)
+    for size, reps in rung_plan(len(pool)):
+        if len(alive) < 2:
+            break
+        ran_out = False
+        for c in alive[:size]:
+            if clock() + run_s(c.knobs, reps) > deadline:
+                ran_out = True
+                break
+            if tick:
+                tick(c.knobs.label)
+            try:
+                samples, _ = measure(c.knobs, reps)
+            except ProcessFailed as e:
+                c.failed = e.message.splitlines()[0]
+                continue
+            c.samples += samples
+            c.rungs += 1
+        ranked = sorted((c for c in alive if c.samples and not c.failed),
+                        key=lambda c: -statistics.median(c.samples))
+        if not ranked:
+            break
+        if ran_out:  # rank what was measured; the rest of the rung is not run
+            break
+        alive = ranked[:math.ceil(len(ranked) / ETA)]
+    return pool
+
+
+# ---- one kind ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class KindJob:
+    """What tune_kind needs besides the measuring function: the candidates and the predictor."""
+
+    kind: str
+    n_tokens: int
+    depth: int
+    default: Knobs
+    space: Space
+    predict: Callable[[Knobs], float | None]
+
+    @property
+    def test(self) -> str:
+        return f"{self.kind}{self.n_tokens}" + (f" @ d{self.depth}" if self.depth else "")
+
+
+def _tried(kind: str, stage: str, c: _Cand, outcome: str, note: str = "") -> Tried:
+    return Tried(kind, stage, c.knobs, c.pred, tuple(c.samples), c.rungs, outcome, note or c.failed)
+
+
+def _stage(job: KindJob, stage: str, cands: list[Knobs], measure: Measure, deadline: float,
+           clock, run_s, seed, tick, notes: list[str]) -> tuple[Knobs, list[Tried]]:
+    scored = [(k, job.predict(k)) for k in dict.fromkeys(cands)]
+    keep_default = job.default if job.default in cands else cands[0]
+    kept, pruned = prune(scored, keep_default) if stage == "placement" else (scored, [])
+    n = fit_count(len(kept), deadline - clock(), lambda r: run_s(keep_default, r))
+    ordered = [kp for kp in kept if kp[0] == keep_default] + [kp for kp in kept if kp[0] != keep_default]
+    kept, unmeasured = ordered[:n], ordered[n:]
+    if unmeasured:
+        notes.append(f"{stage}: the budget measures {n} of {len(ordered)} candidates "
+                     "(the predictor's best, and the defaults)")
+    pool = halve(kept, measure, deadline, clock, run_s, seed, tick)
+    ranked = sorted((c for c in pool if c.samples and not c.failed), key=lambda c: -statistics.median(c.samples))
+    winner = ranked[0].knobs if ranked else keep_default
+    rows = []
+    best_pred = max((p for _, p in scored if p), default=None)
+    for c in pool:
+        outcome = "failed" if c.failed else "best" if c.knobs == winner else "dropped" if c.samples else "unmeasured"
+        rows.append(_tried(job.kind, stage, c, outcome))
+    for k, p in pruned:
+        rows.append(Tried(job.kind, stage, k, p, (), 0, "pruned",
+                          f"predicted {p:.3g} t/s, under {PRUNE_RATIO:.0%} of the best ({best_pred:.3g})"))
+    for k, p in unmeasured:
+        rows.append(Tried(job.kind, stage, k, p, (), 0, "unmeasured", "out of budget"))
+    return winner, rows
+
+
+def tune_kind(job: KindJob, measure: Measure, budget_s: float, clock: Callable[[], float] = time.monotonic,
+              progress: Callable[[float, str], None] | None = None) -> KindResult:
+    """Baseline, placement, kernels, then the winner against the default in alternating rounds."""
+    start = clock()
+    deadline = start + budget_s
+    notes = list(job.space.notes)
+    trials: list[Tried] = []
+
+    def tick(text: str) -> None:
+        if progress:
+            progress(min((clock() - start) / budget_s, 1.0), f"{job.kind}: {text}")
+
+    tick(f"llama.cpp defaults ({job.default.label})")
+    t0 = clock()
+    base_samples, wall = measure(job.default, BASELINE_REPS)
+    wall = wall or (clock() - t0)
+    med = statistics.median(base_samples)
+    rep_s = job.n_tokens / med if med > 0 else wall / (BASELINE_REPS + 1)
+    overhead = max(wall - (BASELINE_REPS + 1) * rep_s, 0.0)
+    base_pred = job.predict(job.default)
+
+    def run_s(k: Knobs, reps: int) -> float:
+        p = job.predict(k)
+        scale = min(max(base_pred / p, 0.5), 4.0) if base_pred and p else 1.0
+        return overhead + (reps + 1) * rep_s * scale
+
+    trials.append(Tried(job.kind, "baseline", job.default, base_pred, tuple(base_samples), 1, "default"))
+    seed = {job.default: list(base_samples)}
+    confirm_s = CONFIRM_ROUNDS * 2 * run_s(job.default, CONFIRM_REPS)
+
+    placements = [replace(job.default, threads=t, numa=m) for t, m in job.space.placements]
+    n_place = len(placements) if len(placements) > 1 else 0
+    n_kernel = len(kernel_candidates(job.space, job.default))
+    n_kernel = n_kernel if n_kernel > 1 else 0
+    share = 0.0 if not n_place else 1.0 if not n_kernel else min(max(n_place / (n_place + n_kernel), 0.3), 0.7)
+    left = deadline - clock() - confirm_s
+    best = job.default
+    if len(placements) > 1:
+        best, rows = _stage(job, "placement", placements, measure, clock() + left * share, clock, run_s,
+                            seed, tick, notes)
+        trials += rows
+        seed.update({t.knobs: list(t.samples_tokens_per_s) for t in rows if t.samples_tokens_per_s})
+    kernels = kernel_candidates(job.space, best)
+    stage_s = deadline - confirm_s - clock()
+    if plan_cost(len(kernels), lambda r: run_s(best, r)) > stage_s:
+        few = kernel_candidates(job.space, best, full=False)
+        notes.append(f"kernels: one setting changed at a time ({len(few)} runs): the full grid of "
+                     f"{len(kernels)} does not fit the budget")
+        kernels = few
+    if len(kernels) > 1:
+        best, rows = _stage(job, "kernels", kernels, measure, deadline - confirm_s, clock, run_s,
+                            seed, tick, notes)
+        trials += rows
+
+    if best == job.default:
+        notes.append("llama.cpp's defaults were the fastest setting tried")
+        gain, d_med, b_med = 1.0, med, med
+    else:
+        d_s, b_s = [], []
+        for i in range(CONFIRM_ROUNDS):
+            if i and clock() + 2 * run_s(best, CONFIRM_REPS) > deadline:
+                notes.append(f"confirm: {i} of {CONFIRM_ROUNDS} rounds fitted the budget")
+                break
+            tick(f"confirm round {i + 1}: defaults")
+            d_s += measure(job.default, CONFIRM_REPS)[0]
+            tick(f"confirm round {i + 1}: {best.label}")
+            b_s += measure(best, CONFIRM_REPS)[0]
+        d_med, b_med = statistics.median(d_s), statistics.median(b_s)
+        trials.append(Tried(job.kind, "confirm", job.default, base_pred, tuple(d_s), 1, "default"))
+        trials.append(Tried(job.kind, "confirm", best, job.predict(best), tuple(b_s), 1,
+                            "best" if b_med > d_med else "dropped"))
+        gain = b_med / d_med
+        if gain <= 1.0:
+            notes.append(f"{best.label} did not beat the defaults when run alternately "
+                         f"({gain:.2f}x): the defaults are kept")
+            best, gain, b_med = job.default, 1.0, d_med
+    if progress:
+        progress(1.0, f"{job.kind}: done")
+    return KindResult(job.kind, job.test, job.default, best, d_med, b_med, gain, tuple(trials),
+                      clock() - start, tuple(notes))
+
+
+# ---- the real measuring function --------------------------------------------------------------
+
+@dataclass
+class BenchRunner:
+    """Runs one llama-bench per (settings, repetitions) under the placement's numactl prefix."""
+
+    binary: Path
+    model: Path
+    topology: Topology
+    kind: str
+    n_tokens: int
+    depth: int = 0
+    numactl: bool = True
+    timeout_s: float = 3600
+    runs: int = 0
+
+    def argv(self, k: Knobs, reps: int) -> list[str]:
+        pl = plan_placement(self.topology, k.numa, threads=k.threads, threads_batch=k.threads,
+                            numactl_available=self.numactl)
+        extra = k.bench_args() + (["-d", str(self.depth)] if self.depth else [])
+        if pl.llama_numa:
+            extra += ["--numa", pl.llama_numa]
+        argv = llama_bench.bench_argv(
+            self.binary, self.model, threads=(k.threads,),
+            n_prompt=(self.n_tokens if self.kind == "pp" else 0,),
+            n_gen=(self.n_tokens if self.kind == "tg" else 0,), reps=reps, extra=extra)
+        return [*pl.numactl_argv, *argv]
+
+    def __call__(self, k: Knobs, reps: int) -> tuple[list[float], float]:
+        t0 = time.monotonic()
+        rows = llama_bench.run(self.argv(k, reps), timeout_s=self.timeout_s)
+        self.runs += 1
+        samples = [s for r in rows for s in (r.samples_ts or (r.avg_ts,))]
+        if not samples:
+            raise ProcessFailed("llama-bench returned no samples", self.argv(k, reps), 0)
+        return samples, time.monotonic() - t0
+
+
+def run_tune(bench_bin: Path, model_path: Path, model: ModelProfile, machine: MachineBandwidth,
+             calibration: Calibration, topology: Topology, *, kinds: Sequence[str] = KINDS,
+             budget_s: float = 600, depth: int = 0, n_prompt: int = 256, n_gen: int = 32,
+             cache_types: Sequence[str] = ("f16",), numactl: bool = True, need_bytes: int | None = None,
+             build_commit: str = "", progress: Callable[[float, str], None] | None = None) -> TuneResult:
+    """Both searches on the real llama-bench, the budget split evenly between them."""
+    t0 = time.monotonic()
+    default = defaults_from_help(llama_bench.help_text(bench_bin), machine.cores)
+    results = []
+    for i, kind in enumerate(kinds):
+        n_tokens = n_gen if kind == "tg" else n_prompt
+        space = search_space(kind, topology, model, default, n_prompt=n_prompt, cache_types=cache_types,
+                             need_bytes=need_bytes, numactl=numactl)
+        job = KindJob(kind, n_tokens, depth, default, space,
+                      lambda k, kind=kind: predicted(kind, k, model, machine, calibration, depth))
+        runner = BenchRunner(bench_bin, model_path, topology, kind, n_tokens, depth, numactl)
+        left = budget_s - (time.monotonic() - t0)
+        share = left / (len(kinds) - i)
+
+        def step(frac: float, text: str, i=i) -> None:
+            if progress:
+                progress((i + frac) / len(kinds), text)
+
+        results.append(tune_kind(job, runner, share, progress=step))
+    return TuneResult(model_path=Path(model_path), model_size_bytes=Path(model_path).stat().st_size,
+                      machine=machine.name, build_commit=build_commit, budget_s=budget_s,
+                      seconds=time.monotonic() - t0, depth=depth, results=tuple(results),
+                      created_at=now_iso())
+
+
+# ---- the saved profile serve reads ------------------------------------------------------------
+
+def tuned_path() -> Path:
+    return cache_root() / "tuned.json"
+
+
+def _key(model_path: Path) -> str:
+    return str(Path(model_path).resolve())
+
+
+def load_all(path: Path | None = None) -> dict[str, TuneResult]:
+    from cputune.jsonio import from_plain, read_json
+
+    path = path or tuned_path()
+    if not path.exists():
+        return {}
+    doc = read_json(path, SCHEMA)
+    return {k: from_plain(TuneResult, v) for k, v in doc.get("profiles", {}).items()}
+
+
+def save(result: TuneResult, path: Path | None = None) -> Path:
+    """Adds (or replaces) this model's entry, written atomically."""
+    from cputune.jsonio import document, write_json
+
+    path = path or tuned_path()
+    try:
+        profiles = load_all(path)
+    except ConfigError:
+        profiles = {}  # an unreadable file is replaced, not half-merged
+    profiles[_key(result.model_path)] = result
+    write_json(path, document(SCHEMA, profiles=profiles))
+    return path
+
+
+def tuned_for(model_path: Path, path: Path | None = None) -> TuneResult | None:
+    """The saved result for this file, if it is still the same size (a new download is re-tuned)."""
+    try:
+        r = load_all(path).get(_key(model_path))
+    except ConfigError:
+        return None
+    if r is None:
+        return None
+    try:
+        size = Path(model_path).stat().st_size
+    except OSError:
+        return None
+    return r if size == r.model_size_bytes else None
+
+
+def serve_settings(r: TuneResult) -> dict:
+    """What serve takes from a tune result: decode's threads, placement and kernels (decode is what
+    a chat waits on), prefill's threads and ubatch for --threads-batch and -ub."""
+    tg, pp = r.for_kind("tg"), r.for_kind("pp")
+    main = (tg or pp).best
+    out = {"threads": main.threads, "numa": main.numa, "flash_attn": main.flash_attn,
+           "repack": main.repack, "cache_type": main.cache_type,
+           "threads_batch": (pp.best.threads if pp else main.threads),
+           "n_ubatch": (pp.best.n_ubatch if pp else main.n_ubatch),
+           "n_batch": (pp.best.n_batch if pp else main.n_batch)}
+    return out
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def kinds_from(text: str | Iterable[str]) -> tuple[str, ...]:
+    items = [x.strip().lower() for x in (text.split(",") if isinstance(text, str) else text) if x.strip()]
+    bad = [x for x in items if x not in KINDS]
+    if bad or not items:
+        raise ConfigError(f"--for {','.join(items) or text!r}: choose tg, pp or tg,pp")
+    return tuple(dict.fromkeys(items))
