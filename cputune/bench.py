@@ -37,6 +37,8 @@ class BenchResult:
     predicted_tokens_per_s: float
     roofline_tokens_per_s: float | None  # decode only: effective bandwidth / bytes per token
     build_commit: str
+    bytes_per_token: float | None = None  # decode: weights and KV read per token (the roofline's x)
+    effective_bw_gbps: float | None = None
 
     @property
     def vs_predicted(self) -> float:
@@ -57,7 +59,8 @@ def summarize(row: llama_bench.BenchRow, pred: Prediction) -> BenchResult:
         min_tokens_per_s=min(samples), max_tokens_per_s=max(samples), samples_tokens_per_s=tuple(samples),
         predicted_tokens_per_s=pred.tg_tokens_per_s if kind == "tg" else pred.pp_tokens_per_s,
         roofline_tokens_per_s=pred.roofline_tg_tokens_per_s if kind == "tg" else None,
-        build_commit=row.build_commit)
+        build_commit=row.build_commit, bytes_per_token=pred.bytes_per_token if kind == "tg" else None,
+        effective_bw_gbps=pred.effective_bw_gbps)
 
 
 def run_bench(bench_bin: Path, model_path: Path, model: ModelProfile, box: Box, threads: Sequence[int],

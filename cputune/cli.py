@@ -390,6 +390,32 @@ def tune_cmd(model, quant, models_dir, twin_size, budget, kinds, depth, n_prompt
     report.render_tune(result, saved)
 
 
+@cli.command("report")
+@click.option("--out", "-o", "out_path", type=click.Path(path_type=Path, dir_okay=False),
+              default="cputune-report.html", show_default=True,
+              help="File to write; .md writes Markdown with the charts in a folder beside it.")
+@click.option("--format", "fmt", type=click.Choice(("html", "md")), help="[default: from --out's suffix]")
+@click.option("--charts/--no-charts", default=True, show_default=True,
+              help="Draw the charts (needs matplotlib: pip install 'cputune[report]').")
+@json_option
+def report_cmd(out_path, fmt, charts, as_json):
+    """Write one HTML (or Markdown) report of what probe, bench and tune saved: the machine, its
+    bandwidth per node and thread scaling, decode against the roofline, the tuning table."""
+    from cputune import reportfile
+
+    data = reportfile.collect()
+    with report.progress("writing the report", total=None) as update:
+        update(0, "drawing charts" if charts else "tables")
+        blocks = reportfile.build_blocks(data, charts)
+        paths = reportfile.write_report(blocks, out_path, fmt)
+    if as_json:
+        return report.print_json(report.document(
+            "cputune.report/1", files=paths, sources=data.sources,
+            sections=[b.text for b in blocks if isinstance(b, reportfile.Heading)],
+            charts=[b.name for b in blocks if isinstance(b, reportfile.Chart)]))
+    report.info(f"wrote {paths[0]}" + (f" and {len(paths) - 1} charts beside it" if len(paths) > 1 else ""))
+
+
 @cli.command("bench")
 @bench_target_options
 @click.option("--threads", "-t", default=None, metavar="N,N", help="[default: all physical cores]")

@@ -173,3 +173,42 @@ def load_profile(path: Path | str | None = None) -> MachineProfile:
         raise ConfigError(f"{path} is damaged or from another cputune version ({e})",
                           hint="run `cputune probe` again") from None
 
+
+
+def _gib(n: int | None) -> str:
+    return "?" if n is None else f"{n / (1 << 30):.1f} GiB"
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def summary_rows(p: MachineProfile) -> list[tuple[str, str]]:
+    """The profile's headline as (label, text) pairs: the terminal table and the report file both
+    show these."""
+    inv, t, m = p.inventory, p.inventory.topology, p.inventory.memory
+    bw, peak = p.bandwidth, inv.peak
+    l3 = t.l3_groups
+    l3_text = (f"{len(l3)} x {(l3[0].size_bytes or 0) / (1 << 20):.0f} MiB ({len(l3[0].cpus)} CPUs each)"
+               if l3 else "none")
+    if peak:
+        mem_text = (f"{peak.channels} channels x {peak.mts} MT/s = {peak.total_gbps:.1f} GB/s peak "
+                    f"(from {peak.source})")
+    else:
+        mem_text = "DIMMs unknown (pass --memory '24x DDR5-6000')"
+    rows = [
+        ("cpu", f"{t.cpu_model or '?'}"),
+        ("layout", f"{_n(len(t.packages), 'socket')}, {_n(len(t.nodes), 'NUMA node')}, "
+                   f"{_n(len(t.cores), 'core')}, {_n(len(t.online_cpus), 'CPU')} "
+                   f"(SMT {'on' if t.smt_on else 'off'})"),
+        ("L3 groups", l3_text),
+        ("ISA", " ".join(t.isa_flags) or "-"),
+        ("memory", f"{_gib(m.mem_total_bytes)} total, {_gib(m.mem_available_bytes)} available"),
+        ("DIMMs", mem_text),
+        ("kernel", f"{m.kernel_release or '?'}; THP {m.thp_enabled or '?'}; numa_balancing "
+                   f"{'?' if m.numa_balancing is None else m.numa_balancing}"),
+    ]
+    if bw:
+        share = f" ({bw.read_gbps / peak.total_gbps:.0%} of peak)" if peak and peak.total_gbps else ""
+        rows.append(("read bandwidth", f"{bw.read_gbps:.1f} GB/s{share}, {bw.isa} kernels"))
+    return rows

@@ -147,30 +147,10 @@ def _pm(s) -> str:
 def render_probe(p) -> None:
     from cputune.sysfs import format_cpulist
 
-    inv, t, m = p.inventory, p.inventory.topology, p.inventory.memory
-    bw, peak = p.bandwidth, inv.peak
-    l3 = t.l3_groups
-    l3_text = (f"{len(l3)} x {_mib(l3[0].size_bytes)} ({len(l3[0].cpus)} CPUs each)" if l3 else "none")
-    if peak:
-        mem_text = (f"{peak.channels} channels x {peak.mts} MT/s = {peak.total_gbps:.1f} GB/s peak "
-                    f"(from {peak.source})")
-    else:
-        mem_text = "DIMMs unknown (pass --memory '24x DDR5-6000')"
-    rows = [
-        ("cpu", f"{t.cpu_model or '?'}"),
-        ("layout", f"{_n(len(t.packages), 'socket')}, {_n(len(t.nodes), 'NUMA node')}, "
-                   f"{_n(len(t.cores), 'core')}, {_n(len(t.online_cpus), 'CPU')} "
-                   f"(SMT {'on' if t.smt_on else 'off'})"),
-        ("L3 groups", l3_text),
-        ("ISA", " ".join(t.isa_flags) or "-"),
-        ("memory", f"{_gib(m.mem_total_bytes)} total, {_gib(m.mem_available_bytes)} available"),
-        ("DIMMs", mem_text),
-        ("kernel", f"{m.kernel_release or '?'}; THP {m.thp_enabled or '?'}; numa_balancing "
-                   f"{'?' if m.numa_balancing is None else m.numa_balancing}"),
-    ]
-    if bw:
-        share = f" ({bw.read_gbps / peak.total_gbps:.0%} of peak)" if peak and peak.total_gbps else ""
-        rows.append(("read bandwidth", f"{bw.read_gbps:.1f} GB/s{share}, {bw.isa} kernels"))
+    from cputune.probe import summary_rows
+
+    t, bw = p.inventory.topology, p.bandwidth
+    rows = summary_rows(p)
     out.print(kv_table(f"cputune probe: {p.hostname}", rows))
 
     nodes = Table(title="NUMA nodes", title_justify="left")

@@ -32,6 +32,6 @@ if [ "$want_tests" = 1 ]; then
   .venv/bin/python -m pip install -q -e ".[test]"
   .venv/bin/cputune build --python
 else
-  .venv/bin/python -m pip install -q -e .
+  .venv/bin/python -m pip install -q -e ".[report]"
 fi
 echo "== cputune is installed in .venv ($(.venv/bin/cputune --version))"
