@@ -172,7 +172,7 @@ def calibrate_box(machine: MachineBandwidth, bin_dir: Path, work_dir: Path, arch
 
 # Shares in (0, 1) are fitted through a logistic, everything else through a log: both keep the
 # value in range without a kink (a hard cap has no gradient past it, and LM stalls there).
-SHARES = ("eff", "moe", "moe_pp")
+SHARES = ("eff", "moe", "moe_pp", "moe_tg", "ts")
 
 
 def _to_x(name: str, value: float) -> float:
@@ -263,8 +263,11 @@ def fit(points: Sequence[Point], machine: MachineBandwidth, start: Calibration,
     cannot tell it; `fit_efficiency=False` keeps the starting value (from published runs).
     """
     types = fitted_types(points)
-    moe = ["moe", "moe_pp"] if any(p.model.is_moe for p in points) else []
-    names = (["eff"] if fit_efficiency else []) + ["ovh", "ovh_t"] + moe + \
+    moe = ["moe", "moe_pp", "moe_tg"] if any(p.model.is_moe for p in points) else []
+    # Thread scaling and the overlap exponent need runs at more than one thread count to tell
+    # them from the per-core rates.
+    shape = ["ts", "p"] if len({p.threads for p in points}) > 1 else []
+    names = (["eff"] if fit_efficiency else []) + ["ovh", "ovh_t"] + moe + shape + \
         [f"tg:{t}" for t in types] + [f"pp:{t}" for t in types]
 
     def unpack(x: list[float]) -> Calibration:
@@ -274,6 +277,8 @@ def fit(points: Sequence[Point], machine: MachineBandwidth, start: Calibration,
             bw_efficiency=v.get("eff", start.bw_efficiency),
             moe_bw_efficiency=v.get("moe", start.moe_bw_efficiency),
             moe_prefill_efficiency=v.get("moe_pp", start.moe_prefill_efficiency),
+            moe_decode_efficiency=v.get("moe_tg", start.moe_decode_efficiency),
+            thread_scaling=v.get("ts", start.thread_scaling), overlap_p=v.get("p", start.overlap_p),
             overhead_s_per_layer=v["ovh"], overhead_s_per_layer_thread=v["ovh_t"],
             decode_gbps_per_core={**start.decode_gbps_per_core,
                                   **{t: v[f"tg:{t}"] for t in types}},
@@ -285,6 +290,7 @@ def fit(points: Sequence[Point], machine: MachineBandwidth, start: Calibration,
         vals = {"eff": c.bw_efficiency, "ovh": c.overhead_s_per_layer,
                 "ovh_t": max(c.overhead_s_per_layer_thread, 1e-9),
                 "moe": c.moe_bw_efficiency, "moe_pp": c.moe_prefill_efficiency,
+                "moe_tg": min(c.moe_decode_efficiency, 0.95), "ts": min(c.thread_scaling, 0.95), "p": c.overlap_p or 4.0,
                 **{f"tg:{t}": nearest_rate(c.decode_gbps_per_core, t) for t in types},
                 **{f"pp:{t}": nearest_rate(c.prefill_gflops_per_core, t) for t in types}}
         return [_to_x(n, vals[n]) for n in names]

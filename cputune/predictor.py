@@ -49,6 +49,13 @@ class Calibration:
         fitted across ISAs (the published fit); a box's own calibration keeps 1.
     overhead_node_factor: the fixed cost grows by this share per extra NUMA node spanned
         (barriers across sockets); fitted to the published two-socket runs.
+    overlap_p: how memory and compute time combine: 0 takes the larger (perfect overlap);
+        p > 0 takes (mem^p + cpu^p)^(1/p), slower where both are close, as a box whose cores
+        are busy dequantizing cannot also keep every load in flight.
+    moe_decode_efficiency: share of the dense per-core decode rate that routed-expert bytes reach
+        when decode is compute-bound (a few small matrices per token, split unevenly over threads).
+    thread_scaling: compute grows as threads^this (1: linear). Below 1 where threads share a
+        physical core's units: SMT siblings, or vCPUs a hypervisor places on one core.
     """
 
     bw_efficiency: float
@@ -60,6 +67,9 @@ class Calibration:
     moe_bw_efficiency: float = 1.0
     moe_prefill_efficiency: float = 1.0
     avx512_prefill_factor: float = 1.0
+    overlap_p: float = 0.0
+    thread_scaling: float = 1.0
+    moe_decode_efficiency: float = 1.0
     source: str = "default"
 
 
@@ -130,6 +140,14 @@ def _active_bytes_by_type(model: ModelProfile) -> dict[str, float]:
     return {k: v * scale for k, v in model.bytes_by_type.items()}
 
 
+def combine(a: float, b: float, p: float) -> float:
+    """max(a, b) for p = 0, else the p-norm: the larger term, plus some of the smaller one."""
+    if p <= 0:
+        return max(a, b)
+    hi = max(a, b)
+    return hi * ((a / hi) ** p + (b / hi) ** p) ** (1 / p) if hi > 0 else 0.0
+
+
 def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
             cal: Calibration) -> Prediction:
     threads = max(1, min(settings.threads, machine.cores))
@@ -146,13 +164,16 @@ def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
     t_mem = (bytes_tok - expert_tok + expert_tok / cal.moe_bw_efficiency) / (eff_bw * 1e9)
 
     by_type = _active_bytes_by_type(model)
-    t_cpu = sum(b / (threads * nearest_rate(cal.decode_gbps_per_core, t) * 1e9)
-                for t, b in by_type.items() if b)
+    workers = threads ** cal.thread_scaling
+    total_active = sum(by_type.values()) or 1.0
+    expert_share = min(expert_tok / total_active, 1.0)
+    t_cpu = sum(b / (workers * nearest_rate(cal.decode_gbps_per_core, t) * 1e9)
+                for t, b in by_type.items() if b) * (1 - expert_share + expert_share / cal.moe_decode_efficiency)
     # Attention over the cache: K·q and the value mix read the KV in f16 arithmetic.
-    t_cpu += kv_read / (threads * nearest_rate(cal.decode_gbps_per_core, "F16") * 1e9)
+    t_cpu += kv_read / (workers * nearest_rate(cal.decode_gbps_per_core, "F16") * 1e9)
     t_ovh = (model.n_layer * (cal.overhead_s_per_layer + cal.overhead_s_per_layer_thread * threads)
              * (1 + cal.overhead_node_factor * (nodes - 1)))
-    t_tok = max(t_mem, t_cpu) + t_ovh
+    t_tok = combine(t_mem, t_cpu, cal.overlap_p) + t_ovh
     bottleneck = "memory" if t_mem >= t_cpu else "compute"
     if t_ovh > max(t_mem, t_cpu):
         bottleneck = "overhead"
@@ -160,16 +181,14 @@ def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
     # Prefill: FLOPs of the active matrices per token at each type's rate; one pass over all
     # weights per ubatch (a batch of 512 touches nearly every expert).
     flops_tok = model.flops_per_token + model.attn_flops_per_ctx_token * (settings.depth + settings.n_ubatch / 2)
-    total_active = sum(by_type.values()) or 1.0
     # Routed experts' share of the matrix FLOPs runs at the MoE prefill efficiency.
-    expert_share = min(expert_tok / total_active, 1.0)
     flop_cost = (1 - expert_share) + expert_share / cal.moe_prefill_efficiency
     isa_factor = cal.avx512_prefill_factor if "avx512f" in machine.isa else 1.0
     t_pp_cpu = sum(flops_tok * flop_cost * (b / total_active)
-                   / (threads * isa_factor * nearest_rate(cal.prefill_gflops_per_core, t) * 1e9)
+                   / (workers * isa_factor * nearest_rate(cal.prefill_gflops_per_core, t) * 1e9)
                    for t, b in by_type.items() if b)
     t_pp_mem = model.weight_bytes / settings.n_ubatch / (eff_bw * 1e9)
-    t_pp = max(t_pp_cpu, t_pp_mem) + t_ovh / settings.n_ubatch
+    t_pp = combine(t_pp_cpu, t_pp_mem, cal.overlap_p) + t_ovh / settings.n_ubatch
     need = model.weight_bytes + int(kv_tok * (settings.depth + settings.n_ubatch))
     return Prediction(
         tg_tokens_per_s=1 / t_tok, pp_tokens_per_s=1 / t_pp, bottleneck=bottleneck,
