@@ -88,20 +88,28 @@ def test_moe_reads_fewer_bytes_than_it_stores():
     assert m.active_bytes_per_token == exps.n_bytes * 4 // 64 < m.weight_bytes
 
 
+SMALL = MachineBandwidth("small", 1, 1, 2, 30.0, 18.0, 1.0, 24 << 30)
+
+
+def runs_made_by(truth: Calibration) -> list:
+    """Three dense models at 1 and 2 threads on SMALL, 'measured' by predict() with `truth`."""
+    points = []
+    for n_layer, width in ((4, 1024), (16, 1024), (8, 2048)):
+        m = dense_q8(n_layer, width)
+        for t in (1, 2):
+            p = predict(m, SMALL, Settings(threads=t, n_ubatch=64), truth)
+            points.append(calibrate.Point(m, t, 64, p.tg_tokens_per_s, p.pp_tokens_per_s))
+    return points
+
+
 def test_fit_recovers_constants_from_runs_it_generated():
     """Points made by predict() with known constants: the fit must find them again."""
     truth = dataclasses.replace(CAL, decode_gbps_per_core={"Q8_0": 3.0, "F16": 8.0},
                                 prefill_gflops_per_core={"Q8_0": 70.0, "F16": 40.0},
                                 overhead_s_per_layer=3e-5)
-    small = MachineBandwidth("small", 1, 1, 2, 30.0, 18.0, 1.0, 24 << 30)
-    points = []
-    for n_layer, width in ((4, 1024), (16, 1024), (8, 2048)):
-        m = dense_q8(n_layer, width)
-        for t in (1, 2):
-            p = predict(m, small, Settings(threads=t, n_ubatch=64), truth)
-            points.append(calibrate.Point(m, t, 64, p.tg_tokens_per_s, p.pp_tokens_per_s))
-    fitted = calibrate.fit(points, small, CAL, fit_efficiency=False)
-    errs = calibrate.log_errors(points, small, fitted)
+    points = runs_made_by(truth)
+    fitted = calibrate.fit(points, SMALL, CAL, fit_efficiency=False)
+    errs = calibrate.log_errors(points, SMALL, fitted)
     assert max(abs(e) for e in errs) < 0.02
     assert fitted.decode_gbps_per_core["Q8_0"] == pytest.approx(3.0, rel=0.05)
     assert fitted.prefill_gflops_per_core["Q8_0"] == pytest.approx(70.0, rel=0.05)
@@ -199,14 +207,8 @@ def test_moe_decode_efficiency_slows_the_expert_share_of_compute():
 
 def test_fit_finds_a_sublinear_thread_scaling():
     truth = dataclasses.replace(CAL, decode_gbps_per_core={"Q8_0": 3.0, "F16": 8.0}, thread_scaling=0.7)
-    small = MachineBandwidth("small", 1, 1, 2, 30.0, 18.0, 1.0, 24 << 30)
-    points = []
-    for n_layer, width in ((4, 1024), (16, 1024), (8, 2048)):
-        m = dense_q8(n_layer, width)
-        for t in (1, 2):
-            p = predict(m, small, Settings(threads=t, n_ubatch=64), truth)
-            points.append(calibrate.Point(m, t, 64, p.tg_tokens_per_s, p.pp_tokens_per_s))
-    fitted = calibrate.fit(points, small, CAL, fit_efficiency=False)
+    points = runs_made_by(truth)
+    fitted = calibrate.fit(points, SMALL, CAL, fit_efficiency=False)
     # Per-thread overhead trades against it a little, so the fit lands near, not on, the truth.
     assert 0.65 < fitted.thread_scaling < 0.8
-    assert max(abs(e) for e in calibrate.log_errors(points, small, fitted)) < 0.03
+    assert max(abs(e) for e in calibrate.log_errors(points, SMALL, fitted)) < 0.03
