@@ -276,7 +276,7 @@ def test_tune_runs_llama_bench_and_saves_what_serve_reads(probed, tiny_models):
         assert all(s > 0 for t in x["trials"] for s in t["samples_tokens_per_s"])
         assert x["gain"] >= 1.0  # the defaults are kept unless the winner beat them alternately
         assert any(t["stage"] == "kernels" and t["samples_tokens_per_s"] for t in x["trials"])
-    assert doc["result"]["seconds"] < 30 + 15
+    assert doc["result"]["budget_s"] == 30  # keeping to it is tested on a fake clock, not timed here
     saved = tune.tuned_for(path)
     assert saved is not None and saved.for_kind("tg").best == tune.Knobs(**res["tg"]["best"])
     # The human table names the stages and the gain.
