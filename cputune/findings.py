@@ -14,8 +14,8 @@ from cputune.memory import MemoryInfo
 from cputune.peak import Peak
 from cputune.sysfs import format_cpulist
 from cputune.topology import Topology
+from cputune.units import gib_text
 
-GIB = 1 << 30
 # ggml counts nodes up to GGML_NUMA_MAX_NODES = 8 (ggml/src/ggml-cpu/ggml-cpu.c, ggml_numa_init).
 GGML_NUMA_MAX_NODES = 8
 # Good probes read 80-94% of theoretical on Genoa/Turin (shared/reference/hardware.md 2.3);
@@ -36,10 +36,6 @@ class Finding:
     code: str
     message: str
     hint: str | None = None
-
-
-def _gib(n: int | None) -> str:
-    return "?" if n is None else f"{n / GIB:.1f} GiB"
 
 
 def topology_findings(t: Topology) -> list[Finding]:
@@ -91,7 +87,7 @@ def topology_findings(t: Topology) -> list[Finding]:
                            "run outside the container's or taskset's CPU limit to use them all"))
     if t.cgroup_memory_limit_bytes is not None:
         out.append(Finding("info", "memory-limit", f"a cgroup limits this process to "
-                           f"{_gib(t.cgroup_memory_limit_bytes)} of memory"))
+                           f"{gib_text(t.cgroup_memory_limit_bytes)} of memory"))
     out += [Finding("warn", "topology", note) for note in t.notes]
     return out
 
@@ -116,8 +112,8 @@ def memory_findings(t: Topology, m: MemoryInfo, peak: Peak | None) -> list[Findi
                            "sudo cpupower frequency-set -g performance"))
     node_sum = m.node_mem_total_sum_bytes
     if node_sum and m.mem_total_bytes and node_sum < NODE_MEMORY_SHARE * m.mem_total_bytes:
-        out.append(Finding("warn", "node-memory", f"NUMA nodes hold {_gib(node_sum)} but MemTotal "
-                           f"is {_gib(m.mem_total_bytes)}: the node table does not cover all memory "
+        out.append(Finding("warn", "node-memory", f"NUMA nodes hold {gib_text(node_sum)} but MemTotal "
+                           f"is {gib_text(m.mem_total_bytes)}: the node table does not cover all memory "
                            "(common in VMs with hot-plugged memory); per-node sizes use the node figures"))
     if m.dimm_source == "none" and peak is None:
         out.append(Finding("info", "dimms-unknown", f"DIMMs could not be read ({m.dimm_unreadable_reason}); "

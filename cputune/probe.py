@@ -175,17 +175,11 @@ def load_profile(path: Path | str | None = None) -> MachineProfile:
 
 
 
-def _gib(n: int | None) -> str:
-    return "?" if n is None else f"{n / (1 << 30):.1f} GiB"
-
-
-def _n(count: int, noun: str) -> str:
-    return f"{count} {noun}" + ("" if count == 1 else "s")
-
-
 def summary_rows(p: MachineProfile) -> list[tuple[str, str]]:
     """The profile's headline as (label, text) pairs: the terminal table and the report file both
     show these."""
+    from cputune.units import gib_text, plural
+
     inv, t, m = p.inventory, p.inventory.topology, p.inventory.memory
     bw, peak = p.bandwidth, inv.peak
     l3 = t.l3_groups
@@ -198,12 +192,12 @@ def summary_rows(p: MachineProfile) -> list[tuple[str, str]]:
         mem_text = "DIMMs unknown (pass --memory '24x DDR5-6000')"
     rows = [
         ("cpu", f"{t.cpu_model or '?'}"),
-        ("layout", f"{_n(len(t.packages), 'socket')}, {_n(len(t.nodes), 'NUMA node')}, "
-                   f"{_n(len(t.cores), 'core')}, {_n(len(t.online_cpus), 'CPU')} "
+        ("layout", f"{plural(len(t.packages), 'socket')}, {plural(len(t.nodes), 'NUMA node')}, "
+                   f"{plural(len(t.cores), 'core')}, {plural(len(t.online_cpus), 'CPU')} "
                    f"(SMT {'on' if t.smt_on else 'off'})"),
         ("L3 groups", l3_text),
         ("ISA", " ".join(t.isa_flags) or "-"),
-        ("memory", f"{_gib(m.mem_total_bytes)} total, {_gib(m.mem_available_bytes)} available"),
+        ("memory", f"{gib_text(m.mem_total_bytes)} total, {gib_text(m.mem_available_bytes)} available"),
         ("DIMMs", mem_text),
         ("kernel", f"{m.kernel_release or '?'}; THP {m.thp_enabled or '?'}; numa_balancing "
                    f"{'?' if m.numa_balancing is None else m.numa_balancing}"),

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from cputune.jsonio import document, plain  # noqa: F401  (re-exported for the CLI)
+from cputune.units import gib_text
 
 # Pipes and CliRunner get 120 columns rather than rich's 80, so tables do not wrap mid-number.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
@@ -127,16 +128,8 @@ def render_binding(status) -> None:
 _LEVEL_STYLE = {"bad": "bold red", "warn": "yellow", "info": "cyan", "ok": "green"}
 
 
-def _gib(n: int | None) -> str:
-    return "?" if n is None else f"{n / (1 << 30):.1f} GiB"
-
-
 def _mib(n: int | None) -> str:
     return "?" if n is None else f"{n / (1 << 20):.0f} MiB"
-
-
-def _n(count: int, noun: str) -> str:
-    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def _pm(s) -> str:
@@ -159,8 +152,8 @@ def render_probe(p) -> None:
     for n in t.nodes:
         cores = len(t.physical_cores_of_node(n.id))
         read = bw.node_read_gbps.get(n.id) if bw else None
-        nodes.add_row(str(n.id), format_cpulist(n.cpus) or "-", str(cores), _gib(n.mem_total_bytes),
-                      _gib(n.mem_free_bytes), "-" if read is None else f"{read:.1f}")
+        nodes.add_row(str(n.id), format_cpulist(n.cpus) or "-", str(cores), gib_text(n.mem_total_bytes),
+                      gib_text(n.mem_free_bytes), "-" if read is None else f"{read:.1f}")
     out.print(nodes)
 
     if p.measurements:
@@ -305,26 +298,17 @@ def render_bench(results, model, box, history: Path | None) -> None:
 
 # ---- tune --------------------------------------------------------------------------------------
 
-def _tps(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}"
-
-
 def render_tune(result, saved: Path | None) -> None:
+    from cputune.reportfile import TRIAL_HEADERS, trial_rows
+
     for r in result.results:
         t = Table(title=f"{r.test}: {r.best.label}  —  {r.best_tokens_per_s:.2f} t/s, "
                         f"{r.gain:.2f}x llama.cpp's defaults ({r.default_tokens_per_s:.2f} t/s)",
                   title_justify="left")
-        for col in ("stage", "settings", "predicted", "runs", "measured t/s (median ± σ)", "outcome"):
+        for col in TRIAL_HEADERS:
             t.add_column(col, justify="left" if col in ("stage", "settings", "outcome") else "right")
-        order = {"best": 0, "default": 1, "dropped": 2, "unmeasured": 3, "failed": 4, "pruned": 5}
-        stages = {"baseline": 0, "placement": 1, "kernels": 2, "confirm": 3}
-        for x in sorted(r.trials, key=lambda x: (stages.get(x.stage, 9), order.get(x.outcome, 9),
-                                                   -(x.median_tokens_per_s or 0))):
-            sd = x.stdev_tokens_per_s
-            meas = "-" if x.median_tokens_per_s is None else (
-                f"{x.median_tokens_per_s:.2f}" + (f" ± {sd:.2f}" if sd is not None else ""))
-            t.add_row(x.stage, x.knobs.label, _tps(x.predicted_tokens_per_s), str(len(x.samples_tokens_per_s)),
-                      meas, x.outcome + (f" ({x.note})" if x.note else ""))
+        for row in trial_rows(r):
+            t.add_row(*row)
         out.print(t)
         for n in r.notes:
             info(n)
@@ -341,15 +325,15 @@ def _gib1(n: float | None) -> str:
 
 def _capacity_text(cap, numa: str) -> str:
     nodes = cap.node_bytes
-    text = f"{_gib(cap.total_bytes)} usable"
+    text = f"{gib_text(cap.total_bytes)} usable"
     if len(nodes) > 1:
         sizes = sorted(set(nodes.values()))
-        per = " / ".join(_gib(n) for n in sizes)
+        per = " / ".join(gib_text(n) for n in sizes)
         text += f", {len(nodes)} NUMA nodes x {per}"
     if cap.hugepage_bytes:
-        text += f" (hugepage pools of {_gib(cap.hugepage_bytes)} counted as used)"
+        text += f" (hugepage pools of {gib_text(cap.hugepage_bytes)} counted as used)"
     if numa == "one-node":
-        text += f"; pinned to node {cap.largest_node}: {_gib(cap.largest_node_bytes)}"
+        text += f"; pinned to node {cap.largest_node}: {gib_text(cap.largest_node_bytes)}"
     return text
 
 

@@ -157,6 +157,24 @@ def bench_blocks(m: probe.MachineProfile | None, history: Sequence[dict], charts
     return out
 
 
+STAGE_ORDER = {"baseline": 0, "placement": 1, "kernels": 2, "confirm": 3}
+OUTCOME_ORDER = {"best": 0, "default": 1, "dropped": 2, "unmeasured": 3, "failed": 4, "pruned": 5}
+TRIAL_HEADERS = ("stage", "settings", "predicted", "runs", "measured t/s (median ± σ)", "outcome")
+
+
+def trial_rows(k: tune.KindResult) -> list[tuple[str, ...]]:
+    """One row per candidate, by stage, then how it ended, then speed: the terminal table and the
+    report file show the same rows."""
+    rows = []
+    for x in sorted(k.trials, key=lambda x: (STAGE_ORDER.get(x.stage, 9), OUTCOME_ORDER.get(x.outcome, 9),
+                                             -(x.median_tokens_per_s or 0))):
+        sd = x.stdev_tokens_per_s
+        rows.append((x.stage, x.knobs.label, _f(x.predicted_tokens_per_s), str(len(x.samples_tokens_per_s)),
+                     _f(x.median_tokens_per_s) + (f" ± {sd:.2f}" if sd is not None else ""),
+                     x.outcome + (f" ({x.note})" if x.note else "")))
+    return rows
+
+
 def tune_blocks(tuned: Sequence[tune.TuneResult], charts: bool) -> list[Block]:
     from cputune import plots
 
@@ -170,16 +188,8 @@ def tune_blocks(tuned: Sequence[tune.TuneResult], charts: bool) -> list[Block]:
                               tuple((k.test, k.best.label, _f(k.best_tokens_per_s), k.default.label,
                                      _f(k.default_tokens_per_s), f"{k.gain:.2f}x") for k in r.results),
                               (False, False, True, False, True, True)))
-        rows = []
-        for k in r.results:
-            for x in k.trials:
-                sd = x.stdev_tokens_per_s
-                rows.append((k.test, x.stage, x.knobs.label, _f(x.predicted_tokens_per_s),
-                             str(len(x.samples_tokens_per_s)),
-                             _f(x.median_tokens_per_s) + (f" ± {sd:.2f}" if sd is not None else ""),
-                             x.outcome + (f" ({x.note})" if x.note else "")))
-        out.append(TableBlock(("test", "stage", "settings", "predicted", "runs", "measured t/s", "outcome"),
-                              tuple(rows), (False, False, False, True, True, True, False)))
+        rows = [(k.test, *row) for k in r.results for row in trial_rows(k)]
+        out.append(TableBlock(("test", *TRIAL_HEADERS), tuple(rows), (False, False, False, True, True, True, False)))
         series = {}
         for k in r.results:
             pts = {}

@@ -497,7 +497,6 @@ class BenchRunner:
     depth: int = 0
     numactl: bool = True
     timeout_s: float = 3600
-    runs: int = 0
 
     def argv(self, k: Knobs, reps: int) -> list[str]:
         pl = plan_placement(self.topology, k.numa, threads=k.threads, threads_batch=k.threads,
@@ -514,7 +513,6 @@ class BenchRunner:
     def __call__(self, k: Knobs, reps: int) -> tuple[list[float], float]:
         t0 = time.monotonic()
         rows = llama_bench.run(self.argv(k, reps), timeout_s=self.timeout_s)
-        self.runs += 1
         samples = [s for r in rows for s in (r.samples_ts or (r.avg_ts,))]
         if not samples:
             raise ProcessFailed("llama-bench returned no samples", self.argv(k, reps), 0)
@@ -605,12 +603,11 @@ def serve_settings(r: TuneResult) -> dict:
     a chat waits on), prefill's threads and ubatch for --threads-batch and -ub."""
     tg, pp = r.for_kind("tg"), r.for_kind("pp")
     main = (tg or pp).best
-    out = {"threads": main.threads, "numa": main.numa, "flash_attn": main.flash_attn,
-           "repack": main.repack, "cache_type": main.cache_type,
-           "threads_batch": (pp.best.threads if pp else main.threads),
-           "n_ubatch": (pp.best.n_ubatch if pp else main.n_ubatch),
-           "n_batch": (pp.best.n_batch if pp else main.n_batch)}
-    return out
+    return {"threads": main.threads, "numa": main.numa, "flash_attn": main.flash_attn,
+            "repack": main.repack, "cache_type": main.cache_type,
+            "threads_batch": (pp.best.threads if pp else main.threads),
+            "n_ubatch": (pp.best.n_ubatch if pp else main.n_ubatch),
+            "n_batch": (pp.best.n_batch if pp else main.n_batch)}
 
 
 def now_iso() -> str:

@@ -32,3 +32,12 @@ def parse_duration(text: str) -> float:
     if total <= 0:
         raise ConfigError(f"the duration {text!r} is not positive", hint="write it like 10m, 90s or 1h30m")
     return total
+
+
+def gib_text(n: float | None) -> str:
+    """'12.5 GiB', or '?' when the size is unknown."""
+    return "?" if n is None else f"{n / (1 << 30):.1f} GiB"
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
