@@ -1,7 +1,7 @@
 """How right is `cputune predict`? Calibrate on one set of synthetic models, then predict and
 measure (llama-bench, same run) a different set; and the error on the published big-server runs.
 
-    python benchmarks/predict_accuracy.py                  # both parts (about 30 min on 2 cores)
+    python benchmarks/predict_accuracy.py                  # both parts (about 50 min on 2 cores)
     python benchmarks/predict_accuracy.py --published-only # the published rows only (1 s)
     python benchmarks/predict_accuracy.py --published-only --toml   # re-fit [published], print TOML
 
@@ -57,18 +57,20 @@ def local(args) -> bool:
         print("re-using the measurements in", work)
         train_pts, points = calibrate.load_points(train_file), calibrate.load_points(test_file)
     else:
-        print("measuring the training set:", ", ".join(f"{s // MIB} MiB" for s in TRAIN_SIZES), "f16 sizes")
+        print("training set:", ", ".join(f"{s // MIB} MiB" for s in TRAIN_SIZES), "f16 sizes; test set:",
+              ", ".join(f"{s // MIB} MiB" for s in TEST_SIZES), f"; {args.passes} sweeps x {args.reps} reps")
         train_models, test_models = [], []
         for arch in ("llama", "deepseek2"):
             train_models += calibrate.make_models(work, b.bin_dir / "llama-quantize", arch, TRAIN_SIZES,
                                                   QUANTS, progress=lambda text: progress(0, 1, text))
             test_models += calibrate.make_models(work, b.bin_dir / "llama-quantize", arch, TEST_SIZES,
                                                  QUANTS, progress=lambda text: progress(0, 1, text))
-        train_pts = calibrate.measure(b.bin_dir / "llama-bench", train_models, threads, reps=args.reps,
-                                      progress=progress)
+        # One sweep covers both sets, so a noisy stretch of time hits training and test alike.
+        every = calibrate.measure(b.bin_dir / "llama-bench", train_models + test_models, threads,
+                                  reps=args.reps, passes=args.passes, progress=progress)
+        train_pts = [p for p in every if Path(p.model.path) in train_models]
+        points = [p for p in every if Path(p.model.path) in test_models]
         calibrate.save_points(train_pts, train_file)
-        points = calibrate.measure(b.bin_dir / "llama-bench", test_models, threads, reps=args.reps,
-                                   progress=progress)
         calibrate.save_points(points, test_file)
     cal = calibrate.fit(train_pts, box.machine, calibrate.default_calibration())
     train_errs = calibrate.relative_errors(train_pts, box.machine, cal)
@@ -90,6 +92,17 @@ def local(args) -> bool:
     print(table(rows, ("test model", "thr", "tg meas", "tg pred", "tg err", "bound",
                        "pp meas", "pp pred", "pp err")))
     print()
+    sampled = [p for p in points if p.tg_samples and p.pp_samples]
+    if sampled:
+        spread, med_err = [], []
+        for p in sampled:
+            pred = predict(p.model, box.machine, Settings(threads=p.threads, n_ubatch=p.n_prompt), cal)
+            for xs, v in ((p.tg_samples, pred.tg_tokens_per_s), (p.pp_samples, pred.pp_tokens_per_s)):
+                spread.append(1 - statistics.median(xs) / max(xs))
+                med_err.append(v / statistics.median(xs) - 1)
+        print(f"run-to-run: the median run is {statistics.median(spread):.1%} slower than the best "
+              f"(worst point {max(spread):.1%})")
+        print(f"against the median runs instead of the best: {stats(med_err)}")
     print("decode :", stats(tg_err))
     print("prefill:", stats(pp_err))
     both = [abs(e) for e in tg_err + pp_err]
@@ -128,7 +141,8 @@ def main() -> int:
     ap.add_argument("--published-only", action="store_true")
     ap.add_argument("--toml", action="store_true", help="re-fit the [published] constants and print them")
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=3, help="llama-bench repetitions per sweep")
+    ap.add_argument("--passes", type=int, default=3, help="sweeps over all models; a point is the best run")
     ap.add_argument("--work-dir")
     ap.add_argument("--reuse", action="store_true", help="fit and predict from the last run's measurements")
     args = ap.parse_args()

@@ -7,7 +7,6 @@ predictor.predict, so what is calibrated is exactly what is predicted.
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -28,13 +27,16 @@ SCHEMA = "cputune.calibration/1"
 
 @dataclass(frozen=True, slots=True)
 class Point:
-    """One llama-bench result: a model at a thread count, decode and prompt tokens/s."""
+    """One model at one thread count: the best decode and prompt tokens/s of its repetitions,
+    with every repetition kept (`*_samples`) to show the spread."""
 
     model: ModelProfile
     threads: int
     n_prompt: int
     tg_tokens_per_s: float
     pp_tokens_per_s: float
+    tg_samples: tuple[float, ...] = ()
+    pp_samples: tuple[float, ...] = ()
 
 
 def calibration_from(c: dict) -> Calibration:
@@ -101,29 +103,37 @@ def make_models(folder: Path, llama_quantize: Path, arch: str, sizes_bytes: Sequ
     return out
 
 
-def _median_ts(row) -> float:
-    """The median repetition: one disturbed run on a shared machine does not move it."""
-    return statistics.median(row.samples_ts) if row.samples_ts else row.avg_ts
-
-
 def measure(llama_bench_bin: Path, models: Sequence[Path], threads: Sequence[int],
-            n_prompt: int = 64, n_gen: int = 16, reps: int = 3,
+            n_prompt: int = 64, n_gen: int = 16, reps: int = 3, passes: int = 1,
             progress: Callable[[int, int, str], None] | None = None) -> list[Point]:
-    points = []
-    for i, path in enumerate(models):
-        if progress:
-            progress(i, len(models), path.name)
-        prof = gguf_model.read_model(path)
-        argv = llama_bench.bench_argv(llama_bench_bin, path, threads=threads, n_prompt=(n_prompt,),
-                                      n_gen=(n_gen,), reps=reps)
-        rows = llama_bench.run(argv, timeout_s=600)
-        for t in threads:
-            tg = [_median_ts(r) for r in rows if r.n_threads == t and r.n_gen > 0]
-            pp = [_median_ts(r) for r in rows if r.n_threads == t and r.n_prompt > 0]
-            if tg and pp:
-                points.append(Point(prof, t, n_prompt, tg[0], pp[0]))
+    """Bench every model at every thread count, `passes` sweeps over all of them.
+
+    A point is the fastest repetition, not the median: another tenant, a page-cache flush or a
+    migrated thread only ever slows a run, so the best run is the nearest to what the box does
+    alone, and that is what the predictor predicts. Sweeps spread a model's runs over time, so
+    one slow minute on a shared host cannot own a point.
+    """
+    samples: dict[tuple[Path, int], tuple[list[float], list[float]]] = {}
+    steps = passes * len(models)
+    for k in range(passes):
+        for i, path in enumerate(models):
+            if progress:
+                sweep = f" (sweep {k + 1}/{passes})" if passes > 1 else ""
+                progress(k * len(models) + i, steps, path.name + sweep)
+            argv = llama_bench.bench_argv(llama_bench_bin, path, threads=threads, n_prompt=(n_prompt,),
+                                          n_gen=(n_gen,), reps=reps)
+            for r in llama_bench.run(argv, timeout_s=600):
+                tg, pp = samples.setdefault((path, r.n_threads), ([], []))
+                (tg if r.n_gen > 0 else pp).extend(r.samples_ts or (r.avg_ts,))
     if progress:
-        progress(len(models), len(models), "done")
+        progress(steps, steps, "done")
+    points = []
+    for path in models:
+        prof = gguf_model.read_model(path)
+        for t in threads:
+            tg, pp = samples.get((path, t), ([], []))
+            if tg and pp:
+                points.append(Point(prof, t, n_prompt, max(tg), max(pp), tuple(tg), tuple(pp)))
     return points
 
 
@@ -151,7 +161,7 @@ def relative_errors(points: Sequence[Point], machine: MachineBandwidth,
 
 def calibrate_box(machine: MachineBandwidth, bin_dir: Path, work_dir: Path, archs: Sequence[str],
                   sizes_bytes: Sequence[int], quants: Sequence[str], threads: Sequence[int],
-                  reps: int = 3, start: Calibration | None = None,
+                  reps: int = 3, passes: int = 1, start: Calibration | None = None,
                   progress: Callable[[int, int, str], None] | None = None) -> CalibrationRun:
     """Generate and quantize the synthetic models, bench them with llama-bench, fit."""
     start = start or default_calibration()
@@ -160,7 +170,8 @@ def calibrate_box(machine: MachineBandwidth, bin_dir: Path, work_dir: Path, arch
     for arch in archs:
         models += make_models(work_dir, bin_dir / "llama-quantize", arch, sizes_bytes, quants,
                               progress=lambda text: progress(0, 1, text) if progress else None)
-    points = measure(bin_dir / "llama-bench", models, threads, reps=reps, progress=progress)
+    points = measure(bin_dir / "llama-bench", models, threads, reps=reps, passes=passes,
+                     progress=progress)
     save_points(points, work_dir / "points.json")
     cal = fit(points, machine, start)
     return CalibrationRun(cal, tuple(points), relative_errors(points, machine, cal))
@@ -172,7 +183,7 @@ def calibrate_box(machine: MachineBandwidth, bin_dir: Path, work_dir: Path, arch
 
 # Shares in (0, 1) are fitted through a logistic, everything else through a log: both keep the
 # value in range without a kink (a hard cap has no gradient past it, and LM stalls there).
-SHARES = ("eff", "moe", "moe_pp", "moe_tg", "ts")
+SHARES = ("eff", "moe", "moe_pp", "moe_tg", "ts", "ts_pp")
 
 
 def _to_x(name: str, value: float) -> float:
@@ -222,8 +233,11 @@ def least_squares(residuals: Callable[[list[float]], list[float]], x0: list[floa
         while True:
             step = np.linalg.solve(a + lam * (np.diag(np.diag(a)) + 1e-12 * np.eye(len(x))), -g)
             xn = x + step
-            rn = np.asarray(residuals(list(xn)))
-            cn = float(rn @ rn)
+            try:
+                rn = np.asarray(residuals(list(xn)))
+                cn = float(rn @ rn)
+            except (OverflowError, ZeroDivisionError):  # a step far out of range: shorten it
+                cn = math.inf
             if cn < cost:
                 done = cost - cn < 1e-12 * max(cost, 1e-30) or float(np.abs(step).max()) < 1e-9
                 x, r, cost, lam = xn, rn, cn, max(lam / 3, 1e-12)
@@ -266,7 +280,9 @@ def fit(points: Sequence[Point], machine: MachineBandwidth, start: Calibration,
     moe = ["moe", "moe_pp", "moe_tg"] if any(p.model.is_moe for p in points) else []
     # Thread scaling and the overlap exponent need runs at more than one thread count to tell
     # them from the per-core rates.
-    shape = ["ts", "p"] if len({p.threads for p in points}) > 1 else []
+    shape = ["ts", "ts_pp", "p"] if len({p.threads for p in points}) > 1 else []
+    # The per-width prefill cost needs models of more than one width to tell it from the rates.
+    shape += ["elem"] if len({p.model.n_embd for p in points}) > 1 else []
     names = (["eff"] if fit_efficiency else []) + ["ovh", "ovh_t"] + moe + shape + \
         [f"tg:{t}" for t in types] + [f"pp:{t}" for t in types]
 
@@ -278,8 +294,11 @@ def fit(points: Sequence[Point], machine: MachineBandwidth, start: Calibration,
             moe_bw_efficiency=v.get("moe", start.moe_bw_efficiency),
             moe_prefill_efficiency=v.get("moe_pp", start.moe_prefill_efficiency),
             moe_decode_efficiency=v.get("moe_tg", start.moe_decode_efficiency),
-            thread_scaling=v.get("ts", start.thread_scaling), overlap_p=v.get("p", start.overlap_p),
+            thread_scaling=v.get("ts", start.thread_scaling),
+            prefill_thread_scaling=v.get("ts_pp", start.prefill_thread_scaling),
+            overlap_p=v.get("p", start.overlap_p),
             overhead_s_per_layer=v["ovh"], overhead_s_per_layer_thread=v["ovh_t"],
+            elementwise_s=v.get("elem", start.elementwise_s),
             decode_gbps_per_core={**start.decode_gbps_per_core,
                                   **{t: v[f"tg:{t}"] for t in types}},
             prefill_gflops_per_core={**start.prefill_gflops_per_core,
@@ -289,8 +308,14 @@ def fit(points: Sequence[Point], machine: MachineBandwidth, start: Calibration,
     def x_of(c: Calibration) -> list[float]:
         vals = {"eff": c.bw_efficiency, "ovh": c.overhead_s_per_layer,
                 "ovh_t": max(c.overhead_s_per_layer_thread, 1e-9),
+                # Unfitted (0): start where it is a few % of a small model's prompt token, so
+                # LM sees a gradient; a log parameter cannot start at 0.
+                "elem": c.elementwise_s or 2e-8,
                 "moe": c.moe_bw_efficiency, "moe_pp": c.moe_prefill_efficiency,
-                "moe_tg": min(c.moe_decode_efficiency, 0.95), "ts": min(c.thread_scaling, 0.95), "p": c.overlap_p or 4.0,
+                "moe_tg": min(c.moe_decode_efficiency, 0.95), "ts": min(c.thread_scaling, 0.95),
+                "ts_pp": min(c.prefill_thread_scaling, 0.95),
+                # p = 0 means max(); a p-norm near it is a large p.
+                "p": c.overlap_p or 16.0,
                 **{f"tg:{t}": nearest_rate(c.decode_gbps_per_core, t) for t in types},
                 **{f"pp:{t}": nearest_rate(c.prefill_gflops_per_core, t) for t in types}}
         return [_to_x(n, vals[n]) for n in names]
@@ -299,14 +324,19 @@ def fit(points: Sequence[Point], machine: MachineBandwidth, start: Calibration,
 
     def residuals(x: list[float]) -> list[float]:
         # A weak pull toward the starting values keeps rates the runs cannot tell apart (a type
-        # that is never the bottleneck) finite instead of drifting to 10^9.
-        prior = [math.sqrt(PRIOR_WEIGHT) * (a - b) for a, b in zip(x, x0)]
+        # that is never the bottleneck) finite instead of drifting to 10^9. Thread scaling and
+        # the width cost are free of it: they are fitted only where the runs pin them (several
+        # thread counts, several widths), and a pull toward a guess would bias them.
+        prior = [math.sqrt(PRIOR_WEIGHT) * (a - b) for a, b, n in zip(x, x0, names) if n not in ("ts", "ts_pp", "elem")]
         return [soft_l1(e) for e in log_errors(points, machine, unpack(x))] + prior
 
     # The max(memory, compute) kink leaves a rate with no gradient while the other term binds,
     # so LM starts from the shipped rates and from rates 4x lower and higher; the best fit wins.
-    starts = [[a + (math.log(k) if n.startswith(("tg:", "pp:")) else 0.0) for a, n in zip(x0, names)]
-              for k in (1.0, 0.25, 4.0)]
+    # Thread scaling trades against the per-thread fixed cost, so it starts both near linear and
+    # well below it (0.7: two vCPUs sharing host cores).
+    starts = [[_to_x(n, 0.7) if n in ("ts", "ts_pp") and low else
+               a + (math.log(k) if n.startswith(("tg:", "pp:")) else 0.0) for a, n in zip(x0, names)]
+              for k in (1.0, 0.25, 4.0) for low in ((False, True) if "ts" in names else (False,))]
     return unpack(best_fit(residuals, starts))
 
 
@@ -435,7 +465,8 @@ def save_points(points: Sequence[Point], path: Path) -> None:
     """Measured points as JSON (model paths, not profiles), to re-fit without re-measuring."""
     write_json(path, document("cputune.calibration-points/1", points=[
         {"model": p.model.path, "threads": p.threads, "n_prompt": p.n_prompt,
-         "tg_tokens_per_s": p.tg_tokens_per_s, "pp_tokens_per_s": p.pp_tokens_per_s} for p in points]))
+         "tg_tokens_per_s": p.tg_tokens_per_s, "pp_tokens_per_s": p.pp_tokens_per_s,
+         "tg_samples": list(p.tg_samples), "pp_samples": list(p.pp_samples)} for p in points]))
 
 
 def load_points(path: Path) -> list[Point]:
@@ -444,5 +475,6 @@ def load_points(path: Path) -> list[Point]:
     out = []
     for d in doc["points"]:
         prof = profiles.setdefault(d["model"], gguf_model.read_model(d["model"]))
-        out.append(Point(prof, d["threads"], d["n_prompt"], d["tg_tokens_per_s"], d["pp_tokens_per_s"]))
+        out.append(Point(prof, d["threads"], d["n_prompt"], d["tg_tokens_per_s"], d["pp_tokens_per_s"],
+                         tuple(d.get("tg_samples", ())), tuple(d.get("pp_samples", ()))))
     return out

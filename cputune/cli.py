@@ -267,10 +267,12 @@ def predict_cmd(model, quant, hardware, threads, numa, depth, cache_type, as_jso
 @click.option("--threads", "threads", default=None, metavar="N,N",
               help="Thread counts [default: 1, half and all physical cores].")
 @click.option("--reps", type=click.IntRange(1), default=3, show_default=True, help="llama-bench repetitions.")
+@click.option("--passes", type=click.IntRange(1), default=2, show_default=True,
+              help="Sweeps over all models; each point is the best run of all sweeps.")
 @click.option("--work-dir", type=click.Path(path_type=Path, file_okay=False),
               help="Where the synthetic models go (kept for reuse) [default: the cache].")
 @json_option
-def calibrate_cmd(archs, sizes, quants, threads, reps, work_dir, as_json):
+def calibrate_cmd(archs, sizes, quants, threads, reps, passes, work_dir, as_json):
     """Fit the predictor's constants to llama-bench runs on synthetic models here; saves them."""
     from cputune import build, calibrate, hardware, probe
     from cputune.fsutil import cache_root
@@ -291,7 +293,7 @@ def calibrate_cmd(archs, sizes, quants, threads, reps, work_dir, as_json):
         run = calibrate.calibrate_box(
             box.machine, b.bin_dir, work_dir or cache_root() / "calibration-models",
             archs or ("llama", "deepseek2"), size_list, quants or ("f16", "q8_0", "q4_k_m", "q2_k"),
-            thread_list, reps=reps, progress=lambda i, k, text: update(i / max(k, 1), text))
+            thread_list, reps=reps, passes=passes, progress=lambda i, k, text: update(i / max(k, 1), text))
     path = calibrate.save_calibration(run.calibration)
     if as_json:
         return report.print_json(report.document("cputune.calibration-run/1", calibration=run.calibration,

@@ -259,6 +259,14 @@ class ModelProfile:
     bytes_by_type: dict[str, int]
     unknown_types: tuple[str, ...]
     active_bytes_by_type: dict[str, int] = field(default_factory=dict)
+    # The routed experts' part of active_bytes_by_type: llama.cpp runs them through
+    # mul_mat_id, whose speed per type differs from the dense mul_mat's.
+    expert_active_bytes_by_type: dict[str, int] = field(default_factory=dict)
+    # The logits matrix (output.weight, or a tied token_embd): prompt processing multiplies it
+    # for the batch's last token only, so prefill must not count it per token.
+    output_bytes: int = 0
+    output_type: str | None = None
+    output_params: int = 0
     # Matrices a mul_mat reads (>= 2-D, not the embedding lookup): what the CPU repack copies.
     matmul_bytes_by_type: dict[str, int] = field(default_factory=dict)
 
@@ -326,6 +334,9 @@ def profile_from(meta: dict, tensors: tuple[TensorInfo, ...] | list[TensorInfo],
     by_type: dict[str, int] = {}
     matmul_by_type: dict[str, int] = {}
     active_by_type: dict[str, float] = {}
+    expert_active_by_type: dict[str, float] = {}
+    output_bytes = output_params = 0
+    output_type = None
     unknown = set()
     for t in tensors:
         nbytes = t.n_bytes or 0
@@ -345,16 +356,20 @@ def profile_from(meta: dict, tensors: tuple[TensorInfo, ...] | list[TensorInfo],
             expert_bytes += nbytes
             if n_expert:
                 share = used[layer if layer is not None and layer < n_layer else 0] / n_expert
+            expert_active_by_type[t.type_name] = expert_active_by_type.get(t.type_name, 0) + nbytes * share
         if t.name == "token_embd.weight":
             rows = t.shape[1] if len(t.shape) > 1 else 1
             active_bytes += nbytes / rows  # one row per token
             # A row lookup is a copy, not a dot product: no compute cost by type.
             if tied:  # output = token_embd^T, read whole for the logits
+                output_bytes, output_type, output_params = nbytes, t.type_name, t.n_params
                 active_bytes += nbytes
                 active_by_type[t.type_name] = active_by_type.get(t.type_name, 0) + nbytes
                 active += t.n_params
                 flops_params += t.n_params
             continue
+        if t.name == "output.weight":
+            output_bytes, output_type, output_params = nbytes, t.type_name, t.n_params
         active_bytes += nbytes * share
         active_by_type[t.type_name] = active_by_type.get(t.type_name, 0) + nbytes * share
         active += round(t.n_params * share)
@@ -386,6 +401,8 @@ def profile_from(meta: dict, tensors: tuple[TensorInfo, ...] | list[TensorInfo],
         bytes_by_type=dict(sorted(by_type.items(), key=lambda kv: -kv[1])),
         unknown_types=tuple(sorted(unknown)),
         active_bytes_by_type={k: round(v) for k, v in sorted(active_by_type.items(), key=lambda kv: -kv[1])},
+        expert_active_bytes_by_type={k: round(v) for k, v in expert_active_by_type.items()},
+        output_bytes=output_bytes, output_type=output_type, output_params=output_params,
         matmul_bytes_by_type=dict(sorted(matmul_by_type.items(), key=lambda kv: -kv[1])),
     )
 

@@ -54,8 +54,15 @@ class Calibration:
         are busy dequantizing cannot also keep every load in flight.
     moe_decode_efficiency: share of the dense per-core decode rate that routed-expert bytes reach
         when decode is compute-bound (a few small matrices per token, split unevenly over threads).
-    thread_scaling: compute grows as threads^this (1: linear). Below 1 where threads share a
-        physical core's units: SMT siblings, or vCPUs a hypervisor places on one core.
+    thread_scaling: decode compute grows as threads^this (1: linear). Below 1 where threads share
+        what a matrix-vector product lives on: the L3, the memory controllers' queues, a
+        physical core's load ports (SMT siblings, or vCPUs a hypervisor places on one core).
+    prefill_thread_scaling: the same for prompt processing, whose matrix-matrix products reuse
+        each loaded weight many times and so scale nearer to linear.
+    elementwise_s: prefill seconds per prompt token, layer and embedding element: work that grows
+        with width, not parameters (norms, residual adds, RoPE, expert routing, converting
+        activations for each matmul, and narrow matrices' poorer GEMM tiling). It does not shrink
+        with quantization and weighs most in narrow models; fitted on a box's own runs only.
     """
 
     bw_efficiency: float
@@ -69,7 +76,9 @@ class Calibration:
     avx512_prefill_factor: float = 1.0
     overlap_p: float = 0.0
     thread_scaling: float = 1.0
+    prefill_thread_scaling: float = 1.0
     moe_decode_efficiency: float = 1.0
+    elementwise_s: float = 0.0
     source: str = "default"
 
 
@@ -140,6 +149,26 @@ def _active_bytes_by_type(model: ModelProfile) -> dict[str, float]:
     return {k: v * scale for k, v in model.bytes_by_type.items()}
 
 
+def _expert_bytes_by_type(model: ModelProfile, by_type: dict[str, float], expert_tok: float) -> dict[str, float]:
+    """Routed-expert bytes per token by type; a profile without them spreads the experts evenly."""
+    if model.expert_active_bytes_by_type:
+        return {t: min(float(model.expert_active_bytes_by_type.get(t, 0)), b) for t, b in by_type.items()}
+    share = min(expert_tok / (sum(by_type.values()) or 1.0), 1.0)
+    return {t: b * share for t, b in by_type.items()}
+
+
+def prefill_work(model: ModelProfile, by_type: dict[str, float], n_ubatch: int) -> tuple[dict[str, float], float]:
+    """Active bytes by type and matrix FLOPs per prompt token: llama.cpp computes logits for a
+    prompt batch's last token only (llama-bench's pp and the server's prompt alike), so the
+    output matrix counts once per ubatch, not once per token; for a 1.5B distill with a 152k
+    vocabulary that is 15 % of the per-token FLOPs."""
+    skipped = 1 - 1 / max(n_ubatch, 1)
+    out = dict(by_type)
+    if model.output_type in out:
+        out[model.output_type] = max(out[model.output_type] - model.output_bytes * skipped, 0.0)
+    return out, max(model.flops_per_token - 2 * model.output_params * skipped, 0.0)
+
+
 def combine(a: float, b: float, p: float) -> float:
     """max(a, b) for p = 0, else the p-norm: the larger term, plus some of the smaller one."""
     if p <= 0:
@@ -166,9 +195,10 @@ def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
     by_type = _active_bytes_by_type(model)
     workers = threads ** cal.thread_scaling
     total_active = sum(by_type.values()) or 1.0
-    expert_share = min(expert_tok / total_active, 1.0)
-    t_cpu = sum(b / (workers * nearest_rate(cal.decode_gbps_per_core, t) * 1e9)
-                for t, b in by_type.items() if b) * (1 - expert_share + expert_share / cal.moe_decode_efficiency)
+    experts = _expert_bytes_by_type(model, by_type, expert_tok)
+    t_cpu = sum((b - experts[t] + experts[t] / cal.moe_decode_efficiency)
+                / (workers * nearest_rate(cal.decode_gbps_per_core, t) * 1e9)
+                for t, b in by_type.items() if b)
     # Attention over the cache: K·q and the value mix read the KV in f16 arithmetic.
     t_cpu += kv_read / (workers * nearest_rate(cal.decode_gbps_per_core, "F16") * 1e9)
     t_ovh = (model.n_layer * (cal.overhead_s_per_layer + cal.overhead_s_per_layer_thread * threads)
@@ -179,14 +209,24 @@ def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
         bottleneck = "overhead"
 
     # Prefill: FLOPs of the active matrices per token at each type's rate; one pass over all
-    # weights per ubatch (a batch of 512 touches nearly every expert).
-    flops_tok = model.flops_per_token + model.attn_flops_per_ctx_token * (settings.depth + settings.n_ubatch / 2)
+    # weights per ubatch (a batch of 512 touches nearly every expert). The logits matrix runs
+    # for the ubatch's last token only.
+    pp_bytes, flops_tok = prefill_work(model, by_type, settings.n_ubatch)
+    flops_tok += model.attn_flops_per_ctx_token * (settings.depth + settings.n_ubatch / 2)
     # Routed experts' share of the matrix FLOPs runs at the MoE prefill efficiency.
-    flop_cost = (1 - expert_share) + expert_share / cal.moe_prefill_efficiency
     isa_factor = cal.avx512_prefill_factor if "avx512f" in machine.isa else 1.0
-    t_pp_cpu = sum(flops_tok * flop_cost * (b / total_active)
-                   / (workers * isa_factor * nearest_rate(cal.prefill_gflops_per_core, t) * 1e9)
-                   for t, b in by_type.items() if b)
+    pp_workers = threads ** cal.prefill_thread_scaling
+    # FLOPs follow parameters, not bytes: a Q6_K byte holds fewer weights than a Q4_K byte.
+    bpw = bits_per_weight()
+    params = {t: b * 8 / bpw.get(t, 8.0) for t, b in pp_bytes.items()}
+    total_params = sum(params.values()) or 1.0
+    t_pp_cpu = model.n_layer * model.n_embd * cal.elementwise_s / pp_workers
+    for t, b in pp_bytes.items():
+        if b:
+            expert_share = min(experts[t] / b, 1.0)
+            t_pp_cpu += (flops_tok * params[t] / total_params
+                         * (1 - expert_share + expert_share / cal.moe_prefill_efficiency)
+                         / (pp_workers * isa_factor * nearest_rate(cal.prefill_gflops_per_core, t) * 1e9))
     t_pp_mem = model.weight_bytes / settings.n_ubatch / (eff_bw * 1e9)
     t_pp = combine(t_pp_cpu, t_pp_mem, cal.overlap_p) + t_ovh / settings.n_ubatch
     need = model.weight_bytes + int(kv_tok * (settings.depth + settings.n_ubatch))

@@ -260,7 +260,8 @@ def render_calibration(run, path: Path | None) -> None:
     rows = [("bandwidth efficiency", f"{c.bw_efficiency:.2f} of the probe's read bandwidth"),
             ("MoE expert efficiency", f"{c.moe_bw_efficiency:.2f} of bandwidth, {c.moe_decode_efficiency:.2f} "
                                       f"of decode compute, {c.moe_prefill_efficiency:.2f} of prefill compute"),
-            ("thread scaling", f"compute grows as threads^{c.thread_scaling:.2f}"),
+            ("thread scaling", f"compute grows as threads^{c.thread_scaling:.2f} in decode, "
+                               f"threads^{c.prefill_thread_scaling:.2f} in prefill"),
             ("memory/compute overlap", "perfect: the larger term" if c.overlap_p <= 0
              else f"p-norm, p = {c.overlap_p:.1f}"),
             ("fixed cost per token", f"{c.overhead_s_per_layer * 1e6:.1f} µs + "

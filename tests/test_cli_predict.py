@@ -84,7 +84,8 @@ def test_calibrate_needs_a_probe_first(own_cache):
 def test_calibrate_fits_and_saves_beside_the_profile(own_cache, tmp_path):
     assert run(["probe", "--quick"], catch_exceptions=False).exit_code == 0
     r = run(["calibrate", "--arch", "llama", "--size", "24MiB", "--quant", "q8_0", "--threads", "1",
-             "--reps", "1", "--work-dir", str(tmp_path / "models"), "--json"], catch_exceptions=False)
+             "--reps", "1", "--passes", "1", "--work-dir", str(tmp_path / "models"), "--json"],
+            catch_exceptions=False)
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert Path(doc["saved_to"]) == own_cache / "calibration.json"
@@ -94,3 +95,17 @@ def test_calibrate_fits_and_saves_beside_the_profile(own_cache, tmp_path):
     # predict now uses it.
     r = run(["predict", "-m", "r1-distill-qwen-1.5b", "-q", "q8_0", "--json"], catch_exceptions=False)
     assert json.loads(r.stdout)["calibration_source"] == cal.source
+
+
+def test_measure_keeps_every_run_of_every_sweep_and_fits_the_best(tiny_models, llama_bin_dir, tmp_path):
+    path = tiny_models["llama"].quantized["q8_0"]
+    seen = []
+    points = calibrate.measure(llama_bin_dir / "llama-bench", [path], (1, 2), n_prompt=8, n_gen=4,
+                               reps=2, passes=2, progress=lambda i, n, text: seen.append((i, n, text)))
+    assert [(p.threads, len(p.tg_samples), len(p.pp_samples)) for p in points] == [(1, 4, 4), (2, 4, 4)]
+    for p in points:
+        assert p.tg_tokens_per_s == max(p.tg_samples) and p.pp_tokens_per_s == max(p.pp_samples)
+    assert [s[:2] for s in seen] == [(0, 2), (1, 2), (2, 2)] and "sweep 2/2" in seen[1][2]
+    calibrate.save_points(points, tmp_path / "points.json")
+    back = calibrate.load_points(tmp_path / "points.json")
+    assert [(p.tg_samples, p.pp_tokens_per_s) for p in back] == [(p.tg_samples, p.pp_tokens_per_s) for p in points]

@@ -193,6 +193,10 @@ def test_thread_scaling_below_one_slows_compute_only():
     assert four.t_compute_s == pytest.approx(one.t_compute_s / 2)
     assert one.t_compute_s == pytest.approx(predict(m, BOX, Settings(threads=1), CAL).t_compute_s)
     assert four.t_memory_s == predict(m, BOX, Settings(threads=4), CAL).t_memory_s
+    # Prefill has its own exponent: 0.5 in decode leaves prefill linear.
+    assert four.pp_tokens_per_s == pytest.approx(predict(m, BOX, Settings(threads=4), CAL).pp_tokens_per_s)
+    pp_half = dataclasses.replace(CAL, prefill_thread_scaling=0.5)
+    assert predict(m, BOX, Settings(threads=4), pp_half).pp_tokens_per_s < four.pp_tokens_per_s
 
 
 def test_moe_decode_efficiency_slows_the_expert_share_of_compute():
@@ -212,3 +216,39 @@ def test_fit_finds_a_sublinear_thread_scaling():
     # Per-thread overhead trades against it a little, so the fit lands near, not on, the truth.
     assert 0.65 < fitted.thread_scaling < 0.8
     assert max(abs(e) for e in calibrate.log_errors(points, SMALL, fitted)) < 0.03
+
+
+def test_prefill_counts_the_logits_once_per_ubatch_and_flops_by_parameters():
+    m = dense_q8()
+    layers = 10 * 1024 * 4096  # weights in the ffn_up matrices
+    logits = 32000 * 1024
+    assert m.output_params == logits and m.output_type == "Q8_0"
+    slow = dataclasses.replace(CAL, overhead_s_per_layer=0.0, overhead_s_per_layer_thread=0.0)
+    p = predict(m, BOX, Settings(threads=1, n_ubatch=64), slow)
+    # One thread, all Q8_0: 2 FLOPs per weight of the layers, plus the logits for 1 token in 64.
+    flops = 2 * layers + 2 * logits / 64 + m.attn_flops_per_ctx_token * 32  # scores over half the ubatch
+    t_cpu = flops / (50.0 * GB)
+    t_mem = m.weight_bytes / 64 / (0.8 * 25.0 * GB)
+    assert 1 / p.pp_tokens_per_s == pytest.approx(max(t_cpu, t_mem))
+    # A per-width cost adds n_layer x n_embd x seconds to each prompt token, decode untouched.
+    wide = predict(m, BOX, Settings(threads=1, n_ubatch=64), dataclasses.replace(slow, elementwise_s=1e-8))
+    assert 1 / wide.pp_tokens_per_s == pytest.approx(max(t_cpu + 10 * 1024 * 1e-8, t_mem))
+    assert wide.tg_tokens_per_s == p.tg_tokens_per_s
+
+
+def test_prefill_flops_follow_parameters_across_types():
+    """A Q6_K byte holds fewer weights than a Q8_0 byte: FLOPs split by weights, not bytes."""
+    meta = {"general.architecture": "llama", "llama.block_count": 1, "llama.embedding_length": 256,
+            "llama.attention.head_count": 8, "llama.attention.head_count_kv": 8}
+    Q6_K = 14
+    tensors = [TensorInfo("blk.0.ffn_up.weight", "Q8_0", Q8_0, (256, 1024), 256 * 1024,
+                          tensor_bytes((256, 1024), Q8_0)),
+               TensorInfo("blk.0.ffn_down.weight", "Q6_K", Q6_K, (1024, 256), 256 * 1024,
+                          tensor_bytes((1024, 256), Q6_K))]
+    m = profile_from(meta, tensors, file_bytes=0)
+    cal = dataclasses.replace(CAL, prefill_gflops_per_core={"Q8_0": 50.0, "Q6_K": 10.0},
+                              overhead_s_per_layer=0.0, overhead_s_per_layer_thread=0.0)
+    p = predict(m, BOX, Settings(threads=1, n_ubatch=512), cal)
+    # Equal weights of each type: half the FLOPs at 50, half at 10 GFLOP/s, whatever the bytes.
+    flops = 2 * 2 * 256 * 1024 + m.attn_flops_per_ctx_token * 256
+    assert 1 / p.pp_tokens_per_s == pytest.approx(flops / 2 / (50 * GB) + flops / 2 / (10 * GB))
