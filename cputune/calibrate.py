@@ -182,8 +182,10 @@ def calibrate_box(machine: MachineBandwidth, bin_dir: Path, work_dir: Path, arch
 
 
 # Shares in (0, 1) are fitted through a logistic, everything else through a log: both keep the
-# value in range without a kink (a hard cap has no gradient past it, and LM stalls there).
-SHARES = ("eff", "moe", "moe_pp", "moe_tg", "ts", "ts_pp")
+# value in range without a kink (a hard cap has no gradient past it, and LM stalls there). The
+# MoE prefill efficiencies are logs: started at 1 they sat on the logistic's flat top and never
+# moved (fitted here they land at 0.35-0.85).
+SHARES = ("eff", "moe", "moe_tg", "ts", "ts_pp")
 
 
 def _to_x(name: str, value: float) -> float:
@@ -250,12 +252,14 @@ def least_squares(residuals: Callable[[list[float]], list[float]], x0: list[floa
     return list(x)
 
 
-def fitted_types(points: Sequence[Point], share: float = 0.05) -> list[str]:
-    """Types holding at least `share` of some model's active bytes: the ones the runs can tell apart."""
+def fitted_types(points: Sequence[Point], share: float = 0.05, experts: bool = False) -> list[str]:
+    """Types holding at least `share` of some model's active bytes (of its routed-expert bytes,
+    with `experts`): the ones the runs can tell apart."""
     types = set()
     for p in points:
-        total = sum(p.model.active_bytes_by_type.values()) or 1
-        types |= {t for t, b in p.model.active_bytes_by_type.items() if b / total >= share}
+        by_type = p.model.expert_active_bytes_by_type if experts else p.model.active_bytes_by_type
+        total = sum(by_type.values()) or 1
+        types |= {t for t, b in by_type.items() if b / total >= share}
     return sorted(types)
 
 
@@ -277,7 +281,10 @@ def fit(points: Sequence[Point], machine: MachineBandwidth, start: Calibration,
     cannot tell it; `fit_efficiency=False` keeps the starting value (from published runs).
     """
     types = fitted_types(points)
-    moe = ["moe", "moe_pp", "moe_tg"] if any(p.model.is_moe for p in points) else []
+    # MoE prefill efficiency per routed-expert type (the scalar where the runs have none).
+    expert_types = fitted_types(points, experts=True)
+    moe = ["moe", "moe_tg"] + ([f"moe_pp:{t}" for t in expert_types] or ["moe_pp"]) \
+        if any(p.model.is_moe for p in points) else []
     # Thread scaling and the overlap exponent need runs at more than one thread count to tell
     # them from the per-core rates.
     shape = ["ts", "ts_pp", "p"] if len({p.threads for p in points}) > 1 else []
@@ -299,6 +306,9 @@ def fit(points: Sequence[Point], machine: MachineBandwidth, start: Calibration,
             overlap_p=v.get("p", start.overlap_p),
             overhead_s_per_layer=v["ovh"], overhead_s_per_layer_thread=v["ovh_t"],
             elementwise_s=v.get("elem", start.elementwise_s),
+            moe_prefill_efficiency_by_type={
+                **start.moe_prefill_efficiency_by_type,
+                **{n.split(":", 1)[1]: a for n, a in v.items() if n.startswith("moe_pp:")}},
             decode_gbps_per_core={**start.decode_gbps_per_core,
                                   **{t: v[f"tg:{t}"] for t in types}},
             prefill_gflops_per_core={**start.prefill_gflops_per_core,
@@ -312,6 +322,8 @@ def fit(points: Sequence[Point], machine: MachineBandwidth, start: Calibration,
                 # LM sees a gradient; a log parameter cannot start at 0.
                 "elem": c.elementwise_s or 2e-8,
                 "moe": c.moe_bw_efficiency, "moe_pp": c.moe_prefill_efficiency,
+                **{f"moe_pp:{t}": c.moe_prefill_efficiency_by_type.get(t, c.moe_prefill_efficiency)
+                   for t in expert_types},
                 "moe_tg": min(c.moe_decode_efficiency, 0.95), "ts": min(c.thread_scaling, 0.95),
                 "ts_pp": min(c.prefill_thread_scaling, 0.95),
                 # p = 0 means max(); a p-norm near it is a large p.
@@ -455,7 +467,9 @@ def calibration_toml(cal: Calibration, section: str, extra: dict[str, float] | N
             lines.append(f"{f} = {num(v)}")
     for k, v in (extra or {}).items():
         lines.append(f"{k} = {num(v)}")
-    for table in ("decode_gbps_per_core", "prefill_gflops_per_core"):
+    for table in ("decode_gbps_per_core", "prefill_gflops_per_core", "moe_prefill_efficiency_by_type"):
+        if not getattr(cal, table):
+            continue
         lines += ["", f"[{section}.{table}]"]
         lines += [f"{t} = {num(r)}" for t, r in getattr(cal, table).items()]
     return "\n".join(lines) + "\n"

@@ -59,6 +59,9 @@ class Calibration:
         physical core's load ports (SMT siblings, or vCPUs a hypervisor places on one core).
     prefill_thread_scaling: the same for prompt processing, whose matrix-matrix products reuse
         each loaded weight many times and so scale nearer to linear.
+    moe_prefill_efficiency_by_type: the same per weight type, where a box's own runs tell them
+        apart: the dense mul_mat has tiled GEMMs (llamafile sgemm) for F16 and Q8_0 that the
+        experts' mul_mat_id does not use, while repacked K-quants run both paths alike.
     elementwise_s: prefill seconds per prompt token, layer and embedding element: work that grows
         with width, not parameters (norms, residual adds, RoPE, expert routing, converting
         activations for each matmul, and narrow matrices' poorer GEMM tiling). It does not shrink
@@ -79,6 +82,7 @@ class Calibration:
     prefill_thread_scaling: float = 1.0
     moe_decode_efficiency: float = 1.0
     elementwise_s: float = 0.0
+    moe_prefill_efficiency_by_type: dict[str, float] = field(default_factory=dict)
     source: str = "default"
 
 
@@ -213,7 +217,7 @@ def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
     # for the ubatch's last token only.
     pp_bytes, flops_tok = prefill_work(model, by_type, settings.n_ubatch)
     flops_tok += model.attn_flops_per_ctx_token * (settings.depth + settings.n_ubatch / 2)
-    # Routed experts' share of the matrix FLOPs runs at the MoE prefill efficiency.
+    # Routed experts' share of the matrix FLOPs runs at the MoE prefill efficiency of its type.
     isa_factor = cal.avx512_prefill_factor if "avx512f" in machine.isa else 1.0
     pp_workers = threads ** cal.prefill_thread_scaling
     # FLOPs follow parameters, not bytes: a Q6_K byte holds fewer weights than a Q4_K byte.
@@ -224,8 +228,9 @@ def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
     for t, b in pp_bytes.items():
         if b:
             expert_share = min(experts[t] / b, 1.0)
+            moe_eff = cal.moe_prefill_efficiency_by_type.get(t, cal.moe_prefill_efficiency)
             t_pp_cpu += (flops_tok * params[t] / total_params
-                         * (1 - expert_share + expert_share / cal.moe_prefill_efficiency)
+                         * (1 - expert_share + expert_share / moe_eff)
                          / (pp_workers * isa_factor * nearest_rate(cal.prefill_gflops_per_core, t) * 1e9))
     t_pp_mem = model.weight_bytes / settings.n_ubatch / (eff_bw * 1e9)
     t_pp = combine(t_pp_cpu, t_pp_mem, cal.overlap_p) + t_ovh / settings.n_ubatch

@@ -252,3 +252,31 @@ def test_prefill_flops_follow_parameters_across_types():
     # Equal weights of each type: half the FLOPs at 50, half at 10 GFLOP/s, whatever the bytes.
     flops = 2 * 2 * 256 * 1024 + m.attn_flops_per_ctx_token * 256
     assert 1 / p.pp_tokens_per_s == pytest.approx(flops / 2 / (50 * GB) + flops / 2 / (10 * GB))
+
+
+def test_moe_prefill_efficiency_by_type_applies_to_that_types_experts_only():
+    m = moe_q8()
+    assert m.expert_active_bytes_by_type == {"Q8_0": m.expert_bytes * 2 // 8}
+    base = dataclasses.replace(CAL, moe_prefill_efficiency=1.0, overhead_s_per_layer=0.0,
+                               overhead_s_per_layer_thread=0.0)
+    t = [1 / predict(m, BOX, Settings(threads=1, n_ubatch=512), c).pp_tokens_per_s
+         for c in (base, dataclasses.replace(base, moe_prefill_efficiency_by_type={"Q8_0": 0.5}),
+                   dataclasses.replace(base, moe_prefill_efficiency_by_type={"F16": 0.5}))]
+    # attn_q and the two used experts hold equal weights, so 2/3 of the FLOPs run at half
+    # speed: 1/3 + 2/3 x 2 = 5/3 of the time (compute-bound: 1 thread, ubatch 512).
+    assert t[1] == pytest.approx(t[0] * 5 / 3)
+    assert t[2] == t[0]  # no F16 experts here
+
+
+def test_fit_tells_the_expert_prefill_efficiency_per_type():
+    truth = dataclasses.replace(CAL, moe_prefill_efficiency_by_type={"Q8_0": 0.4})
+    points = []
+    for n_expert, used in ((8, 2), (16, 4), (32, 2)):
+        m = moe_q8(n_expert, used)
+        for t in (1, 2):
+            p = predict(m, SMALL, Settings(threads=t, n_ubatch=64), truth)
+            points.append(calibrate.Point(m, t, 64, p.tg_tokens_per_s, p.pp_tokens_per_s))
+    fitted = calibrate.fit(points, SMALL, CAL, fit_efficiency=False)
+    assert list(fitted.moe_prefill_efficiency_by_type) == ["Q8_0"]
+    assert max(abs(e) for e in calibrate.log_errors(points, SMALL, fitted)) < 0.03
+    assert "[published.moe_prefill_efficiency_by_type]\nQ8_0 = " in calibrate.calibration_toml(fitted, "published")
