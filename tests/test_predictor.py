@@ -91,11 +91,11 @@ def test_moe_reads_fewer_bytes_than_it_stores():
 SMALL = MachineBandwidth("small", 1, 1, 2, 30.0, 18.0, 1.0, 24 << 30)
 
 
-def runs_made_by(truth: Calibration) -> list:
-    """Three dense models at 1 and 2 threads on SMALL, 'measured' by predict() with `truth`."""
+def runs_made_by(truth: Calibration, models=None) -> list:
+    """Models (three dense ones unless given) at 1 and 2 threads on SMALL, 'measured' by
+    predict() with `truth`."""
     points = []
-    for n_layer, width in ((4, 1024), (16, 1024), (8, 2048)):
-        m = dense_q8(n_layer, width)
+    for m in models or [dense_q8(n_layer, width) for n_layer, width in ((4, 1024), (16, 1024), (8, 2048))]:
         for t in (1, 2):
             p = predict(m, SMALL, Settings(threads=t, n_ubatch=64), truth)
             points.append(calibrate.Point(m, t, 64, p.tg_tokens_per_s, p.pp_tokens_per_s))
@@ -270,12 +270,7 @@ def test_moe_prefill_efficiency_by_type_applies_to_that_types_experts_only():
 
 def test_fit_tells_the_expert_prefill_efficiency_per_type():
     truth = dataclasses.replace(CAL, moe_prefill_efficiency_by_type={"Q8_0": 0.4})
-    points = []
-    for n_expert, used in ((8, 2), (16, 4), (32, 2)):
-        m = moe_q8(n_expert, used)
-        for t in (1, 2):
-            p = predict(m, SMALL, Settings(threads=t, n_ubatch=64), truth)
-            points.append(calibrate.Point(m, t, 64, p.tg_tokens_per_s, p.pp_tokens_per_s))
+    points = runs_made_by(truth, [moe_q8(n_expert, used) for n_expert, used in ((8, 2), (16, 4), (32, 2))])
     fitted = calibrate.fit(points, SMALL, CAL, fit_efficiency=False)
     assert list(fitted.moe_prefill_efficiency_by_type) == ["Q8_0"]
     assert max(abs(e) for e in calibrate.log_errors(points, SMALL, fitted)) < 0.03
