@@ -1,7 +1,7 @@
 """How right is `cputune predict`? Calibrate on one set of synthetic models, then predict and
 measure (llama-bench, same run) a different set; and the error on the published big-server runs.
 
-    python benchmarks/predict_accuracy.py                  # both parts (about 50 min on 2 cores)
+    python benchmarks/predict_accuracy.py                  # both parts (15 min on 2 cores, once the models exist)
     python benchmarks/predict_accuracy.py --published-only # the published rows only (1 s)
     python benchmarks/predict_accuracy.py --published-only --toml   # re-fit [published], print TOML
 
@@ -141,8 +141,8 @@ def main() -> int:
     ap.add_argument("--published-only", action="store_true")
     ap.add_argument("--toml", action="store_true", help="re-fit the [published] constants and print them")
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--reps", type=int, default=3, help="llama-bench repetitions per sweep")
-    ap.add_argument("--passes", type=int, default=3, help="sweeps over all models; a point is the best run")
+    ap.add_argument("--reps", type=int, default=2, help="llama-bench repetitions per sweep")
+    ap.add_argument("--passes", type=int, default=8, help="sweeps over all models; a point is the best run")
     ap.add_argument("--work-dir")
     ap.add_argument("--reuse", action="store_true", help="fit and predict from the last run's measurements")
     args = ap.parse_args()
