@@ -257,15 +257,18 @@ def render_calibration(run, path: Path | None) -> None:
                   f"{e_tg:+.1%}", f"{pt.pp_tokens_per_s:.1f}", f"{e_pp:+.1%}")
     out.print(t)
     c = run.calibration
+    moe_pp = (", ".join(f"{t} {v:.2f}" for t, v in c.moe_prefill_efficiency_by_type.items())
+              if c.moe_prefill_efficiency_by_type else f"{c.moe_prefill_efficiency:.2f}")
     rows = [("bandwidth efficiency", f"{c.bw_efficiency:.2f} of the probe's read bandwidth"),
             ("MoE expert efficiency", f"{c.moe_bw_efficiency:.2f} of bandwidth, {c.moe_decode_efficiency:.2f} "
-                                      f"of decode compute, {c.moe_prefill_efficiency:.2f} of prefill compute"),
+                                      f"of decode compute, of prefill compute {moe_pp}"),
             ("thread scaling", f"compute grows as threads^{c.thread_scaling:.2f} in decode, "
                                f"threads^{c.prefill_thread_scaling:.2f} in prefill"),
             ("memory/compute overlap", "perfect: the larger term" if c.overlap_p <= 0
              else f"p-norm, p = {c.overlap_p:.1f}"),
             ("fixed cost per token", f"{c.overhead_s_per_layer * 1e6:.1f} µs + "
-                                     f"{c.overhead_s_per_layer_thread * 1e6:.2f} µs x threads, per layer")]
+                                     f"{c.overhead_s_per_layer_thread * 1e6:.2f} µs x threads, per layer"),
+            ("width cost in prefill", f"{c.elementwise_s * 1e9:.1f} ns per layer x embedding element")]
     rows += [(f"decode {k}", f"{v:.1f} GB/s per core") for k, v in c.decode_gbps_per_core.items()
              if any(k in pt.model.active_bytes_by_type for pt in run.points)]
     rows += [(f"prefill {k}", f"{v:.1f} GFLOP/s per core") for k, v in c.prefill_gflops_per_core.items()

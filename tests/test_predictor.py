@@ -275,3 +275,15 @@ def test_fit_tells_the_expert_prefill_efficiency_per_type():
     assert list(fitted.moe_prefill_efficiency_by_type) == ["Q8_0"]
     assert max(abs(e) for e in calibrate.log_errors(points, SMALL, fitted)) < 0.03
     assert "[published.moe_prefill_efficiency_by_type]\nQ8_0 = " in calibrate.calibration_toml(fitted, "published")
+
+
+def test_calibration_table_shows_the_per_type_expert_efficiencies():
+    from cputune import report
+    m = moe_q8()
+    cal = dataclasses.replace(CAL, moe_prefill_efficiency_by_type={"Q8_0": 0.42}, elementwise_s=3e-8)
+    run = calibrate.CalibrationRun(cal, (calibrate.Point(m, 1, 64, 10.0, 100.0),),
+                                   ((calibrate.Point(m, 1, 64, 10.0, 100.0), 0.01, -0.02),))
+    with report.out.capture() as cap:
+        report.render_calibration(run, None)
+    text = cap.get()
+    assert "of prefill compute Q8_0 0.42" in text and "30.0 ns per layer" in text
