@@ -80,11 +80,16 @@ def local(args) -> bool:
             print(f"  train outlier {Path(p.model.path).name} t={p.threads}: tg {et:+.0%} pp {ep:+.0%}")
 
     rows, tg_err, pp_err = [], [], []
+    spread, med_err = [], []  # every sample kept: how far the median run is from the best
     for p in points:
         pred = predict(p.model, box.machine, Settings(threads=p.threads, n_ubatch=p.n_prompt), cal)
         et, ep = pred.tg_tokens_per_s / p.tg_tokens_per_s - 1, pred.pp_tokens_per_s / p.pp_tokens_per_s - 1
         tg_err.append(et)
         pp_err.append(ep)
+        for xs, v in ((p.tg_samples, pred.tg_tokens_per_s), (p.pp_samples, pred.pp_tokens_per_s)):
+            if xs:
+                spread.append(1 - statistics.median(xs) / max(xs))
+                med_err.append(v / statistics.median(xs) - 1)
         rows.append((Path(p.model.path).name, p.threads, f"{p.tg_tokens_per_s:.2f}",
                      f"{pred.tg_tokens_per_s:.2f}", f"{et:+.1%}", pred.bottleneck,
                      f"{p.pp_tokens_per_s:.1f}", f"{pred.pp_tokens_per_s:.1f}", f"{ep:+.1%}"))
@@ -92,14 +97,7 @@ def local(args) -> bool:
     print(table(rows, ("test model", "thr", "tg meas", "tg pred", "tg err", "bound",
                        "pp meas", "pp pred", "pp err")))
     print()
-    sampled = [p for p in points if p.tg_samples and p.pp_samples]
-    if sampled:
-        spread, med_err = [], []
-        for p in sampled:
-            pred = predict(p.model, box.machine, Settings(threads=p.threads, n_ubatch=p.n_prompt), cal)
-            for xs, v in ((p.tg_samples, pred.tg_tokens_per_s), (p.pp_samples, pred.pp_tokens_per_s)):
-                spread.append(1 - statistics.median(xs) / max(xs))
-                med_err.append(v / statistics.median(xs) - 1)
+    if spread:
         print(f"run-to-run: the median run is {statistics.median(spread):.1%} slower than the best "
               f"(worst point {max(spread):.1%})")
         print(f"against the median runs instead of the best: {stats(med_err)}")
