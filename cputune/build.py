@@ -127,8 +127,19 @@ def _run(argv: list[str], **kw) -> subprocess.CompletedProcess:
     return p
 
 
+def pinned_sdist_sha256() -> str:
+    return load_toml("llama_cpp.toml")["pin"]["llama_cpp_python_sdist_sha256"]
+
+
 def fetch_pinned_source(root: Path | None = None) -> Source:
-    """The llama.cpp tree vendored in the pinned llama-cpp-python sdist, fetched with pip once."""
+    """The llama.cpp tree vendored in the pinned llama-cpp-python sdist, fetched with pip once.
+
+    pip prepares an sdist's metadata before it saves it, which needs the sdist's build backend
+    (scikit-build-core). pip's build isolation installs that backend into a throwaway
+    environment, so the user's venv needs nothing extra; `--no-build-isolation` would look for
+    it in the venv and fail on every fresh machine. The sdist is checked against the pinned
+    sha256 (`--require-hashes`), so the tree we build is the one we pinned.
+    """
     root = root or cache_root()
     version = pinned_version()
     top = root / "src" / f"llama_cpp_python-{version}"
@@ -136,12 +147,15 @@ def fetch_pinned_source(root: Path | None = None) -> Source:
     if not (tree / "CMakeLists.txt").exists():
         (root / "src").mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=root / "src") as tmp:
+            req = Path(tmp) / "requirements.txt"
+            req.write_text(f"llama-cpp-python=={version} "
+                           f"--hash=sha256:{pinned_sdist_sha256()}\n")
             _run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-                  "--no-build-isolation", "-d", tmp, f"llama-cpp-python=={version}"])
+                  "--require-hashes", "-d", tmp, "-r", str(req)])
             sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
             if not sdists:
                 raise ConfigError(f"pip did not download the llama-cpp-python {version} sdist",
-                                  hint="check that PyPI is reachable")
+                                 hint="check that PyPI is reachable")
             unpack = Path(tmp) / "unpack"
             with tarfile.open(sdists[0]) as tf:
                 kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
