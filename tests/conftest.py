@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from cputune import synth
+from helpers import extract_tree
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -89,3 +90,20 @@ def own_cache(tmp_path, monkeypatch):
     (root / "builds").symlink_to(real.path.parent)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     return root
+
+
+# --- hwloc's recorded machines, extracted once per run ------------------------------------------
+
+@pytest.fixture(scope="session")
+def sysfs_tree(tmp_path_factory):
+    """NAME -> the extracted root of tests/fixtures/sysfs/NAME.tar.bz2; each tarball is extracted
+    once per run, on first use, and shared by every module (read-only: never write into a tree)."""
+    base = tmp_path_factory.mktemp("sysfs")
+    roots: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in roots:
+            roots[name] = extract_tree(FIXTURES / "sysfs" / f"{name}.tar.bz2", base / name)
+        return roots[name]
+
+    return get

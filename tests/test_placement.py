@@ -3,50 +3,20 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from cputune import launch, serve
+from cputune import serve
 from cputune.errors import ConfigError
 from cputune.hwloc_xml import load_hwloc_xml
 from cputune.placement import NumaChoice, llama_visible_nodes, parse_numa, plan_placement
 from cputune.sysfs import format_cpulist
-from cputune.topology import NumaNode, Topology, discover_topology
-from test_topology import extract_tree
+from cputune.topology import discover_topology
+from helpers import SERVER_FLAGS, xml_box
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GiB = 1 << 30
-SERVER_FLAGS = launch.parse_help_flags((FIXTURES / "llama_help" / "0c1e57098-llama-server.txt").read_text())
-
-
-def nps1(t: Topology, mem_per_node_bytes: int) -> Topology:
-    """An lstopo XML made from a CPUID dump has one NUMA node for the whole box (fixtures README);
-    booted in NPS1 (AMD) or with SNC off (Intel) the same box has one node per socket."""
-    nodes = tuple(NumaNode(id=p.id, cpus=p.cpus, mem_total_bytes=mem_per_node_bytes,
-                           mem_free_bytes=mem_per_node_bytes, distances=(10, 32) if p.id == 0 else (32, 10),
-                           merged_node_ids=(p.id,)) for p in t.packages)
-    return replace(t, nodes=nodes, cores=tuple(replace(c, node_id=c.package_id) for c in t.cores),
-                   packages=tuple(replace(p, node_ids=(p.id,)) for p in t.packages),
-                   allowed_node_ids=tuple(n.id for n in nodes))
-
-
-def xml_box(name: str, mem_per_node_gib: int) -> Topology:
-    return nps1(load_hwloc_xml(FIXTURES / "hwloc" / f"{name}.xml"), mem_per_node_gib * GiB)
-
-
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    base = tmp_path_factory.mktemp("placement_trees")
-    roots: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in roots:
-            roots[name] = extract_tree(FIXTURES / "sysfs" / f"{name}.tar.bz2", base / name)
-        return roots[name]
-
-    return get
 
 
 def argv_for(p, model="/models/DeepSeek-R1-Q4_K_M-00001-of-00009.gguf"):
@@ -148,25 +118,25 @@ def test_cascade_lake_interleaved_cpu_numbers():
 
 # --- hwloc's recorded sysfs trees ----------------------------------------------------------------
 
-def test_sparse_node_ids_are_partly_invisible_to_llama_cpp(tree):
+def test_sparse_node_ids_are_partly_invisible_to_llama_cpp(sysfs_tree):
     # 4 packages x 2 nodes, node ids 0,1,2,33,34,45,72,73: ggml_numa_init stops at node3
-    t = discover_topology(tree("48amd64-4pa2n6c-sparse"))
+    t = discover_topology(sysfs_tree("48amd64-4pa2n6c-sparse"))
     assert llama_visible_nodes(t.node_ids) == (0, 1, 2)
     p = plan_placement(t, "distribute")
     assert p.node_ids == (0, 1, 2) and p.threads == 18  # 3 visible nodes x 6 cores
     assert any("sees nodes 0-2 only" in w and "33-34,45,72-73" in w for w in p.warnings)
 
 
-def test_eight_nodes_all_visible(tree):
-    t = discover_topology(tree("16amd64-8n2c"))
+def test_eight_nodes_all_visible(sysfs_tree):
+    t = discover_topology(sysfs_tree("16amd64-8n2c"))
     p = plan_placement(t, "interleave")
     assert p.node_ids == tuple(range(8)) and p.threads == 16 and p.warnings == ()
     assert p.numactl_argv == ("numactl", "--interleave=all")
 
 
-def test_cgroup_cpuset_limits_the_plan(tree):
+def test_cgroup_cpuset_limits_the_plan(sysfs_tree):
     # 4 sockets x 2 nodes, but the recorded process's cpuset allows CPUs 0-5 only
-    root = tree("32amd64-4s2n4c-cgroup2")
+    root = sysfs_tree("32amd64-4s2n4c-cgroup2")
     t = discover_topology(root)
     avail = serve.node_available_bytes(root)
     assert sorted(avail) == list(range(8)) and all(v > 8 * GiB for v in avail.values())
@@ -179,9 +149,9 @@ def test_cgroup_cpuset_limits_the_plan(tree):
     assert e.value.hint == "nodes with CPUs here: 0-1"
 
 
-def test_one_online_node_plans_nothing(tree):
+def test_one_online_node_plans_nothing(sysfs_tree):
     # Node 0 is offline; node 1 holds 8 of the 17 online CPUs, the rest are in no online node.
-    t = discover_topology(tree("offline-cpu0-node0"))
+    t = discover_topology(sysfs_tree("offline-cpu0-node0"))
     auto = plan_placement(t, "auto")
     assert (auto.mode, auto.threads) == ("off", 17)
     p = plan_placement(t, "node:1")

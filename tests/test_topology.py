@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import posixpath
 import re
 import sys
 import tarfile
@@ -29,6 +28,7 @@ from cputune.topology import (
     parse_cpuinfo,
     parse_meminfo,
 )
+from helpers import check_inside
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SYSFS = FIXTURES / "sysfs"
@@ -37,39 +37,6 @@ TREES = sorted(p.name.removesuffix(".tar.bz2") for p in SYSFS.glob("*.tar.bz2"))
 CONSOLES = sorted(p.stem for p in SYSFS.glob("*.console"))
 XMLS = sorted(p.stem for p in HWLOC.glob("*.xml"))
 GiB, MiB, KiB = 1 << 30, 1 << 20, 1 << 10
-
-
-def _check_inside(member: tarfile.TarInfo) -> None:
-    """Refuse a member whose name or link target leaves the extracted tree."""
-    paths = [member.name]
-    if member.issym():  # relative to the link's own folder
-        paths.append(posixpath.join(posixpath.dirname(member.name), member.linkname))
-    elif member.islnk():  # relative to the archive's root
-        paths.append(member.linkname)
-    for path in map(posixpath.normpath, paths):
-        if path.startswith("/") or path == ".." or path.startswith("../"):
-            raise ValueError(f"{member.name} leaves the extracted tree")
-
-
-def _inside_tree(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-    # A cheaper filter than "data", which resolves a realpath for each of the 13,000 members;
-    # dropping the recorded owners also spares root a user and group lookup per member.
-    _check_inside(member)
-    return member.replace(uid=None, gid=None, uname=None, gname=None, deep=False)
-
-
-def extract_tree(tarball: Path, dest: Path) -> Path:
-    """Extract one recorded tree; returns its top folder (named as hwloc recorded it, which is
-    not always the tarball's name)."""
-    with tarfile.open(tarball) as tf:
-        if hasattr(tarfile, "data_filter"):  # extraction filters: Python 3.10.12+, 3.11.4+
-            tf.extractall(dest, filter=_inside_tree)
-        else:  # pragma: no cover
-            for member in tf.getmembers():
-                _check_inside(member)
-            tf.extractall(dest)
-    (top,) = [p for p in dest.iterdir() if p.is_dir()]
-    return top
 
 
 @pytest.mark.parametrize("kind, name, link, ok", [
@@ -86,29 +53,15 @@ def test_extraction_stays_inside_the_tree(kind, name, link, ok):
     member = tarfile.TarInfo(name)
     member.type, member.linkname = kind, link
     if ok:
-        _check_inside(member)
+        check_inside(member)
     else:
         with pytest.raises(ValueError, match="leaves the extracted tree"):
-            _check_inside(member)
+            check_inside(member)
 
 
 def test_fixture_set_is_complete():
     assert len(TREES) == 9 and len(CONSOLES) == 7 and len(XMLS) == 5
     assert (SYSFS / "COPYING").is_file() and (HWLOC / "COPYING").is_file()
-
-
-@pytest.fixture(scope="session")
-def sysfs_tree(tmp_path_factory):
-    """NAME -> the extracted tree's root; each tarball is extracted once, on first use."""
-    base = tmp_path_factory.mktemp("sysfs")
-    roots: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in roots:
-            roots[name] = extract_tree(SYSFS / f"{name}.tar.bz2", base / name)
-        return roots[name]
-
-    return get
 
 
 @lru_cache(maxsize=None)

@@ -16,7 +16,7 @@ from cputune.cli import cli
 from cputune.errors import ProcessFailed
 from cputune.gguf_model import read_model
 from cputune.topology import discover_topology
-from test_placement import SERVER_FLAGS, xml_box
+from helpers import SERVER_FLAGS, xml_box
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GiB = 1 << 30
