@@ -4,7 +4,6 @@ peak-bandwidth arithmetic, the CPU-family table, and discover_memory on recorded
 from __future__ import annotations
 
 import re
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -29,17 +28,11 @@ FIXTURES = Path(__file__).parent / "fixtures"
 DMI = FIXTURES / "dmi"
 GiB, KiB = 1 << 30, 1 << 10
 
-_SAFE = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-
 
 @pytest.fixture(scope="module")
-def recorded_tree(tmp_path_factory) -> Path:
+def recorded_tree(sysfs_tree) -> Path:
     """hwloc's buggy-NUMA Xeon tree (one of the small ones): 8 nodes, 2 MiB pools per node."""
-    dest = tmp_path_factory.mktemp("sysfs-memory")
-    with tarfile.open(FIXTURES / "sysfs/8em64t-2s2ca2c-buggynuma.tar.bz2") as tf:
-        tf.extractall(dest, **_SAFE)
-    (top,) = [p for p in dest.iterdir() if p.is_dir()]
-    return top
+    return sysfs_tree("8em64t-2s2ca2c-buggynuma")  # extracted once per run (conftest)
 
 
 def fixture_text(name: str) -> str:
