@@ -132,13 +132,15 @@ def probe_cmd(quick, measure, memory_spec, hwloc_xml, show, save, sysfs_root, as
 
 
 @cli.command("inspect")
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", metavar="FILE|NAME")
 @json_option
 def inspect_cmd(model, as_json):
-    """What a GGUF model costs per token: active bytes (MoE-aware), FLOPs, KV cache; headers only."""
+    """What a GGUF model costs per token: active bytes (MoE-aware), FLOPs, KV cache; headers only.
+    NAME is looked up in the models folder, as --model is everywhere."""
     from cputune import gguf_model
+    from cputune.resolve import resolve
 
-    m = gguf_model.read_model(model)
+    m = resolve(model, catalog=False).one_file().profile
     kv = gguf_model.kv_bytes_per_token(m, "f16")
     if as_json:
         return report.print_json(report.document("cputune.model/1", model=m,
@@ -240,11 +242,11 @@ def plan_cmd(hardware_spec, model, quant, target_tps, ctx_tokens, cache_type, nu
 def predict_cmd(model, quant, hardware, threads, numa, depth, cache_type, as_json):
     """Decode and prefill tokens/s for a model on this box or a described one, and the bottleneck."""
     from cputune import hardware as hw
-    from cputune.modelfiles import resolve_model
     from cputune.predictor import Settings, predict
+    from cputune.resolve import resolve
 
+    prof = resolve(model, quant).profile(quant)
     box = hw.resolve_box(hardware)
-    prof = resolve_model(model, quant)
     settings = hw.default_settings(box.machine, prof, numa, threads, depth, cache_type)
     p = predict(prof, box.machine, settings, box.calibration)
     if as_json:
@@ -367,14 +369,14 @@ def tune_cmd(model, quant, models_dir, twin_size, budget, kinds, depth, n_prompt
     prefill separately; keep the best for `serve` and report the gain over llama.cpp's defaults."""
     import shutil
 
-    from cputune import build, gguf_model, hardware, modelfiles, selector, tune, units
+    from cputune import build, gguf_model, hardware, resolve, selector, tune, units
     from cputune.topology import discover_topology
 
     budget_s = units.parse_duration(budget)
     kind_list = tune.kinds_from(kinds)
     box = hardware.resolve_box(None)
     b = build.require_build()
-    path = modelfiles.bench_target(model, quant, models_dir, twin_size, b.bin_dir / "llama-quantize")
+    path = resolve.bench_target(model, quant, models_dir, twin_size, b.bin_dir / "llama-quantize")
     prof = gguf_model.read_model(path)
     topo = discover_topology()
     need = selector.ram_needed(prof, max(depth + max(n_prompt, n_gen), 512), isa=topo.isa_flags).total_bytes
@@ -432,11 +434,11 @@ def report_cmd(out_path, fmt, charts, as_json):
 @json_option
 def bench_cmd(model, quant, models_dir, twin_size, threads, depth, n_prompt, n_gen, reps, as_json):
     """Measure tokens/s with llama-bench beside the prediction and the roofline; keeps a history."""
-    from cputune import bench, build, gguf_model, hardware, modelfiles
+    from cputune import bench, build, gguf_model, hardware, probe, resolve
 
     box = hardware.resolve_box(None)
     b = build.require_build()
-    path = modelfiles.bench_target(model, quant, models_dir, twin_size, b.bin_dir / "llama-quantize")
+    path = resolve.bench_target(model, quant, models_dir, twin_size, b.bin_dir / "llama-quantize")
     prof = gguf_model.read_model(path)
     thread_list = [int(x) for x in threads.split(",")] if threads else [box.machine.cores]
     with report.progress(f"llama-bench {path.name}", total=1) as update:

@@ -21,8 +21,12 @@ class TopologyError(CputuneError):
     pass
 
 
-class GGUFError(CputuneError):
-    pass
+class ModelError(CputuneError):
+    """A model cannot be had: no such file or name, several where one was meant, a wrong quant."""
+
+
+class GGUFError(ModelError):
+    """A GGUF file's bytes are wrong: not GGUF, truncated, corrupt or implausible header values."""
 
 
 class InsufficientMemory(CputuneError):

@@ -16,13 +16,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from cputune import launch, modelfiles, pagecache, rpc, tune
+from cputune import launch, pagecache, rpc, tune
 from cputune.build import Build, require_build
 from cputune.errors import ConfigError, InsufficientMemory, ProcessFailed
-from cputune.gguf_model import read_model, shard_paths
+from cputune.gguf_model import shard_paths
 from cputune.memory import MemoryInfo, discover_memory
 from cputune.modelfiles import ModelFile
 from cputune.pagecache import CacheVerdict
+from cputune.resolve import looks_like_path, resolve
 from cputune.placement import Placement, plan_placement
 from cputune.rpc import Endpoint, LayerSplit, WorkerMemory
 from cputune.selector import OS_HEADROOM_BYTES, RamNeed, ram_needed
@@ -149,20 +150,12 @@ class ThreadAffinity:
 # ---- model ---------------------------------------------------------------------------------
 
 def resolve_model(req: ServeRequest) -> ModelFile:
-    """--model FILE as given (checked against --quant), else the --quant file in the models folder."""
-    if req.model and Path(req.model).expanduser().is_file():
-        path = Path(req.model).expanduser()
-        prof = read_model(path)
-        first = Path(prof.path or path)
-        mf = ModelFile(first, prof.n_shards, prof.file_type or "unknown", prof)
-        if req.quant and modelfiles.normalize(req.quant) != modelfiles.normalize(mf.quant):
-            raise ConfigError(f"{path.name} holds {mf.quant}, not {req.quant.upper()}",
-                              hint="drop --quant, or name the file of that quant")
-        return mf
-    if not req.quant:
+    """--model FILE as given (checked against --quant), else the --quant file in the models
+    folder (of --model NAME): the one resolver, files only."""
+    if not req.quant and not (req.model and looks_like_path(req.model)):
         raise ConfigError("which quant? --quant is required unless --model names a file",
                           hint="for example --quant q4_k_m")
-    return modelfiles.find(modelfiles.models_dir(req.models_dir), req.quant, req.model)
+    return resolve(req.model, req.quant, req.models_dir, catalog=False).one_file(req.quant)
 
 
 # ---- tuned settings --------------------------------------------------------------------------

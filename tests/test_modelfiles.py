@@ -7,7 +7,8 @@ import shutil
 import pytest
 
 from cputune import modelfiles
-from cputune.errors import ConfigError
+from cputune.errors import ConfigError, ModelError
+from cputune.resolve import resolve
 
 
 @pytest.fixture
@@ -32,18 +33,23 @@ def test_scan_counts_split_files_once_and_reports_unreadable(folder):
     assert problems and problems[0].startswith("broken.gguf")
 
 
+def find(folder, quant, model=None):
+    """What serve and bench take for --quant Q [--model NAME]: the resolver, files only."""
+    return resolve(model, quant, folder, catalog=False).one_file(quant)
+
+
 def test_find_by_quant_and_model(folder):
-    f = modelfiles.find(folder, "q4-k-m")
+    f = find(folder, "q4-k-m")
     assert f.path.name == "tiny-llama-Q4_K_M.gguf" and f.quant == "Q4_K_M"
-    assert modelfiles.find(folder, "Q8_0", model="ds2").path.name == "tiny-ds2-Q8_0.gguf"
+    assert find(folder, "Q8_0", model="ds2").path.name == "tiny-ds2-Q8_0.gguf"
 
 
 def test_find_ambiguous_and_missing_name_what_is_there(folder):
-    with pytest.raises(ConfigError, match="Q8_0 models in") as e:
-        modelfiles.find(folder, "q8_0", model="tiny")
+    with pytest.raises(ModelError, match="Q8_0 models of 'tiny' in") as e:
+        find(folder, "q8_0", model="tiny")
     assert "--model" in e.value.hint
-    with pytest.raises(ConfigError, match="no Q2_K model") as e:
-        modelfiles.find(folder, "Q2_K")
+    with pytest.raises(ModelError, match="no Q2_K model") as e:
+        find(folder, "Q2_K")
     assert "tiny-llama-Q8_0.gguf [Q8_0]" in e.value.hint
 
 

@@ -443,7 +443,7 @@ def test_cli_model_file_and_split_model(tiny_split):
     assert doc["plan"]["shards"] == [str(p) for p in tiny_split]
     assert doc["plan"]["model_label"] == "llama-split-00001-of-00002.gguf (+1 shards)"
     r = invoke("serve", "--model", str(tiny_split[0]), "-q", "q8_0", "--dry-run")
-    assert r.exit_code == 1 and "holds F16, not Q8_0" in r.output
+    assert r.exit_code == 1 and "is F16, not Q8_0" in r.output
 
 
 def test_cli_missing_build(tmp_path, monkeypatch):
