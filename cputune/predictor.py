@@ -7,11 +7,36 @@ Prediction carrying every term out, so the CLI can explain it and tests can chec
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from cputune.errors import ConfigError
 from cputune.gguf_model import ModelProfile, bits_per_weight, kv_bytes_per_token
 
 NUMA_POLICIES = ("one-node", "distribute", "interleave", "off")
+# common/arg.cpp kv_cache_types (shared/reference/llama_cpp_cpu.md A7); quantized V needs flash attention.
+FLOAT_CACHE_TYPES = ("f32", "f16", "bf16")
+KV_CACHE_TYPES = FLOAT_CACHE_TYPES + ("q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+
+
+def cache_type_name(name: str) -> str:
+    """The llama.cpp -ctk/-ctv name of a KV cache type; ConfigError listing them if unknown.
+    The one check every command that takes a cache type (predict, select, plan, tune, serve's
+    tuned settings) goes through."""
+    n = name.lower() if isinstance(name, str) else name
+    if n not in KV_CACHE_TYPES:
+        raise ConfigError(f"unknown KV cache type {name!r}",
+                          hint="llama.cpp's cache types: " + ", ".join(KV_CACHE_TYPES))
+    return n
+
+
+def check_context(model: ModelProfile, tokens: int, what: str) -> None:
+    """ConfigError when `tokens` (what a run puts in the KV cache, described by `what`, e.g.
+    "--depth 9000 + --n-gen 32 = 9032 tokens") pass the context the model was trained for:
+    llama.cpp runs it, but positions are then out of the trained range and the numbers mean nothing."""
+    n = model.n_ctx_train
+    if n and tokens > n:
+        raise ConfigError(f"{what} is beyond the context {model.name or 'the model'} was trained for "
+                          f"(n_ctx_train {n} tokens)", hint=f"keep it at most {n} tokens")
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +169,14 @@ def read_bandwidth_gbps(m: MachineBandwidth, threads: int, numa: str) -> tuple[f
     local = 1 / nodes
     per_byte = local / node_bw + (1 - local) / (node_bw * m.remote_ratio)
     return min(m.node_read_gbps, nodes / per_byte), nodes
+
+
+def at_read_bandwidth(m: MachineBandwidth, threads: int, gbps: float, numa: str = "one-node") -> MachineBandwidth:
+    """The machine as a read measured just before a run found it (issue 18): node and core
+    bandwidth scaled by k so that `threads` under `numa` pull `gbps`, the knee kept."""
+    now, _ = read_bandwidth_gbps(m, max(1, min(threads, m.cores)), numa)
+    k = gbps / now
+    return replace(m, node_read_gbps=m.node_read_gbps * k, core_read_gbps=m.core_read_gbps * k)
 
 
 def _active_bytes_by_type(model: ModelProfile) -> dict[str, float]:

@@ -18,8 +18,9 @@ from cputune.errors import ConfigError
 from cputune.gguf_model import ModelProfile, kv_bytes_per_token
 from cputune.hardware import ESTIMATED_READ_FRACTION, default_threads
 from cputune.memory import MemoryInfo, theoretical_peak_gbps
-from cputune.predictor import (
-    NUMA_POLICIES, Calibration, MachineBandwidth, Prediction, Settings, predict,
+from cputune.predictor import (  # noqa: F401  (the cache-type names are re-exported for callers)
+    FLOAT_CACHE_TYPES, KV_CACHE_TYPES, NUMA_POLICIES, Calibration, MachineBandwidth, Prediction, Settings,
+    cache_type_name, predict,
 )
 
 GIB = 1 << 30
@@ -84,9 +85,6 @@ def ram_needed(model: ModelProfile, ctx_tokens: int, cache_type: str = "f16", *,
 # ---------------------------------------------------------------------------------------------
 # select and plan: every quant of a model against a box's memory, speed and published quality
 
-# common/arg.cpp kv_cache_types (shared/reference/llama_cpp_cpu.md A7); quantized V needs flash attention.
-FLOAT_CACHE_TYPES = ("f32", "f16", "bf16")
-KV_CACHE_TYPES = FLOAT_CACHE_TYPES + ("q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 # What select and plan show when the models folder has no GGUF of the model: the presets builders
 # download (unsloth, bartowski), best quality first. llama-quantize makes IQ2_XXS and IQ1_S only
 # with an imatrix (tools/quantize/quantize.cpp).
@@ -101,15 +99,6 @@ QUALITY_NOTE = ("quality is the published cost on the family named, not on this 
 
 def _gib(n: float) -> str:
     return f"{n / GIB:.1f}"
-
-
-def cache_type_name(name: str) -> str:
-    """The llama.cpp -ctk/-ctv name of a KV cache type; ConfigError listing them if unknown."""
-    n = name.lower()
-    if n not in KV_CACHE_TYPES:
-        raise ConfigError(f"unknown KV cache type {name!r}",
-                          hint="llama.cpp's cache types: " + ", ".join(KV_CACHE_TYPES))
-    return n
 
 
 @dataclass(frozen=True, slots=True)
