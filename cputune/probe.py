@@ -25,6 +25,7 @@ from cputune.sysfs import SysRoot
 from cputune.topology import Topology, discover_topology
 
 SCHEMA = "cputune.machine/1"
+REPROBE = "re-run `cputune probe` to write it again"
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +126,16 @@ def plan(inv: Inventory, root: Path | str = Path("/"), quick: bool = False) -> P
     return bandwidth.plan_probe(make_layout(inv.topology, inv.memory, numa), quick=quick)
 
 
+def moment_reader(root: Path | str = Path("/")) -> Callable[[int], Measurement]:
+    """Read bandwidth of this box now at `threads` pinned threads (bandwidth.moment_run), for
+    calibrate and bench to measure just before each llama-bench run (issue 18). The layout is
+    taken once, from the live topology and free memory."""
+    t = discover_topology(root)
+    numa = SysRoot(Path(root)).exists("sys/devices/system/node/node0")
+    layout = make_layout(t, discover_memory(root), numa)
+    return lambda threads: bandwidth.checked(bandwidth.measure(bandwidth.moment_run(layout, threads)))
+
+
 def run_probe(root: Path | str = Path("/"), quick: bool = False, measure: bool = True,
               memory_spec: str | None = None, hwloc_xml: Path | str | None = None,
               progress: Callable[[int, int, str], None] | None = None) -> MachineProfile:
@@ -167,11 +178,14 @@ def load_profile(path: Path | str | None = None) -> MachineProfile:
     if not path.exists():
         raise ConfigError(f"no machine profile at {path}", hint="run `cputune probe` first")
     doc = read_json(path, SCHEMA)
+    if "profile" not in doc:
+        raise ConfigError(f"{path}: field profile is missing", hint=REPROBE)
     try:
-        return from_plain(MachineProfile, doc["profile"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ConfigError(f"{path} is damaged or from another cputune version ({e})",
-                          hint="run `cputune probe` again") from None
+        return from_plain(MachineProfile, doc["profile"], "profile")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e.message}", hint=REPROBE) from None
+    except (TypeError, ValueError) as e:  # a value the dataclasses refuse
+        raise ConfigError(f"{path} is damaged or from another cputune version ({e})", hint=REPROBE) from None
 
 
 
@@ -204,5 +218,8 @@ def summary_rows(p: MachineProfile) -> list[tuple[str, str]]:
     ]
     if bw:
         share = f" ({bw.read_gbps / peak.total_gbps:.0%} of peak)" if peak and peak.total_gbps else ""
-        rows.append(("read bandwidth", f"{bw.read_gbps:.1f} GB/s{share}, {bw.isa} kernels"))
+        s = bw.read_spread
+        bursts = (f"; best of {len(s.burst_gbps)} bursts, {min(s.burst_gbps):.1f} … {max(s.burst_gbps):.1f}"
+                  f" (median {s.median_gbps:.1f})" if s else "")
+        rows.append(("read bandwidth", f"{bw.read_gbps:.1f} GB/s{share}, {bw.isa} kernels{bursts}"))
     return rows
