@@ -11,10 +11,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from cputune import checks
 from cputune.data import config_path
 from cputune.errors import ConfigError
-from cputune.memory import theoretical_peak_gbps
-from cputune.predictor import Calibration, MachineBandwidth, Settings
+from cputune.memory import MEMORY_MTS, check_mts, theoretical_peak_gbps
+from cputune.predictor import Calibration, MachineBandwidth, Settings, cache_type_name, check_context
+from cputune.topology import ISA_FLAGS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -76,41 +78,100 @@ class HardwareProfile:
         return self.sockets * self.cores_per_socket
 
 
-def _need(table: dict, key: str, where: str):
-    if key not in table:
-        raise ConfigError(f"{where}: missing '{key}'",
-                          hint="see configs/hardware/README.md for the fields a profile needs")
-    return table[key]
+_HINT = "see configs/hardware/README.md for the fields a profile needs"
+_REQUIRED = object()
+# Upper bounds: each well above the largest box sold, so only a typo trips them. 32 sockets is the
+# largest single system image (HPE Superdome Flex); 192 cores per socket the largest x86 CPU
+# (EPYC 9965); SMT8 is POWER's; 12 memory channels per socket today's EPYC and Xeon 6 have.
+MAX_SOCKETS = 32
+MAX_CORES_PER_SOCKET = 1024
+MAX_THREADS_PER_CORE = 8
+MAX_NODES_PER_SOCKET = 16
+MAX_CHANNELS_PER_SOCKET = 32
+MAX_DIMMS_PER_CHANNEL = 3  # DDR3/DDR4 boards went to 3 DIMMs per channel, DDR5 boards to 2
+MAX_DIMM_GIB = 4096
+MAX_GBPS = 10_000.0  # 10 TB/s: above HBM-on-package CPUs (Xeon Max: ~1 TB/s per socket)
+
+
+class _Table:
+    """One TOML table of a profile; every value taken from it is checked (checks.py)."""
+
+    def __init__(self, data: dict, name: str, where: str, required: bool = True):
+        value = data.get(name, _REQUIRED if required else {})
+        if value is _REQUIRED:
+            raise ConfigError(f"{where}: missing '{name}'", hint=_HINT)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: [{name}] must be a table, not {checks.shown(value)}", hint=_HINT)
+        self.data, self.prefix = value, f"{where}: [{name}]"
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def value(self, key: str, default=_REQUIRED):
+        """The raw value, the default when absent, a ConfigError when absent and required."""
+        if key in self.data:
+            return self.data[key]
+        if default is _REQUIRED:
+            raise ConfigError(f"{self.prefix} missing '{key}'", hint=_HINT)
+        return default
+
+    def int(self, key: str, lo: int, hi: int, default=_REQUIRED) -> int:
+        if key not in self.data and default is not _REQUIRED:
+            return default
+        return checks.number(self.value(key), f"{self.prefix} {key}", lo, hi, integer=True, hint=_HINT)
+
+    def float(self, key: str, hi: float, default=_REQUIRED, hint: str = _HINT) -> float:
+        """A positive figure: above 0, at most `hi`."""
+        if key not in self.data and default is not _REQUIRED:
+            return default
+        return checks.number(self.value(key), f"{self.prefix} {key}", 0, hi, lo_open=True, hint=hint)
+
+    def str(self, key: str, default=_REQUIRED, choices=None) -> str:
+        if key not in self.data and default is not _REQUIRED:
+            return default
+        return checks.text(self.value(key), f"{self.prefix} {key}", choices, hint=_HINT)
 
 
 def parse_hardware(data: dict, hw_id: str, where: str = "profile") -> HardwareProfile:
-    """A profile from its TOML tables; missing bandwidth is estimated from the channel peak."""
-    cpu = _need(data, "cpu", where)
-    mem = _need(data, "memory", where)
-    bw = data.get("bandwidth", {})
-    sockets = int(_need(cpu, "sockets", where))
-    nps = int(cpu.get("numa_nodes_per_socket", 1))
-    channels = int(_need(mem, "channels_per_socket", where))
-    mts = int(_need(mem, "mts", where))
-    for key, value in (("sockets", sockets), ("numa_nodes_per_socket", nps),
-                       ("channels_per_socket", channels), ("mts", mts)):
-        if value < 1:
-            raise ConfigError(f"{where}: '{key}' must be at least 1, not {value}")
-    measured = "node_read_gbps" in bw
-    node_bw = float(bw.get("node_read_gbps",
-                           ESTIMATED_READ_FRACTION * theoretical_peak_gbps(channels, mts) / nps))
+    """A profile from its TOML tables, every field checked for type and range (a bad one is a
+    ConfigError naming the file, table and key); missing bandwidth is estimated from the channel peak."""
+    for key in ("name", "source"):
+        if key in data:
+            checks.text(data[key], f"{where}: {key}", hint=_HINT)
+    cpu, mem = _Table(data, "cpu", where), _Table(data, "memory", where)
+    bw = _Table(data, "bandwidth", where, required=False)
+    sockets = cpu.int("sockets", 1, MAX_SOCKETS)
+    cores = cpu.int("cores_per_socket", 1, MAX_CORES_PER_SOCKET)
+    nps = cpu.int("numa_nodes_per_socket", 1, min(MAX_NODES_PER_SOCKET, cores), default=1)
+    isa = checks.text_list(cpu.data.get("isa", []), f"{cpu.prefix} isa", ISA_FLAGS,
+                           hint="flags as /proc/cpuinfo spells them, e.g. isa = [\"avx2\", \"avx512f\"]")
+    mem_type = mem.str("type", default="")
+    if mem_type:
+        checks.text(mem_type, f"{mem.prefix} type", MEMORY_MTS, hint=_HINT)
+    channels = mem.int("channels_per_socket", 1, MAX_CHANNELS_PER_SOCKET)
+    mts = check_mts(mem.value("mts"), mem_type, f"{mem.prefix} mts" + (f" of {mem_type}" if mem_type else ""),
+                    hint=_HINT)
+    peak_node = theoretical_peak_gbps(channels, mts) / nps
+    measured = bw.has("node_read_gbps")
+    # A node cannot read faster than its channels carry (channels x MT/s x 8 B / nodes per socket).
+    node_bw = bw.float("node_read_gbps", min(MAX_GBPS, peak_node), default=ESTIMATED_READ_FRACTION * peak_node,
+                       hint=f"{channels} channels x {mts} MT/s x 8 B / {nps} nodes per socket = "
+                            f"{peak_node:.1f} GB/s peak per node")
     return HardwareProfile(
-        id=hw_id, name=str(data.get("name", hw_id)), cpu_model=str(_need(cpu, "model", where)),
-        sockets=sockets, cores_per_socket=int(_need(cpu, "cores_per_socket", where)),
-        threads_per_core=int(cpu.get("threads_per_core", 1)), numa_nodes_per_socket=nps,
-        l3_groups_per_socket=int(cpu.get("l3_groups_per_socket", 1)),
-        isa=tuple(cpu.get("isa", ())), memory_type=str(mem.get("type", "")),
-        channels_per_socket=channels, mts=mts,
-        dimms=int(mem.get("dimms", channels * sockets)), dimm_gib=int(_need(mem, "dimm_gib", where)),
+        id=hw_id, name=data.get("name", hw_id), cpu_model=cpu.str("model"),
+        sockets=sockets, cores_per_socket=cores,
+        threads_per_core=cpu.int("threads_per_core", 1, MAX_THREADS_PER_CORE, default=1),
+        numa_nodes_per_socket=nps,
+        l3_groups_per_socket=cpu.int("l3_groups_per_socket", 1, cores, default=1),
+        isa=isa, memory_type=mem_type, channels_per_socket=channels, mts=mts,
+        dimms=mem.int("dimms", 1, MAX_DIMMS_PER_CHANNEL * channels * sockets, default=channels * sockets),
+        dimm_gib=mem.int("dimm_gib", 1, MAX_DIMM_GIB),
         node_read_gbps=node_bw,
-        core_read_gbps=float(bw.get("core_read_gbps", DEFAULT_CORE_READ_GBPS)),
-        remote_ratio=float(bw.get("remote_ratio", DEFAULT_REMOTE_RATIO if sockets > 1 or nps > 1 else 1.0)),
-        bandwidth_measured=measured, source=str(data.get("source", "")))
+        core_read_gbps=bw.float("core_read_gbps", node_bw, default=min(DEFAULT_CORE_READ_GBPS, node_bw),
+                                hint=f"one core reads at most what its node does ({node_bw:.1f} GB/s)"),
+        remote_ratio=bw.float("remote_ratio", 1.0,
+                              default=DEFAULT_REMOTE_RATIO if sockets > 1 or nps > 1 else 1.0),
+        bandwidth_measured=measured, source=data.get("source", ""))
 
 
 def hardware_dir() -> Path:
@@ -164,6 +225,8 @@ def default_settings(m: MachineBandwidth, model, numa: str = "auto", threads: in
     model as serve will load it (mmap, repack copy, KV cache at ctx_tokens)."""
     from cputune.selector import ram_needed
 
+    cache_type = cache_type_name(cache_type)
+    check_context(model, depth, f"a depth of {depth} tokens")
     if numa == "auto":
         need = ram_needed(model, max(ctx_tokens, depth), cache_type, isa=m.isa).total_bytes
         numa = auto_numa(m, need)
@@ -172,19 +235,38 @@ def default_settings(m: MachineBandwidth, model, numa: str = "auto", threads: in
 
 
 def machine_from_profile(profile) -> MachineBandwidth:
-    """The predictor's view of a saved probe (cputune.probe.MachineProfile)."""
+    """The predictor's view of a saved probe (cputune.probe.MachineProfile). Its figures are
+    checked as a hardware profile's are: a ConfigError names the field (the caller adds the file)."""
     t, bw = profile.inventory.topology, profile.bandwidth
-    cores_per_node = max(len(t.first_thread_per_core()) // max(len([n for n in t.nodes if n.cpus]), 1), 1)
-    node_bw = max(bw.node_read_gbps.values())
-    one_core = bw.sweep_read_gbps[0][1] if bw.sweep_read_gbps and bw.sweep_read_gbps[0][0] == 1 \
-        else node_bw / cores_per_node
-    remote = [g / bw.node_read_gbps[i] for i, _, g in bw.matrix_read_gbps if bw.node_read_gbps.get(i)]
+
+    def gbps(value, field: str) -> float:
+        return checks.number(value, f"field profile.bandwidth.{field}", 0, MAX_GBPS, lo_open=True)
+
     cpu_nodes = [n for n in t.nodes if n.cpus]
+    cores = len(t.first_thread_per_core())
+    for name, n, hi in (("inventory.topology.packages", len(t.packages), MAX_SOCKETS),
+                        ("inventory.topology.nodes (with CPUs)", len(cpu_nodes), MAX_SOCKETS * MAX_NODES_PER_SOCKET),
+                        ("inventory.topology.cores", cores, MAX_SOCKETS * MAX_CORES_PER_SOCKET)):
+        if not 1 <= n <= hi:
+            raise ConfigError(f"field profile.{name} must list from 1 to {hi}, not {n}")
+    if not bw.node_read_gbps:
+        raise ConfigError("field profile.bandwidth.node_read_gbps is empty")
+    node_read = {i: gbps(g, f"node_read_gbps[{i}]") for i, g in bw.node_read_gbps.items()}
+    node_bw = max(node_read.values())
+    cores_per_node = max(cores // len(cpu_nodes), 1)
+    one_core = gbps(bw.sweep_read_gbps[0][1], "sweep_read_gbps[0]") \
+        if bw.sweep_read_gbps and bw.sweep_read_gbps[0][0] == 1 else node_bw / cores_per_node
+    remote = [gbps(g, f"matrix_read_gbps[{k}]") / node_read[i]
+              for k, (i, _, g) in enumerate(bw.matrix_read_gbps) if i in node_read]
+    mem = profile.inventory.memory.mem_total_bytes or 0
+    checks.number(mem, "field profile.inventory.memory.mem_total_bytes", 0, MAX_SOCKETS * MAX_CHANNELS_PER_SOCKET
+                  * MAX_DIMMS_PER_CHANNEL * (MAX_DIMM_GIB * GIB), integer=True)
     return MachineBandwidth(
         name=profile.hostname, sockets=len(t.packages), nodes=len(cpu_nodes),
-        cores=len(t.first_thread_per_core()), node_read_gbps=node_bw, core_read_gbps=one_core,
-        remote_ratio=min(remote) if remote else 1.0,
-        mem_bytes=profile.inventory.memory.mem_total_bytes or 0, isa=t.isa_flags)
+        cores=cores, node_read_gbps=node_bw, core_read_gbps=min(one_core, node_bw),
+        # A remote read measured a little above the local one is noise: the ratio is at most 1.
+        remote_ratio=min(min(remote), 1.0) if remote else 1.0,
+        mem_bytes=mem, isa=t.isa_flags)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +300,10 @@ def resolve_box(spec: str | Path | None) -> Box:
     if profile.bandwidth is None:
         raise ConfigError(f"{path} has no bandwidth measurement",
                           hint="run `cputune probe` without --no-bandwidth")
+    try:
+        machine = machine_from_profile(profile)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e.message}", hint=probe.REPROBE) from None
     cal = calibrate.load_calibration()
-    return Box(machine_from_profile(profile), cal or calibrate.default_calibration(),
+    return Box(machine, cal or calibrate.default_calibration(),
                f"probe profile {path}" + ("" if cal else " (not calibrated: run `cputune calibrate`)"))

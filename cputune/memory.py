@@ -14,6 +14,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cputune import checks
 from cputune.data import load_csv
 from cputune.errors import ConfigError
 from cputune.sysfs import SysRoot
@@ -23,7 +24,18 @@ from cputune.topology import parse_meminfo
 # sub-channels, still 64 bits together): 64 / 8 bytes move per transfer.
 BYTES_PER_TRANSFER = 64 // 8
 
-
+# The memory types a --memory spec or a hardware profile may name, and the MT/s each runs at:
+# from JEDEC's slowest bin (or the 2-3 DIMMs-per-channel derating servers apply) to the fastest
+# overclocking kits and MRDIMM gen 2 (12800). A speed outside is a typo, not a box.
+MEMORY_MTS: dict[str, tuple[int, int]] = {
+    "DDR3": (400, 3200), "DDR4": (1066, 5600), "DDR5": (2000, 12000),
+    "LPDDR4": (1066, 4800), "LPDDR4X": (1066, 4800), "LPDDR5": (3200, 7500), "LPDDR5X": (4266, 10700),
+    "MRDIMM": (6400, 12800),
+}
+ANY_MTS = (100, 20000)  # when the type is not given
+# A --memory spec's DIMM count: 8 sockets x 16 channels x 2 DIMMs per channel = 256.
+MAX_SPEC_DIMMS = 8 * 16 * 2
+MAX_DIMM_BYTES = 4 << 40  # 4 TiB per DIMM: far above the largest modules sold (256 GB RDIMMs)
 
 @dataclass(frozen=True, slots=True)
 class Dimm:
@@ -221,7 +233,21 @@ def parse_memory_spec(spec: str) -> MemorySpec:
     if m.group("size"):
         size = int(m.group("size")) << (30 if m.group("unit").upper() == "G" else 40)
     kind = m.group("type").upper()
-    return MemorySpec(dimms=int(m.group("n")), type=kind, mts=int(m.group("mts")), size_bytes=size)
+    where = f"memory spec {spec!r}:"
+    hint = "e.g. '24x DDR5-6000' or '12x DDR5-4800 64GB'"
+    checks.number(int(m.group("n")), f"{where} the DIMM count", 1, MAX_SPEC_DIMMS, integer=True, hint=hint)
+    checks.text(kind, f"{where} the DIMM type", MEMORY_MTS, hint=hint)
+    mts = check_mts(int(m.group("mts")), kind, f"{where} {kind} MT/s", hint=hint)
+    if size is not None and not 1 << 30 <= size <= MAX_DIMM_BYTES:
+        raise ConfigError(f"{where} the DIMM size must be from 1 GiB to {MAX_DIMM_BYTES >> 40} TiB, "
+                          f"not {m.group('size')}{m.group('unit')}B", hint=hint)
+    return MemorySpec(dimms=int(m.group("n")), type=kind, mts=mts, size_bytes=size)
+
+
+def check_mts(mts, kind: str | None, name: str, hint: str | None = None) -> int:
+    """MT/s within what `kind` runs at (MEMORY_MTS; any type when kind is empty)."""
+    lo, hi = MEMORY_MTS.get((kind or "").upper(), ANY_MTS)
+    return checks.number(mts, name, lo, hi, integer=True, hint=hint)
 
 
 # Locator spellings seen on servers, each giving (socket, channel[, slot]):

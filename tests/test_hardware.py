@@ -44,7 +44,7 @@ def test_measured_bandwidth_is_kept(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("[cpu]\nmodel = 'x'\n", "missing 'memory'"),
     ("[cpu]\nmodel='x'\nsockets=0\ncores_per_socket=1\n[memory]\nchannels_per_socket=1\nmts=1\ndimm_gib=1\n",
-     "'sockets' must be at least 1"),
+     r"\[cpu\] sockets must be a whole number from 1 to 32, not 0"),
     ("not = [toml", "not valid TOML"),
 ])
 def test_bad_profiles_are_one_line_errors(tmp_path, text, message):
