@@ -9,7 +9,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from cputune.bandwidth import BandwidthSummary
+from cputune.bandwidth import BandwidthSummary, Spread
 from cputune.memory import MemoryInfo
 from cputune.peak import Peak
 from cputune.sysfs import format_cpulist
@@ -158,6 +158,9 @@ def bandwidth_findings(t: Topology, bw: BandwidthSummary, peak: Peak | None) -> 
     else:
         out.append(Finding("info", "read", f"read bandwidth {bw.read_gbps:.1f} GB/s "
                            "(theoretical peak unknown: pass --memory to compare)"))
+    s = bw.read_spread
+    if s is not None:
+        out.append(burst_finding(s, sum(x.varies for x in bw.spreads if x is not s)))
     if len(bw.node_read_gbps) > 1:
         med = statistics.median(bw.node_read_gbps.values())
         for node, gbps in bw.node_read_gbps.items():
@@ -180,6 +183,24 @@ def bandwidth_findings(t: Topology, bw: BandwidthSummary, peak: Peak | None) -> 
             out.append(Finding("info", "remote", f"node {cpu_node} reading node {mem_node}'s memory: "
                                f"{gbps:.1f} GB/s, {gbps / local:.0%} of local"))
     return out
+
+
+def burst_finding(s: Spread, others_varying: int = 0) -> Finding:
+    """Whether the read's bursts agree (issue 18): a host whose bandwidth swings between bursts
+    is shared or throttling, and a figure from it says which burst it is."""
+    lo, hi = min(s.burst_gbps), max(s.burst_gbps)
+    over = f"{len(s.burst_gbps)} bursts over {max(s.at_s) - min(s.at_s):.0f} s"
+    if not s.varies:
+        return Finding("ok", "bursts", f"read bandwidth steady over {over}: {lo:.1f}–{hi:.1f} GB/s "
+                       f"({s.between:.0%} apart; the trials within one burst vary {s.within:.0%})")
+    more = f"; {others_varying} other runs vary too" if others_varying else ""
+    return Finding("warn", "bandwidth-varies",
+                   f"read bandwidth varies {lo:.1f}–{hi:.1f} GB/s between {over} ({s.between:.0%} apart; "
+                   f"the trials within one burst vary {s.within:.0%}): this host is shared or throttling; "
+                   f"predictions use the best burst, {s.gbps:.1f} GB/s (median {s.median_gbps:.1f})"
+                   + more,
+                   "probe again when the host is quiet; `cputune calibrate` and `cputune bench` "
+                   "measure read bandwidth just before each run and record it beside the result")
 
 
 def all_findings(t: Topology, m: MemoryInfo, peak: Peak | None, bw: BandwidthSummary | None,

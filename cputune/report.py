@@ -13,7 +13,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cputune.bandwidth import combine_bursts, group_bursts
 from cputune.jsonio import document, plain  # noqa: F401  (re-exported for the CLI)
+from cputune.stats import summarize
 from cputune.units import gib_text
 
 # Pipes and CliRunner get 120 columns rather than rich's 80, so tables do not wrap mid-number.
@@ -157,15 +159,21 @@ def render_probe(p) -> None:
     out.print(nodes)
 
     if p.measurements:
-        runs = Table(title="Bandwidth (STREAM-style variant; GB/s = 10^9 B/s, best of n after the first)",
-                     title_justify="left")
-        for col in ("run", "kernel", "threads", "array/thread", "best", "mean ± σ", "min … max", "n"):
+        runs = Table(title="Bandwidth (STREAM-style variant; GB/s = 10^9 B/s, best of n after the first, "
+                           "over every burst)", title_justify="left")
+        for col in ("run", "kernel", "threads", "array/thread", "best", "mean ± σ", "min … max", "n",
+                    "bursts (median)"):
             runs.add_column(col, justify="left" if col in ("run", "kernel") else "right")
-        for x in p.measurements:
+        for group in group_bursts(p.measurements):
+            x, spread = group[0], combine_bursts(group)
+            trials = summarize([v for m in group for v in m.gbps.samples])
             kernel = x.run.kernel + (" (NT stores)" if x.nt_stores else "")
+            bursts = "-" if len(group) == 1 else (
+                f"{min(spread.burst_gbps):.1f} … {max(spread.burst_gbps):.1f} x{len(group)} "
+                f"({spread.median_gbps:.1f})")
             runs.add_row(x.run.name, kernel, str(len(x.run.cpus)), _mib(x.elements_per_thread * 8),
-                         f"{x.best_gbps:.1f}", _pm(x.gbps), f"{x.gbps.min:.1f} … {x.gbps.max:.1f}",
-                         str(x.gbps.n))
+                         f"{spread.gbps:.1f}", _pm(trials), f"{trials.min:.1f} … {trials.max:.1f}",
+                         str(trials.n), bursts)
         out.print(runs)
 
     fs = Table(title="Findings", title_justify="left", show_header=False, box=None)

@@ -3,6 +3,7 @@ rules and the memory caps; figures are sane against numpy in the same process.""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -130,3 +131,102 @@ def test_stats_summary_and_outliers():
     r, err = stats.ratio(stats.summarize([2.0, 2.2, 1.8]), stats.summarize([1.0, 1.1, 0.9]))
     assert r == pytest.approx(2.0) and err == pytest.approx(2.0 * (0.02 ** 0.5))
     assert stats.first_is_slow([3.0, 1.0, 1.1, 0.9]) and not stats.first_is_slow([1.0, 1.0, 1.1])
+
+
+# --- bursts (issue 18) ----------------------------------------------------------------------------
+
+def test_plan_spreads_read_bursts_over_the_probe():
+    plan = bw.plan_probe(two_node_layout())
+    steps = plan.schedule()
+    repeated = [r for r in plan.runs if bw.is_burst_sampled(r)]
+    assert {(r.kind, r.kernel) for r in repeated} == {("node", "read"), ("machine", "read"), ("sweep", "read")}
+    for r in plan.runs:
+        mine = [s for s in steps if s.run == r]
+        assert len(mine) == (bw.BURSTS if r in repeated else 1)
+        if r in repeated:  # round k starts no earlier than k x 12 s / 4
+            assert [s.not_before_s for s in mine] == [k * bw.SPAN_S / (bw.BURSTS - 1) for k in range(bw.BURSTS)]
+    # Copy, triad and the matrix fill the gaps between rounds, none after the last.
+    rounds = [i for i, s in enumerate(steps) if s.run == repeated[0]]
+    assert all(bw.is_burst_sampled(s.run) for s in steps[rounds[-1]:])
+    assert sum(not bw.is_burst_sampled(s.run) for s in steps[:rounds[1]]) > 0
+    quick = bw.plan_probe(two_node_layout(), quick=True).schedule()
+    assert [s.not_before_s for s in quick if s.run.name == "node 0"] == [0.0, 1.0, 2.0, 3.0]
+
+
+class Clock:
+    """A clock that moves only when slept on or when a kernel 'runs' (0.25 s each)."""
+
+    def __init__(self):
+        self.t, self.slept = 100.0, []
+
+    def __call__(self):
+        return self.t
+
+    def sleep(self, s):
+        self.slept.append(round(s, 6))
+        self.t += s
+
+
+def recorded_burst(run: bw.Run, best_gbps: float, spread: float = 0.02, ntimes: int = 12) -> bw.Measurement:
+    """A read burst as the kernel returns it: `ntimes` trials whose best (after the first, slow
+    one) reads best_gbps and the slowest `spread` less."""
+    n = run.bytes_per_array // 8
+    per_trial = 8 * n * len(run.cpus)
+    rates = [best_gbps * (1 - spread * i / (ntimes - 2)) for i in range(ntimes - 1)]
+    seconds = [per_trial / (0.5 * best_gbps * 1e9)] + [per_trial / (r * 1e9) for r in rates]
+    return bw.from_seconds(run, "avx2", seconds, 1.0 * n * len(run.cpus), n)
+
+
+# The issue's host: the same read (2 pinned threads, 512 MiB per thread, best of 12) gave 29.4,
+# then 59.0, then 56.8 GB/s in three calls a few seconds apart.
+ISSUE_RUN = bw.Run("node 0", "node", "read", (0, 1), (0, 0), 512 * MIB, 12, 0, 0)
+ISSUE_BURSTS = (29.4, 59.0, 56.8)
+
+
+def test_run_plan_waits_for_each_burst_and_keeps_every_one():
+    plan = bw.plan_probe(bw.Layout({0: (0, 1)}, 32 * MIB, {0: 32 * MIB}, {0: 8 << 30}, 16 << 30), quick=True)
+    clock, figures = Clock(), iter([30.0, 58.0, 31.0, 57.0])
+
+    def kernel(run):
+        clock.t += 0.25
+        return recorded_burst(run, next(figures))
+
+    ms = bw.run_plan(plan, measure_fn=kernel, clock=clock, sleep=clock.sleep)
+    assert [(m.burst, m.at_s) for m in ms] == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0)]
+    assert clock.slept == [0.75, 0.75, 0.75]
+    s = bw.summarize_measurements(ms)
+    assert s.read_gbps == pytest.approx(58.0)
+    assert s.read_spread.burst_gbps == pytest.approx((30.0, 58.0, 31.0, 57.0)) and s.read_spread.varies
+
+
+def test_bimodal_bursts_give_the_best_and_say_they_disagree():
+    ms = [dataclasses.replace(recorded_burst(ISSUE_RUN, g), burst=k, at_s=4.0 * k)
+          for k, g in enumerate(ISSUE_BURSTS)]
+    s = bw.combine_bursts(ms)
+    assert s.burst_gbps == pytest.approx(ISSUE_BURSTS) and s.at_s == (0.0, 4.0, 8.0)
+    assert s.gbps == pytest.approx(59.0) and s.median_gbps == pytest.approx(56.8)
+    assert s.between == pytest.approx((59.0 - 29.4) / 59.0) and s.within == pytest.approx(0.02)
+    assert s.varies and s.rule.startswith("best burst")
+    # Bursts within 4 % of each other, trials within 2 %: steady.
+    steady = bw.combine_bursts([recorded_burst(ISSUE_RUN, g) for g in (58.0, 59.0, 56.8)])
+    assert not steady.varies and steady.gbps == pytest.approx(59.0)
+    # Bursts 20 % apart, but trials inside each burst spread 30 %: noise, not phases.
+    noisy = bw.combine_bursts([recorded_burst(ISSUE_RUN, g, spread=0.3) for g in (47.0, 59.0)])
+    assert not noisy.varies
+    # One burst: nothing to compare.
+    assert not bw.combine_bursts(ms[:1]).varies
+
+
+def test_moment_run_takes_the_first_cores_in_probe_order():
+    lay = two_node_layout()
+    one = bw.moment_run(lay, 1)
+    assert one.cpus == (0,) and one.mem_nodes == (0,) and one.kind == "moment" and one.name == "1 core now"
+    two = bw.moment_run(lay, 2)
+    assert two.cpus == (0, 8) and two.bytes_per_array * 2 >= bw.QUICK_FLOOR_BYTES - 2 * 4096
+    six = bw.moment_run(lay, 6)  # past node 0's four cores: node 1's, each on its own memory
+    assert six.cpus == (0, 8, 1, 9, 16, 24) and six.mem_nodes == (0, 0, 0, 0, 1, 1)
+    assert bw.moment_run(lay, 99).cpus == tuple(c for n in (0, 1) for c in lay.node_cores[n])
+    flat = bw.Layout({0: (0, 1)}, 32 * MIB, {0: 32 * MIB}, {}, 16 << 30, numa=False)
+    assert bw.moment_run(flat, 2).mem_nodes == (-1, -1)
+    m = bw.checked(bw.measure(dataclasses.replace(bw.moment_run(flat, 1), cpus=(CPU,), bytes_per_array=8 * MIB)))
+    assert m.best_gbps > 0 and m.gbps.n == bw.MOMENT_NTIMES - 1

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from cputune import findings as fd
+from cputune import bandwidth, findings as fd
 from cputune.bandwidth import BandwidthSummary
 from cputune.memory import Dimm, MemoryInfo, NodeMemory, parse_memory_spec
 from cputune.peak import peak_bandwidth
@@ -150,3 +150,47 @@ def test_all_findings_are_worst_first():
     found = fd.all_findings(t, memory(t, numa_balancing=1), None, None, ("arrays too small",))
     levels = [fd.LEVELS.index(f.level) for f in found]
     assert levels == sorted(levels, reverse=True) and found[0].level == "bad"
+
+
+# The host of issue 18: one 2-thread read (512 MiB per thread, 12 trials) called three times a
+# few seconds apart read 29.4, then 59.0, then 56.8 GB/s at best. Trials in GB/s, the first slow.
+ISSUE_RUN = bandwidth.Run("node 0", "node", "read", (0, 1), (0, 0), 512 << 20, 12, 0, 0)
+ISSUE_TRIALS = (
+    (14.1, 29.4, 29.1, 28.9, 29.3, 28.8, 29.0, 29.2, 28.7, 29.1, 28.9, 29.0),
+    (30.2, 58.4, 59.0, 58.1, 57.9, 58.8, 58.6, 58.3, 57.8, 58.9, 58.2, 58.5),
+    (29.8, 56.8, 56.1, 55.9, 56.5, 56.3, 55.6, 56.7, 56.0, 56.4, 55.8, 56.2),
+)
+
+
+def replayed(trials, run=ISSUE_RUN, every_s=4.0):
+    """The bursts as bandwidth.measure would have made them from the kernel's seconds."""
+    n = run.bytes_per_array // 8
+    per_trial = 8 * n * len(run.cpus)
+    return [dataclasses.replace(bandwidth.from_seconds(run, "avx2", [per_trial / (g * 1e9) for g in rates],
+                                                       1.0 * n * len(run.cpus), n), burst=k, at_s=every_s * k)
+            for k, rates in enumerate(trials)]
+
+
+def test_bimodal_bursts_are_a_finding_with_the_figure_used():
+    t = machine(nodes=1, sockets=1, cores_per_node=2)
+    bw_ = bandwidth.summarize_measurements(replayed(ISSUE_TRIALS))
+    assert bw_.read_gbps == pytest.approx(59.0) and bw_.node_read_gbps[0] == pytest.approx(59.0)
+    assert bw_.read_spread.median_gbps == pytest.approx(56.8)
+    f = next(f for f in fd.bandwidth_findings(t, bw_, None) if f.code == "bandwidth-varies")
+    assert f.level == "warn"
+    assert f.message.startswith("read bandwidth varies 29.4–59.0 GB/s between 3 bursts over 8 s")
+    assert "this host is shared or throttling; predictions use the best burst, 59.0 GB/s (median 56.8)" \
+        in f.message
+    assert "(50% apart; the trials within one burst vary 2%)" in f.message  # (59.0 - 29.4) / 59.0
+
+
+def test_steady_bursts_say_so():
+    t = machine(nodes=1, sockets=1, cores_per_node=2)
+    steady = tuple(ISSUE_TRIALS[1] for _ in range(3))
+    found = fd.bandwidth_findings(t, bandwidth.summarize_measurements(replayed(steady)), None)
+    assert "bandwidth-varies" not in codes(found)
+    ok = next(f for f in found if f.code == "bursts")
+    assert ok.level == "ok" and "steady over 3 bursts over 8 s: 59.0–59.0 GB/s" in ok.message
+    # A profile without bursts (one measurement per run, as before issue 18) has no such finding.
+    once = bandwidth.summarize_measurements(replayed(ISSUE_TRIALS[:1]))
+    assert once.spreads == () and not codes(fd.bandwidth_findings(t, once, None)) & {"bursts", "bandwidth-varies"}

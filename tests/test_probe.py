@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cputune import probe
+from cputune import bandwidth, probe
 from cputune.cli import cli
 from cputune.errors import ConfigError
 from cputune.hwloc_xml import load_hwloc_xml
@@ -48,9 +48,34 @@ def test_quick_probe_measures_saves_and_reads_back(cache):
     bw = profile.bandwidth
     assert bw.read_gbps > 0 and all(m.checksum_ok for m in profile.measurements)
     assert set(bw.node_read_gbps) == {n.id for n in profile.inventory.topology.nodes if n.cpus}
+    # Every burst is kept, spread over the run (issue 18): no timing asserted, only the order.
+    bursts = [m for m in profile.measurements if m.run.name == "node 0"]
+    assert [m.burst for m in bursts] == list(range(bandwidth.QUICK_BURSTS))
+    assert [m.at_s for m in bursts] == sorted(m.at_s for m in bursts)
+    s = bw.read_spread
+    assert len(s.burst_gbps) == bandwidth.QUICK_BURSTS and s.gbps == max(s.burst_gbps) == bw.read_gbps
+    assert s.rule == bandwidth.FIGURE_RULE
+    assert {"bursts", "bandwidth-varies"} & {f.code for f in profile.findings}
     path = probe.save_profile(profile)
     assert path == cache / "machine.json"
     assert probe.load_profile() == profile  # every dataclass survives the JSON round trip
+
+
+def test_a_profile_from_before_bursts_still_loads(cache):
+    """Profiles saved before issue 18 have one measurement per run and no spreads."""
+    doc = json.loads((FIXTURES / "profiles" / "vm-before-bursts.json").read_text())
+    cache.mkdir(parents=True)
+    (cache / "machine.json").write_text(json.dumps(doc))
+    p = probe.load_profile()
+    assert p.bandwidth.spreads == () and p.bandwidth.read_spread is None
+    assert p.measurements[0].burst == 0 and p.bandwidth.read_gbps == doc["profile"]["bandwidth"]["read_gbps"]
+    assert "best of" not in dict(probe.summary_rows(p))["read bandwidth"]
+
+
+def test_moment_reader_reads_this_box_at_a_thread_count():
+    m = probe.moment_reader()(1)
+    assert m.run.kind == "moment" and len(m.run.cpus) == 1 and m.checksum_ok
+    assert m.gbps.n == bandwidth.MOMENT_NTIMES - 1 and m.best_gbps > 0
 
 
 def test_a_damaged_profile_is_a_clear_error(cache):
@@ -76,10 +101,17 @@ def test_cli_probe_json_and_show(cache):
     assert doc["schema"] == "cputune.machine/1"
     assert doc["profile"]["bandwidth"]["read_gbps"] > 0
     assert doc["profile"]["measurements"][0]["gbps"]["samples"]  # raw samples for scripts
+    # Every burst, and the figure each burst-sampled run stands for, with its rule.
+    assert [m["burst"] for m in doc["profile"]["measurements"] if m["run"]["name"] == "node 0"] == \
+        list(range(bandwidth.QUICK_BURSTS))
+    spread = doc["profile"]["bandwidth"]["spreads"][0]
+    assert len(spread["burst_gbps"]) == bandwidth.QUICK_BURSTS and spread["rule"].startswith("best burst")
+    assert spread["gbps"] == doc["profile"]["bandwidth"]["read_gbps"] and "median_gbps" in spread
     shown = CliRunner().invoke(cli, ["probe", "--show", "--json"], catch_exceptions=False)
     assert json.loads(shown.stdout) == doc
     table = CliRunner().invoke(cli, ["probe", "--show"], catch_exceptions=False)
     assert "read bandwidth" in table.stdout and "Findings" in table.stdout
+    assert f"best of {bandwidth.QUICK_BURSTS} bursts" in table.stdout and "bursts (median)" in table.stdout
 
 
 def test_cli_probe_of_an_lstopo_file(cache):
