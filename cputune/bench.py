@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from cputune import llama_bench
+from cputune import bandwidth, llama_bench
+from cputune.bandwidth import Measurement
 from cputune.fsutil import cache_root
 from cputune.gguf_model import ModelProfile
 from cputune.hardware import Box
-from cputune.predictor import Prediction, Settings, predict
+from cputune.predictor import Prediction, Settings, at_read_bandwidth, predict
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,34 +40,53 @@ class BenchResult:
     build_commit: str
     bytes_per_token: float | None = None  # decode: weights and KV read per token (the roofline's x)
     effective_bw_gbps: float | None = None
+    # Read bandwidth at these threads just before the llama-bench call (bandwidth.combine_bursts
+    # of its burst, whose timed trials are kept), and the prediction at that bandwidth (issue 18).
+    read_gbps: float | None = None
+    read_samples_gbps: tuple[float, ...] = ()
+    predicted_at_read_tokens_per_s: float | None = None
 
     @property
     def vs_predicted(self) -> float:
         return self.median_tokens_per_s / self.predicted_tokens_per_s - 1
 
     @property
+    def vs_predicted_at_read(self) -> float | None:
+        p = self.predicted_at_read_tokens_per_s
+        return self.median_tokens_per_s / p - 1 if p else None
+
+    @property
     def efficiency(self) -> float | None:
         return self.median_tokens_per_s / self.roofline_tokens_per_s if self.roofline_tokens_per_s else None
 
 
-def summarize(row: llama_bench.BenchRow, pred: Prediction) -> BenchResult:
+def summarize(row: llama_bench.BenchRow, pred: Prediction, read: Measurement | None = None,
+              pred_at_read: Prediction | None = None) -> BenchResult:
     samples = row.samples_ts or (row.avg_ts,)
     kind = "tg" if row.n_gen else "pp"
+
+    def rate(p: Prediction | None) -> float | None:
+        return None if p is None else p.tg_tokens_per_s if kind == "tg" else p.pp_tokens_per_s
     return BenchResult(
         test=row.test, kind=kind, threads=row.n_threads, depth=row.n_depth,
         median_tokens_per_s=statistics.median(samples), mean_tokens_per_s=statistics.fmean(samples),
         stddev_tokens_per_s=statistics.stdev(samples) if len(samples) > 1 else 0.0,
         min_tokens_per_s=min(samples), max_tokens_per_s=max(samples), samples_tokens_per_s=tuple(samples),
-        predicted_tokens_per_s=pred.tg_tokens_per_s if kind == "tg" else pred.pp_tokens_per_s,
+        predicted_tokens_per_s=rate(pred),
         roofline_tokens_per_s=pred.roofline_tg_tokens_per_s if kind == "tg" else None,
         build_commit=row.build_commit, bytes_per_token=pred.bytes_per_token if kind == "tg" else None,
-        effective_bw_gbps=pred.effective_bw_gbps)
+        effective_bw_gbps=pred.effective_bw_gbps,
+        read_gbps=bandwidth.combine_bursts([read]).gbps if read else None,
+        read_samples_gbps=read.gbps.samples if read else (), predicted_at_read_tokens_per_s=rate(pred_at_read))
 
 
 def run_bench(bench_bin: Path, model_path: Path, model: ModelProfile, box: Box, threads: Sequence[int],
               n_prompt: int = 256, n_gen: int = 32, depth: int = 0, reps: int = 5,
-              progress: Callable[[int, int, str], None] | None = None) -> list[BenchResult]:
-    """One llama-bench call per thread count (so progress can move), each predicted the same way."""
+              progress: Callable[[int, int, str], None] | None = None,
+              read_now: Callable[[int], Measurement] | None = None) -> list[BenchResult]:
+    """One llama-bench call per thread count (so progress can move), each predicted the same way;
+    `read_now(threads)` (probe.moment_reader) reads bandwidth just before each call, and each
+    result is predicted at that bandwidth too."""
     out = []
     for i, t in enumerate(threads):
         if progress:
@@ -74,12 +94,15 @@ def run_bench(bench_bin: Path, model_path: Path, model: ModelProfile, box: Box, 
         extra = ["-d", str(depth)] if depth else []
         argv = llama_bench.bench_argv(bench_bin, model_path, threads=(t,), n_prompt=(n_prompt,),
                                       n_gen=(n_gen,), reps=reps, extra=extra)
+        read = read_now(t) if read_now else None
         rows = llama_bench.run(argv, timeout_s=3600)
-        for row in rows:
-            pred = predict(model, box.machine,
-                           Settings(threads=t, depth=depth, n_ubatch=min(n_prompt, 512) or 512),
-                           box.calibration)
-            out.append(summarize(row, pred))
+        settings = Settings(threads=t, depth=depth, n_ubatch=min(n_prompt, 512) or 512)
+        pred = predict(model, box.machine, settings, box.calibration)
+        pred_at_read = None
+        if read:
+            now = at_read_bandwidth(box.machine, t, bandwidth.combine_bursts([read]).gbps, settings.numa)
+            pred_at_read = predict(model, now, settings, box.calibration)
+        out += [summarize(row, pred, read, pred_at_read) for row in rows]
     if progress:
         progress(len(threads), len(threads), "done")
     return out

@@ -7,18 +7,20 @@ predictor.predict, so what is calibrated is exactly what is predicted.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from cputune import gguf_model, llama_bench, synth
+from cputune import bandwidth, gguf_model, llama_bench, synth
+from cputune.bandwidth import Measurement
 from cputune.data import load_toml
 from cputune.fsutil import cache_root
 from cputune.jsonio import document, read_json, write_json
 from cputune.gguf_model import ModelProfile
-from cputune.predictor import Calibration, MachineBandwidth, Settings, nearest_rate, predict
+from cputune.predictor import Calibration, MachineBandwidth, Settings, at_read_bandwidth, nearest_rate, predict
 
 MIB = 1 << 20
 PRIOR_WEIGHT = 0.01
@@ -28,7 +30,9 @@ SCHEMA = "cputune.calibration/1"
 @dataclass(frozen=True, slots=True)
 class Point:
     """One model at one thread count: the best decode and prompt tokens/s of its repetitions,
-    with every repetition kept (`*_samples`) to show the spread."""
+    with every repetition kept (`*_samples`) to show the spread; and the read bandwidth at that
+    thread count just before its runs (bandwidth.combine_bursts over the bursts, each burst's
+    figure in `read_gbps_samples`), which the fit predicts it at. None: the profile's."""
 
     model: ModelProfile
     threads: int
@@ -37,6 +41,12 @@ class Point:
     pp_tokens_per_s: float
     tg_samples: tuple[float, ...] = ()
     pp_samples: tuple[float, ...] = ()
+    read_gbps: float | None = None
+    read_gbps_samples: tuple[float, ...] = ()
+
+    def machine(self, m: MachineBandwidth) -> MachineBandwidth:
+        """The machine this point ran on: `m` at the read bandwidth measured before it."""
+        return at_read_bandwidth(m, self.threads, self.read_gbps) if self.read_gbps else m
 
 
 def calibration_from(c: dict) -> Calibration:
@@ -105,21 +115,33 @@ def make_models(folder: Path, llama_quantize: Path, arch: str, sizes_bytes: Sequ
 
 def measure(llama_bench_bin: Path, models: Sequence[Path], threads: Sequence[int],
             n_prompt: int = 64, n_gen: int = 16, reps: int = 3, passes: int = 1,
-            progress: Callable[[int, int, str], None] | None = None) -> list[Point]:
+            progress: Callable[[int, int, str], None] | None = None,
+            read_now: Callable[[int], Measurement] | None = None,
+            clock: Callable[[], float] = time.monotonic) -> list[Point]:
     """Bench every model at every thread count, `passes` sweeps over all of them.
 
     A point is the fastest repetition, not the median: another tenant, a page-cache flush or a
     migrated thread only ever slows a run, so the best run is the nearest to what the box does
     alone, and that is what the predictor predicts. Sweeps spread a model's runs over time, so
     one slow minute on a shared host cannot own a point.
+
+    `read_now(threads)` (probe.moment_reader) reads bandwidth before each model's runs at each
+    thread count: a shared host's bandwidth swings 2x within seconds (issue 18), so a point is
+    fitted at the bandwidth of its own runs, not at a profile's taken earlier.
     """
     samples: dict[tuple[Path, int], tuple[list[float], list[float]]] = {}
+    reads: dict[tuple[Path, int], list[Measurement]] = {}
     steps = passes * len(models)
+    t0 = clock()
     for k in range(passes):
         for i, path in enumerate(models):
             if progress:
                 sweep = f" (sweep {k + 1}/{passes})" if passes > 1 else ""
                 progress(k * len(models) + i, steps, path.name + sweep)
+            if read_now:
+                for t in threads:
+                    at = clock() - t0
+                    reads.setdefault((path, t), []).append(replace(read_now(t), burst=k, at_s=at))
             argv = llama_bench.bench_argv(llama_bench_bin, path, threads=threads, n_prompt=(n_prompt,),
                                           n_gen=(n_gen,), reps=reps)
             for r in llama_bench.run(argv, timeout_s=600):
@@ -133,8 +155,18 @@ def measure(llama_bench_bin: Path, models: Sequence[Path], threads: Sequence[int
         for t in threads:
             tg, pp = samples.get((path, t), ([], []))
             if tg and pp:
-                points.append(Point(prof, t, n_prompt, max(tg), max(pp), tuple(tg), tuple(pp)))
+                bw = bandwidth.combine_bursts(reads[(path, t)]) if (path, t) in reads else None
+                points.append(Point(prof, t, n_prompt, max(tg), max(pp), tuple(tg), tuple(pp),
+                                    bw.gbps if bw else None, bw.burst_gbps if bw else ()))
     return points
+
+
+def read_range(points: Sequence[Point]) -> dict[int, tuple[float, float, int]]:
+    """(lowest, highest, bursts) of the read bandwidth measured before the runs, by thread count."""
+    out: dict[int, list[float]] = {}
+    for p in points:
+        out.setdefault(p.threads, []).extend(p.read_gbps_samples)
+    return {t: (min(v), max(v), len(v)) for t, v in sorted(out.items()) if v}
 
 
 def default_sizes(l3_bytes: int, available_bytes: int) -> tuple[int, ...]:
@@ -162,8 +194,10 @@ def relative_errors(points: Sequence[Point], machine: MachineBandwidth,
 def calibrate_box(machine: MachineBandwidth, bin_dir: Path, work_dir: Path, archs: Sequence[str],
                   sizes_bytes: Sequence[int], quants: Sequence[str], threads: Sequence[int],
                   reps: int = 3, passes: int = 1, start: Calibration | None = None,
-                  progress: Callable[[int, int, str], None] | None = None) -> CalibrationRun:
-    """Generate and quantize the synthetic models, bench them with llama-bench, fit."""
+                  progress: Callable[[int, int, str], None] | None = None,
+                  read_now: Callable[[int], Measurement] | None = None) -> CalibrationRun:
+    """Generate and quantize the synthetic models, bench them with llama-bench (reading bandwidth
+    before each model's runs with `read_now`), fit."""
     start = start or default_calibration()
     work_dir.mkdir(parents=True, exist_ok=True)
     models = []
@@ -171,7 +205,7 @@ def calibrate_box(machine: MachineBandwidth, bin_dir: Path, work_dir: Path, arch
         models += make_models(work_dir, bin_dir / "llama-quantize", arch, sizes_bytes, quants,
                               progress=lambda text: progress(0, 1, text) if progress else None)
     points = measure(bin_dir / "llama-bench", models, threads, reps=reps, passes=passes,
-                     progress=progress)
+                     progress=progress, read_now=read_now)
     save_points(points, work_dir / "points.json")
     cal = fit(points, machine, start)
     return CalibrationRun(cal, tuple(points), relative_errors(points, machine, cal))
@@ -264,10 +298,11 @@ def fitted_types(points: Sequence[Point], share: float = 0.05, experts: bool = F
 
 
 def log_errors(points: Sequence[Point], machine: MachineBandwidth, cal: Calibration) -> list[float]:
-    """ln(predicted / measured) for decode and prefill of every point."""
+    """ln(predicted / measured) for decode and prefill of every point, each predicted at the
+    bandwidth measured before its runs where it has one."""
     out = []
     for p in points:
-        pred = predict(p.model, machine, Settings(threads=p.threads, n_ubatch=p.n_prompt), cal)
+        pred = predict(p.model, p.machine(machine), Settings(threads=p.threads, n_ubatch=p.n_prompt), cal)
         out.append(math.log(pred.tg_tokens_per_s / p.tg_tokens_per_s))
         out.append(math.log(pred.pp_tokens_per_s / p.pp_tokens_per_s))
     return out
@@ -313,7 +348,8 @@ def fit(points: Sequence[Point], machine: MachineBandwidth, start: Calibration,
                                   **{t: v[f"tg:{t}"] for t in types}},
             prefill_gflops_per_core={**start.prefill_gflops_per_core,
                                      **{t: v[f"pp:{t}"] for t in types}},
-            source=f"fitted to {len(points)} llama-bench runs on {machine.name}")
+            source=f"fitted to {len(points)} llama-bench runs on {machine.name}" + (
+                ", each at the read bandwidth measured before it" if all(p.read_gbps for p in points) else ""))
 
     def x_of(c: Calibration) -> list[float]:
         vals = {"eff": c.bw_efficiency, "ovh": c.overhead_s_per_layer,
@@ -480,7 +516,8 @@ def save_points(points: Sequence[Point], path: Path) -> None:
     write_json(path, document("cputune.calibration-points/1", points=[
         {"model": p.model.path, "threads": p.threads, "n_prompt": p.n_prompt,
          "tg_tokens_per_s": p.tg_tokens_per_s, "pp_tokens_per_s": p.pp_tokens_per_s,
-         "tg_samples": list(p.tg_samples), "pp_samples": list(p.pp_samples)} for p in points]))
+         "tg_samples": list(p.tg_samples), "pp_samples": list(p.pp_samples),
+         "read_gbps": p.read_gbps, "read_gbps_samples": list(p.read_gbps_samples)} for p in points]))
 
 
 def load_points(path: Path) -> list[Point]:
@@ -490,5 +527,6 @@ def load_points(path: Path) -> list[Point]:
     for d in doc["points"]:
         prof = profiles.setdefault(d["model"], gguf_model.read_model(d["model"]))
         out.append(Point(prof, d["threads"], d["n_prompt"], d["tg_tokens_per_s"], d["pp_tokens_per_s"],
-                         tuple(d.get("tg_samples", ())), tuple(d.get("pp_samples", ()))))
+                         tuple(d.get("tg_samples", ())), tuple(d.get("pp_samples", ())),
+                         d.get("read_gbps"), tuple(d.get("read_gbps_samples", ()))))
     return out

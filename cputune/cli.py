@@ -295,13 +295,15 @@ def calibrate_cmd(archs, sizes, quants, threads, reps, passes, work_dir, as_json
         run = calibrate.calibrate_box(
             box.machine, b.bin_dir, work_dir or cache_root() / "calibration-models",
             archs or ("llama", "deepseek2"), size_list, quants or ("f16", "q8_0", "q4_k_m", "q2_k"),
-            thread_list, reps=reps, passes=passes, progress=lambda i, k, text: update(i / max(k, 1), text))
+            thread_list, reps=reps, passes=passes, progress=lambda i, k, text: update(i / max(k, 1), text),
+            read_now=probe.moment_reader())
     path = calibrate.save_calibration(run.calibration)
     if as_json:
         return report.print_json(report.document("cputune.calibration-run/1", calibration=run.calibration,
                                                  saved_to=str(path), points=[
             {"model": pt.model.path, "threads": pt.threads, "tg_tokens_per_s": pt.tg_tokens_per_s,
-             "pp_tokens_per_s": pt.pp_tokens_per_s, "tg_error": e_tg, "pp_error": e_pp}
+             "pp_tokens_per_s": pt.pp_tokens_per_s, "tg_error": e_tg, "pp_error": e_pp,
+             "read_gbps": pt.read_gbps, "read_gbps_samples": pt.read_gbps_samples}
             for pt, e_tg, e_pp in run.errors]))
     report.render_calibration(run, path)
 
@@ -443,7 +445,8 @@ def bench_cmd(model, quant, models_dir, twin_size, threads, depth, n_prompt, n_g
     thread_list = [int(x) for x in threads.split(",")] if threads else [box.machine.cores]
     with report.progress(f"llama-bench {path.name}", total=1) as update:
         results = bench.run_bench(b.bin_dir / "llama-bench", path, prof, box, thread_list, n_prompt, n_gen,
-                                  depth, reps, progress=lambda i, k, text: update(i / max(k, 1), text))
+                                  depth, reps, progress=lambda i, k, text: update(i / max(k, 1), text),
+                                  read_now=probe.moment_reader())
     hist = bench.append_history(results, prof, box.machine.name)
     if as_json:
         return report.print_json(report.document("cputune.bench/1", model=str(path), machine=box.machine.name,

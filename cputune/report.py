@@ -257,17 +257,22 @@ def render_prediction(model, box, settings, p) -> None:
 
 def render_calibration(run, path: Path | None) -> None:
     t = Table(title="Calibration runs: predicted with the fitted constants vs measured", title_justify="left")
-    for col, just in (("model", "left"), ("threads", "right"), ("tg t/s", "right"), ("tg err", "right"),
-                      ("pp t/s", "right"), ("pp err", "right")):
+    for col, just in (("model", "left"), ("threads", "right"), ("read GB/s before (bursts)", "right"),
+                      ("tg t/s", "right"), ("tg err", "right"), ("pp t/s", "right"), ("pp err", "right")):
         t.add_column(col, justify=just)
     for pt, e_tg, e_pp in run.errors:
-        t.add_row(Path(pt.model.path or "?").name, str(pt.threads), f"{pt.tg_tokens_per_s:.2f}",
+        xs = pt.read_gbps_samples
+        read = "-" if not pt.read_gbps else f"{pt.read_gbps:.1f}" + (
+            f" ({min(xs):.1f} … {max(xs):.1f} x{len(xs)})" if len(xs) > 1 else "")
+        t.add_row(Path(pt.model.path or "?").name, str(pt.threads), read, f"{pt.tg_tokens_per_s:.2f}",
                   f"{e_tg:+.1%}", f"{pt.pp_tokens_per_s:.1f}", f"{e_pp:+.1%}")
     out.print(t)
     c = run.calibration
     moe_pp = (", ".join(f"{t} {v:.2f}" for t, v in c.moe_prefill_efficiency_by_type.items())
               if c.moe_prefill_efficiency_by_type else f"{c.moe_prefill_efficiency:.2f}")
-    rows = [("bandwidth efficiency", f"{c.bw_efficiency:.2f} of the probe's read bandwidth"),
+    of = ("the read bandwidth measured before each run" if all(pt.read_gbps for pt in run.points)
+          else "the probe's read bandwidth")
+    rows = [("bandwidth efficiency", f"{c.bw_efficiency:.2f} of {of}"),
             ("MoE expert efficiency", f"{c.moe_bw_efficiency:.2f} of bandwidth, {c.moe_decode_efficiency:.2f} "
                                       f"of decode compute, of prefill compute {moe_pp}"),
             ("thread scaling", f"compute grows as threads^{c.thread_scaling:.2f} in decode, "
@@ -291,15 +296,20 @@ def render_calibration(run, path: Path | None) -> None:
 def render_bench(results, model, box, history: Path | None) -> None:
     t = Table(title=f"{model.name or model.path} on {box.machine.name}", title_justify="left")
     for col in ("test", "threads", "measured t/s (median ± σ)", "min … max", "predicted", "vs predicted",
-                "roofline", "efficiency"):
+                "read GB/s", "vs at read", "roofline", "efficiency"):
         t.add_column(col, justify="left" if col == "test" else "right")
     for r in results:
+        at_read = r.vs_predicted_at_read
         t.add_row(r.test, str(r.threads), f"{r.median_tokens_per_s:.2f} ± {r.stddev_tokens_per_s:.2f}",
                   f"{r.min_tokens_per_s:.2f} … {r.max_tokens_per_s:.2f}", f"{r.predicted_tokens_per_s:.2f}",
-                  f"{r.vs_predicted:+.1%}",
+                  f"{r.vs_predicted:+.1%}", f"{r.read_gbps:.1f}" if r.read_gbps else "-",
+                  f"{at_read:+.1%}" if at_read is not None else "-",
                   f"{r.roofline_tokens_per_s:.2f}" if r.roofline_tokens_per_s else "-",
                   f"{r.efficiency:.0%}" if r.efficiency is not None else "-")
     out.print(t)
+    if any(r.read_gbps for r in results):
+        info("read GB/s: read bandwidth at these threads just before the run; vs at read: measured "
+             "against the prediction at that bandwidth")
     for r in results:
         if r.median_tokens_per_s and r.stddev_tokens_per_s / r.mean_tokens_per_s > 0.10:
             warn(f"{r.test} at {r.threads} threads varied by {r.stddev_tokens_per_s / r.mean_tokens_per_s:.0%} "

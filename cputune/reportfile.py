@@ -132,13 +132,15 @@ def bench_blocks(m: probe.MachineProfile | None, history: Sequence[dict], charts
     for h in sorted(runs, key=lambda h: (str(h.get("model_name") or h.get("model")), h.get("test", ""),
                                          h.get("threads", 0))):
         med, pred, roof = h.get("median_tokens_per_s"), h.get("predicted_tokens_per_s"), h.get("roofline_tokens_per_s")
+        read, at_read = h.get("read_gbps"), h.get("predicted_at_read_tokens_per_s")
         rows.append((str(h.get("at", ""))[:16].replace("T", " "), Path(str(h.get("model", ""))).name,
                      str(h.get("file_type", "")), str(h.get("test", "")), str(h.get("threads", "")),
-                     _f(med), _f(pred), f"{med / pred - 1:+.0%}" if med and pred else "-", _f(roof),
-                     f"{med / roof:.0%}" if med and roof else "-"))
+                     _f(med), _f(pred), f"{med / pred - 1:+.0%}" if med and pred else "-",
+                     f"{read:.1f}" if read else "-", f"{med / at_read - 1:+.0%}" if med and at_read else "-",
+                     _f(roof), f"{med / roof:.0%}" if med and roof else "-"))
     out.append(TableBlock(("when", "model", "type", "test", "threads", "measured t/s", "predicted",
-                           "vs predicted", "roofline", "efficiency"), tuple(rows),
-                          (False, False, False, False, True, True, True, True, True, True)))
+                           "vs predicted", "read GB/s before", "vs predicted at that read", "roofline", "efficiency"),
+                          tuple(rows), (False, False, False, False) + (True,) * 8))
     points = [{"quant": str(h.get("file_type") or "?"), "gb_per_token": h["bytes_per_token"] / 1e9,
                "measured": h["median_tokens_per_s"], "predicted": h["predicted_tokens_per_s"]}
               for h in runs if h.get("kind") == "tg" and h.get("bytes_per_token")]

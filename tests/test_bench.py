@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from cputune import bench
+from cputune import bandwidth, bench, calibrate, catalog, llama_bench, probe, report
 from cputune.cli import cli
+from cputune.hardware import Box
+from cputune.predictor import MachineBandwidth, Settings, at_read_bandwidth, predict
+
+RECORDED = Path(__file__).parent / "fixtures" / "llama_bench" / "0c1e57098-deepseek2-q8_0.json"
 
 
 @pytest.fixture
@@ -29,14 +34,16 @@ def test_bench_a_file_reports_spread_prediction_and_appends_history(probed, tiny
     assert set(res) == {"tg", "pp"}
     tg = res["tg"]
     assert len(tg["samples_tokens_per_s"]) == 3 and tg["threads"] == 1
+    # The read just before the run, its trials, and the prediction at it (issue 18).
+    assert tg["read_gbps"] == max(tg["read_samples_gbps"]) > 0 and tg["predicted_at_read_tokens_per_s"] > 0
     assert tg["min_tokens_per_s"] <= tg["median_tokens_per_s"] <= tg["max_tokens_per_s"]
     assert tg["predicted_tokens_per_s"] > 0 and tg["roofline_tokens_per_s"] > 0
     assert res["pp"]["roofline_tokens_per_s"] is None
     hist = bench.read_history(probed / "bench-history.jsonl")
-    assert len(hist) == 2 and hist[0]["model"] == str(path)
+    assert len(hist) == 2 and hist[0]["model"] == str(path) and hist[0]["read_gbps"] > 0
     # Human table, and a second run appends rather than overwrites.
     r = CliRunner().invoke(cli, args, catch_exceptions=False)
-    assert "efficiency" in r.stdout and "tg8" in r.stdout
+    assert "efficiency" in r.stdout and "tg8" in r.stdout and "vs at read" in r.stdout
     assert len(bench.read_history(probed / "bench-history.jsonl")) == 4
 
 
@@ -74,3 +81,27 @@ def test_history_skips_a_cut_line(tmp_path):
     p = tmp_path / "h.jsonl"
     p.write_text('{"a": 1}\n{"b": \n')
     assert bench.read_history(p) == [{"a": 1}]
+
+
+def test_a_result_carries_the_read_of_its_moment_and_the_prediction_at_it(tmp_path):
+    """A recorded llama-bench row, a real read of this box just before: the result keeps both
+    predictions, the profile's and the one at the read bandwidth of the moment."""
+    row = next(r for r in llama_bench.parse_rows(RECORDED.read_text()) if r.n_gen)
+    model = catalog.catalog_profile("r1-distill-qwen-1.5b", "q8_0")
+    box = MachineBandwidth("vm", 1, 1, 2, 30.0, 18.0, 1.0, 24 << 30)
+    cal = calibrate.default_calibration()
+    read = probe.moment_reader()(row.n_threads)
+    gbps = bandwidth.combine_bursts([read]).gbps
+    settings = Settings(threads=row.n_threads)
+    at_read = predict(model, at_read_bandwidth(box, row.n_threads, gbps), settings, cal)
+    r = bench.summarize(row, predict(model, box, settings, cal), read, at_read)
+    assert r.read_gbps == gbps == max(r.read_samples_gbps) and len(r.read_samples_gbps) == read.gbps.n
+    assert r.predicted_at_read_tokens_per_s == at_read.tg_tokens_per_s
+    assert r.vs_predicted_at_read == pytest.approx(r.median_tokens_per_s / at_read.tg_tokens_per_s - 1)
+    assert bench.summarize(row, at_read).read_gbps is None and bench.summarize(row, at_read).vs_predicted_at_read is None
+    hist = bench.append_history([r], model, "vm", tmp_path / "h.jsonl")
+    line = bench.read_history(hist)[0]
+    assert line["read_gbps"] == gbps and line["predicted_at_read_tokens_per_s"] == at_read.tg_tokens_per_s
+    with report.out.capture() as cap:
+        report.render_bench([r], model, Box(box, cal, "test"), None)
+    assert f"{gbps:.1f}" in cap.get() and f"{r.vs_predicted_at_read:+.1%}" in cap.get()

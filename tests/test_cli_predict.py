@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cputune import calibrate
+from cputune import calibrate, probe
 from cputune.cli import cli
 from cputune.gguf_model import read_model
 
@@ -90,6 +90,7 @@ def test_calibrate_fits_and_saves_beside_the_profile(own_cache, tmp_path):
     doc = json.loads(r.stdout)
     assert Path(doc["saved_to"]) == own_cache / "calibration.json"
     assert len(doc["points"]) == 1 and doc["points"][0]["tg_tokens_per_s"] > 0
+    assert doc["points"][0]["read_gbps"] == max(doc["points"][0]["read_gbps_samples"]) > 0  # issue 18
     cal = calibrate.load_calibration(own_cache / "calibration.json")
     assert "llama-bench runs" in cal.source
     # predict now uses it.
@@ -100,12 +101,23 @@ def test_calibrate_fits_and_saves_beside_the_profile(own_cache, tmp_path):
 def test_measure_keeps_every_run_of_every_sweep_and_fits_the_best(tiny_models, llama_bin_dir, tmp_path):
     path = tiny_models["llama"].quantized["q8_0"]
     seen = []
+    reads = []
+
+    def read_now(threads):  # this box's real read, counted
+        reads.append(threads)
+        return probe.moment_reader()(threads)
+
     points = calibrate.measure(llama_bin_dir / "llama-bench", [path], (1, 2), n_prompt=8, n_gen=4,
-                               reps=2, passes=2, progress=lambda i, n, text: seen.append((i, n, text)))
+                               reps=2, passes=2, progress=lambda i, n, text: seen.append((i, n, text)),
+                               read_now=read_now)
     assert [(p.threads, len(p.tg_samples), len(p.pp_samples)) for p in points] == [(1, 4, 4), (2, 4, 4)]
+    assert reads == [1, 2, 1, 2]  # before the model's runs, at each thread count, in each sweep
     for p in points:
         assert p.tg_tokens_per_s == max(p.tg_samples) and p.pp_tokens_per_s == max(p.pp_samples)
+        assert len(p.read_gbps_samples) == 2 and p.read_gbps == max(p.read_gbps_samples)
+    assert calibrate.read_range(points)[2][2] == 2
     assert [s[:2] for s in seen] == [(0, 2), (1, 2), (2, 2)] and "sweep 2/2" in seen[1][2]
     calibrate.save_points(points, tmp_path / "points.json")
     back = calibrate.load_points(tmp_path / "points.json")
-    assert [(p.tg_samples, p.pp_tokens_per_s) for p in back] == [(p.tg_samples, p.pp_tokens_per_s) for p in points]
+    assert [(p.tg_samples, p.pp_tokens_per_s, p.read_gbps, p.read_gbps_samples) for p in back] == \
+        [(p.tg_samples, p.pp_tokens_per_s, p.read_gbps, p.read_gbps_samples) for p in points]

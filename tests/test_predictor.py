@@ -9,7 +9,8 @@ import pytest
 
 from cputune import calibrate
 from cputune.gguf_model import profile_from, tensor_bytes, TensorInfo
-from cputune.predictor import Calibration, MachineBandwidth, Settings, predict, read_bandwidth_gbps
+from cputune.predictor import (Calibration, MachineBandwidth, Settings, at_read_bandwidth, predict,
+                               read_bandwidth_gbps)
 
 GB = 1e9
 Q8_0 = 8
@@ -91,14 +92,18 @@ def test_moe_reads_fewer_bytes_than_it_stores():
 SMALL = MachineBandwidth("small", 1, 1, 2, 30.0, 18.0, 1.0, 24 << 30)
 
 
-def runs_made_by(truth: Calibration, models=None) -> list:
+def runs_made_by(truth: Calibration, models=None, host=None) -> list:
     """Models (three dense ones unless given) at 1 and 2 threads on SMALL, 'measured' by
-    predict() with `truth`."""
+    predict() with `truth`. `host(i, threads)` scales the bandwidth of the i-th run, as a shared
+    host does; each point then carries the read bandwidth of its moment."""
     points = []
     for m in models or [dense_q8(n_layer, width) for n_layer, width in ((4, 1024), (16, 1024), (8, 2048))]:
         for t in (1, 2):
-            p = predict(m, SMALL, Settings(threads=t, n_ubatch=64), truth)
-            points.append(calibrate.Point(m, t, 64, p.tg_tokens_per_s, p.pp_tokens_per_s))
+            read = host(len(points), t) * read_bandwidth_gbps(SMALL, t, "one-node")[0] if host else None
+            box = at_read_bandwidth(SMALL, t, read) if read else SMALL
+            p = predict(m, box, Settings(threads=t, n_ubatch=64), truth)
+            points.append(calibrate.Point(m, t, 64, p.tg_tokens_per_s, p.pp_tokens_per_s,
+                                          read_gbps=read, read_gbps_samples=(read,) if read else ()))
     return points
 
 
@@ -113,6 +118,33 @@ def test_fit_recovers_constants_from_runs_it_generated():
     assert max(abs(e) for e in errs) < 0.02
     assert fitted.decode_gbps_per_core["Q8_0"] == pytest.approx(3.0, rel=0.05)
     assert fitted.prefill_gflops_per_core["Q8_0"] == pytest.approx(70.0, rel=0.05)
+
+
+def test_at_read_bandwidth_is_the_machine_at_the_read_of_the_moment():
+    # SMALL: 2 threads pull min(2 x 18, 30) = 30 GB/s. Read 60 just before a run: everything x2.
+    now = at_read_bandwidth(SMALL, 2, 60.0)
+    assert read_bandwidth_gbps(now, 2, "one-node")[0] == pytest.approx(60.0)
+    assert (now.node_read_gbps, now.core_read_gbps) == pytest.approx((60.0, 36.0))
+    # One thread read 9 GB/s: x0.5, so that one thread pulls 9.
+    assert read_bandwidth_gbps(at_read_bandwidth(SMALL, 1, 9.0), 1, "one-node")[0] == pytest.approx(9.0)
+    m = dense_q8()
+    speeds = [predict(m, at_read_bandwidth(SMALL, 2, g), Settings(threads=2), CAL).tg_tokens_per_s
+              for g in (20.0, 40.0, 60.0)]
+    assert speeds == sorted(speeds)
+
+
+def test_fit_at_the_bandwidth_of_each_run_on_a_bimodal_host():
+    """Issue 18: a host whose bandwidth halves for some runs. Fitted at the read measured before
+    each run, the constants come back; at the profile's one figure they cannot."""
+    truth = dataclasses.replace(CAL, bw_efficiency=0.7, decode_gbps_per_core={"Q8_0": 60.0, "F16": 60.0})
+    points = runs_made_by(truth, host=lambda i, t: 0.5 if i % 3 == 1 else 1.0)
+    assert {p.read_gbps for p in points} == {15.0, 18.0, 30.0, 9.0}
+    fitted = calibrate.fit(points, SMALL, CAL)
+    assert max(abs(e) for e in calibrate.log_errors(points, SMALL, fitted)) < 0.03
+    assert fitted.bw_efficiency == pytest.approx(0.7, rel=0.05)
+    assert "each at the read bandwidth measured before it" in fitted.source
+    blind = [dataclasses.replace(p, read_gbps=None, read_gbps_samples=()) for p in points]
+    assert max(abs(e) for e in calibrate.log_errors(blind, SMALL, calibrate.fit(blind, SMALL, CAL))) > 0.15
 
 
 def test_least_squares_solves_a_nonlinear_fit():
