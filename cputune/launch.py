@@ -4,6 +4,7 @@ back down without orphans. Placement decisions are made elsewhere; this runs an 
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import json
 import os
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from cputune.errors import ConfigError, ProcessFailed
+from cputune.errors import ConfigError, ProcessFailed, process_failed
 from cputune.fsutil import cache_root
 
 LOGS_KEPT = 20  # per program: the newest logs of llama-server (or ggml-rpc-server) runs
@@ -92,14 +93,47 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def port_in_use(host: str, port: int) -> bool:
-    with socket.socket() as s:
+def bind_error(host: str, port: int) -> OSError | None:
+    """Why a server could not listen on host:port now (the bind() error), or None when it can.
+    The address family is the host's own (an IPv6 address binds an AF_INET6 socket)."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        return e if isinstance(e, OSError) else OSError(errno.EINVAL, str(e))
+    with socket.socket(family, kind, proto) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind((host, port))
-        except OSError:
-            return True
-    return False
+            s.bind(addr)
+        except OSError as e:
+            return e
+    return None
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Something listens on host:port (EADDRINUSE); other bind errors are not "in use"."""
+    e = bind_error(host, port)
+    return e is not None and e.errno == errno.EADDRINUSE
+
+
+def check_can_listen(host: str, port: int, option: str = "--port") -> None:
+    """A ConfigError with the real cause when nothing could listen on host:port."""
+    e = bind_error(host, port)
+    if e is None:
+        return
+    if e.errno == errno.EADDRINUSE:
+        raise ConfigError(f"port {port} on {host} is already in use",
+                          hint=f"pick another with {option}, or stop what is listening there")
+    if e.errno == errno.EADDRNOTAVAIL:
+        raise ConfigError(f"cannot listen on {host}: it is not an address of this machine",
+                          hint="use 127.0.0.1, 0.0.0.0 (every interface) or an address `ip -brief address` lists")
+    if e.errno == errno.EACCES:
+        raise ConfigError(f"cannot listen on port {port}: ports below 1024 need root "
+                          "(or CAP_NET_BIND_SERVICE)", hint=f"pick a port from 1024 up with {option}")
+    if isinstance(e, socket.gaierror):
+        raise ConfigError(f"cannot listen on {host!r}: {e.strerror or e}",
+                          hint="give an IP address or a host name this machine resolves")
+    raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}")
 
 
 def http_json(url: str, payload: dict | None = None, timeout: float = 60.0) -> tuple[int, dict]:
@@ -163,9 +197,8 @@ class Server:
         while True:
             rc = self.proc.poll()
             if rc is not None:
-                raise ProcessFailed(f"{self.name} exited with {describe_exit(rc)} before it was ready",
-                                    self.argv, rc, self.log_tail(), log_path=str(self.log_path),
-                                    hint="read the log lines above")
+                raise process_failed(self.name, self.argv, rc, self.log_tail(), " before it was ready",
+                                     log_path=str(self.log_path), hint="read the log lines above")
             state = probe()
             if state is None:
                 return
@@ -201,16 +234,6 @@ class Server:
         self.stop()
 
 
-def describe_exit(returncode: int) -> str:
-    """'code 1', or 'signal 11 (SIGSEGV)' for a process a signal ended (Popen's negative codes)."""
-    if returncode < 0:
-        try:
-            return f"signal {-returncode} ({signal.Signals(-returncode).name})"
-        except ValueError:
-            return f"signal {-returncode}"
-    return f"code {returncode}"
-
-
 @functools.lru_cache(maxsize=1)
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
@@ -224,15 +247,18 @@ def _die_with_parent(prctl) -> Callable[[], None]:
     return set_pdeathsig
 
 
+def die_with_parent() -> Callable[[], None]:
+    """A Popen preexec_fn: the child gets SIGTERM when cputune dies (llama-bench, llama-quantize)."""
+    return _die_with_parent(_libc().prctl)
+
+
 def start_server(argv: Sequence[str], host: str, port: int, env: dict | None = None,
                  log_path: Path | None = None, die_with_parent: bool = False) -> Server:
     """Start llama-server (argv must already carry --host/--port) in its own process group.
 
     Without `log_path` the output goes to a new file under the cache's logs/ folder.
     """
-    if port_in_use(host, port):
-        raise ConfigError(f"port {port} on {host} is already in use",
-                          hint="pick another with --port, or stop what is listening there")
+    check_can_listen(host, port)
     if log_path is None:
         log_path = new_log_path(program_name(argv))
     preexec = _die_with_parent(_libc().prctl) if die_with_parent else None

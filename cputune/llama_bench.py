@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from cputune.errors import ProcessFailed
+from cputune.errors import ProcessFailed, process_failed
+from cputune.launch import die_with_parent
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,8 +128,14 @@ def bench_argv(binary: Path, model: Path, threads: Sequence[int] = (), n_prompt:
 
 
 def run(argv: Sequence[str], timeout_s: float | None = None) -> list[BenchRow]:
+    """Run llama-bench and parse its rows. It dies with cputune (no orphan bench keeps the cores
+    busy), and GGML_NO_BACKTRACE (unless set) keeps ggml from attaching gdb to a crash: the
+    GGML_ASSERT line is the reason shown, and gdb's dump only delays it."""
+    env = dict(os.environ)
+    env.setdefault("GGML_NO_BACKTRACE", "1")
     try:
-        p = subprocess.run(list(argv), capture_output=True, text=True, errors="replace", timeout=timeout_s)
+        p = subprocess.run(list(argv), capture_output=True, text=True, errors="replace", timeout=timeout_s,
+                           env=env, preexec_fn=die_with_parent())
     except OSError as e:
         raise ProcessFailed(f"cannot run llama-bench: {e}", argv, None,
                             hint="build llama.cpp first (`cputune build`)") from e
@@ -137,8 +144,7 @@ def run(argv: Sequence[str], timeout_s: float | None = None) -> list[BenchRow]:
         out = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr))
         raise ProcessFailed(f"llama-bench did not finish in {timeout_s:g} s", argv, None, out) from e
     if p.returncode != 0:
-        raise ProcessFailed(f"llama-bench failed (exit {p.returncode})", argv, p.returncode,
-                            p.stdout + p.stderr)
+        raise process_failed("llama-bench", argv, p.returncode, p.stdout + p.stderr)
     try:
         return parse_rows(p.stdout)
     except (ValueError, TypeError) as e:

@@ -9,6 +9,7 @@ overlap llama-server's connection.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import struct
 from dataclasses import dataclass
@@ -73,6 +74,28 @@ class LayerSplit:
         return ["-ngl", str(self.n_gpu_layers), "-ts", ",".join(str(u) for u in self.worker_units)]
 
 
+def check_host(host: str, option: str = "--host") -> str:
+    """`host` when it is an IP address or a name this machine resolves; else a ConfigError that
+    says so (not, as a failed bind() read as "in use" did, that the port is taken)."""
+    if not host or any(c.isspace() for c in host):
+        raise ConfigError(f"{option} {host!r} is not an address: it must be an IP address or a host "
+                          "name, without spaces", hint=f"for example {option} 127.0.0.1, or 0.0.0.0 for "
+                          "every interface")
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        why = e.strerror if isinstance(e, socket.gaierror) and e.strerror else str(e)
+        raise ConfigError(f"{option} {host!r} is not an IP address or a host name this machine can "
+                          f"resolve ({why})", hint=f"for example {option} 127.0.0.1, or 0.0.0.0 for "
+                          "every interface") from None
+    return host
+
+
 def parse_endpoints(text: str) -> tuple[Endpoint, ...]:
     """'host:port,host:port' as llama-server's --rpc takes it (one ':' each; no IPv6 literals:
     ggml-rpc.cpp parse_endpoint splits at the first ':')."""
@@ -80,7 +103,8 @@ def parse_endpoints(text: str) -> tuple[Endpoint, ...]:
     for part in (text or "").split(","):
         part = part.strip()
         host, sep, port = part.partition(":")
-        if not part or not sep or not host or ":" in port or not port.isdigit() or not 0 < int(port) < 65536:
+        if (not part or not sep or not host or any(c.isspace() for c in host) or ":" in port
+                or not port.isdigit() or not 0 < int(port) < 65536):
             raise ConfigError(f"--rpc {text!r}: {part!r} is not host:port",
                               hint="for example --rpc 192.168.1.20:50052,192.168.1.21:50052")
         out.append(Endpoint(host, int(port)))

@@ -18,7 +18,7 @@ from typing import Callable, Mapping, Sequence
 
 from cputune import launch, pagecache, rpc, tune
 from cputune.build import Build, require_build
-from cputune.errors import ConfigError, InsufficientMemory, ProcessFailed
+from cputune.errors import ConfigError, InsufficientMemory, Terminated, process_failed
 from cputune.gguf_model import shard_paths
 from cputune.memory import MemoryInfo, discover_memory
 from cputune.modelfiles import ModelFile
@@ -393,6 +393,7 @@ def plan_serve(req: ServeRequest, root: Path | str = Path("/"), build: Build | N
     """Everything `serve` decides before it starts anything (what --dry-run shows)."""
     if req.ctx_tokens < 1:
         raise ConfigError(f"--ctx {req.ctx_tokens}: must be at least 1")
+    rpc.check_host(req.host)
     check_extra_args(req.extra_args)
     b = build or require_build()
     binary = find_binary(b, ["llama-server"])
@@ -477,6 +478,7 @@ def plan_serve(req: ServeRequest, root: Path | str = Path("/"), build: Build | N
 
 def plan_worker(req: WorkerRequest, root: Path | str = Path("/"), build: Build | None = None,
                 numactl: bool | None = None) -> WorkerPlan:
+    rpc.check_host(req.host)
     b = build or require_build()
     binary = find_binary(b, RPC_SERVER_NAMES)
     topo = discover_topology(root)
@@ -591,8 +593,8 @@ def check_affinity(server: launch.Server, placement: Placement,
 
 class SignalForwarder:
     """SIGINT/SIGTERM from before a server starts until it exits. While it loads, a signal
-    unwinds cputune (KeyboardInterrupt; start() stops the server); once `server` is set, it is
-    forwarded to the server's process group, and a second one kills it."""
+    unwinds cputune (KeyboardInterrupt, or Terminated for SIGTERM; start() stops the server);
+    once `server` is set, it is forwarded to the server's process group, and a second one kills it."""
 
     HANDLED = (signal.SIGINT, signal.SIGTERM)
 
@@ -612,20 +614,21 @@ class SignalForwarder:
     def _handle(self, signum, frame) -> None:
         self.received.append(signum)
         if self.server is None:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
         try:
             os.killpg(self.server.pid, signum if len(self.received) == 1 else signal.SIGKILL)
         except ProcessLookupError:
             pass
 
     def wait(self) -> int:
-        """The server's exit status as a shell reports it, once it exits after a forwarded signal;
-        an exit nobody asked for is a ProcessFailed with the log tail."""
+        """Once the server has exited after a forwarded signal: 128 + that signal (130 for
+        SIGINT, 143 for SIGTERM), as a shell reports a program a signal ended; llama-server's
+        own status (0 after its clean shutdown) would tell a supervisor that nothing stopped it.
+        An exit nobody asked for is a ProcessFailed with the log tail."""
         server = self.server
         assert server is not None, "wait() before the server was ready"
         rc = server.proc.wait()
         if self.received:
-            return rc if rc >= 0 else 128 - rc
-        raise ProcessFailed(f"{server.name} stopped on its own with {launch.describe_exit(rc)}",
-                            server.argv, rc, server.log_tail(), log_path=str(server.log_path),
-                            hint="the last log lines above say why")
+            return 128 + self.received[0]
+        raise process_failed(server.name, server.argv, rc, server.log_tail(), " while serving",
+                             log_path=str(server.log_path), hint="the last log lines above say why")

@@ -6,6 +6,9 @@ import contextlib
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -14,7 +17,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader, LlamaFileType
 
 from cputune import launch, llama_bench, synth
-from cputune.errors import ProcessFailed
+from cputune.errors import ProcessFailed, describe_exit, exit_message, process_failed
 
 FIXTURES = Path(__file__).parent / "fixtures"
 HOST = "127.0.0.1"
@@ -141,6 +144,57 @@ def test_llama_bench_failure_is_reported(tmp_path, llama_bin_dir):
         llama_bench.run(argv, timeout_s=60)
     assert info.value.returncode not in (0, None)
     assert info.value.argv == argv and info.value.output_tail
+
+
+@pytest.mark.llama
+def test_a_crashed_llama_bench_names_the_signal_and_the_assert(tiny_models, llama_bin_dir):
+    """`-t 0` makes the pinned llama-bench abort in ggml_graph_compute (GGML_ASSERT n_threads > 0)."""
+    argv = llama_bench.bench_argv(llama_bin_dir / "llama-bench", tiny_models["llama"].f16, threads=(0,),
+                                  n_prompt=(8,), n_gen=(), reps=1)
+    with pytest.raises(ProcessFailed) as info:
+        llama_bench.run(argv, timeout_s=120)
+    e = info.value
+    assert e.returncode == -signal.SIGABRT
+    assert re.fullmatch(r"llama-bench was killed by SIGABRT \(signal 6\): ggml-cpu\.c:\d+: "
+                        r"GGML_ASSERT\(cplan->n_threads > 0\) failed", e.message), e.message
+    assert "exit code: -6 (SIGABRT)" in e.details()
+    assert e.output_tail[-1].endswith("GGML_ASSERT(cplan->n_threads > 0) failed")  # no backtrace after it
+
+
+@pytest.mark.llama
+def test_a_backtrace_after_the_assert_is_left_out(tiny_models, llama_bin_dir):
+    """Run as the user might, with ggml's backtrace on (gdb, else backtrace_symbols): the reason
+    is still the assert line, and the dump after it is not shown."""
+    argv = llama_bench.bench_argv(llama_bin_dir / "llama-bench", tiny_models["llama"].f16, threads=(0,),
+                                  n_prompt=(8,), n_gen=(), reps=1)
+    env = {k: v for k, v in os.environ.items() if k != "GGML_NO_BACKTRACE"}
+    p = subprocess.run(argv, capture_output=True, text=True, errors="replace", env=env, timeout=120)
+    raw = (p.stdout + p.stderr).splitlines()
+    at = next(i for i, line in enumerate(raw) if "GGML_ASSERT(" in line)
+    assert p.returncode == -signal.SIGABRT and len(raw) > at + 1  # something was printed after it
+    e = process_failed("llama-bench", argv, p.returncode, p.stdout + p.stderr)
+    assert e.message.endswith("GGML_ASSERT(cplan->n_threads > 0) failed")
+    assert e.output_tail[-1] == raw[at]
+
+
+ABORTING = ("import os, sys; print('[]'); print('/x/y/ops.cpp:12: GGML_ASSERT(ne0 > 0) failed', file=sys.stderr);"
+            "sys.stderr.flush(); print('#0  0x00007f in wait4 ()', file=sys.stderr); sys.stderr.flush(); os.abort()")
+
+
+def test_the_one_exit_helper_names_signals_and_reasons():
+    """llama_bench.run on a stand-in that aborts; and the wording for codes and unnamed signals."""
+    with pytest.raises(ProcessFailed) as info:
+        llama_bench.run([sys.executable, "-c", ABORTING], timeout_s=60)
+    assert info.value.message == "llama-bench was killed by SIGABRT (signal 6): ops.cpp:12: GGML_ASSERT(ne0 > 0) failed"
+    assert info.value.output_tail == ["[]", "/x/y/ops.cpp:12: GGML_ASSERT(ne0 > 0) failed"]
+    assert describe_exit(1) == "exited with code 1" and describe_exit(-9) == "was killed by SIGKILL (signal 9)"
+    assert describe_exit(-77) == "was killed by signal 77"
+    assert exit_message("llama-server", 1, "load: ok\nmain: error: failed to load model 'm.gguf'\nbye",
+                        " before it was ready") == ("llama-server exited with code 1 before it was ready: "
+                                                    "main: error: failed to load model 'm.gguf'")
+    out = "terminate called after throwing an instance of 'std::runtime_error'\n  what():  bad shape\n#1 frame"
+    assert exit_message("llama-server", -6, out) == "llama-server was killed by SIGABRT (signal 6): what():  bad shape"
+    assert exit_message("llama-bench", -9, "loading\n") == "llama-bench was killed by SIGKILL (signal 9)"
 
 
 def test_missing_llama_bench_is_a_process_failure(tmp_path):

@@ -595,7 +595,7 @@ def test_serve_answers_and_ctrl_c_leaves_no_orphan(llama_models):
         assert "--metrics" in cmdline and cmdline[cmdline.index("-c") + 1] == "512"
     finally:
         rc, out, err = stop(proc, signal.SIGINT)
-    assert rc == 0, err  # llama-server's own exit status after the forwarded SIGINT
+    assert rc == 130, err  # 128 + SIGINT, as a shell reports it, after llama-server's clean stop
     assert f"llama-server is ready at http://127.0.0.1:{port}" in out and f"pid {server_pid}" in out
     assert "Warning" not in err  # the threads' affinity matched the plan
     assert server_pid and not alive(server_pid)
@@ -617,8 +617,55 @@ def test_serve_reports_a_crash_with_exit_code_and_log_tail(llama_models):
         if proc.poll() is None:
             stop(proc)
     assert rc == 1
-    assert "Error: llama-server stopped on its own with signal 9 (SIGKILL)" in err
+    assert "Error: llama-server was killed by SIGKILL (signal 9) while serving" in err
+    assert "exit code: -9 (SIGKILL)" in err
     assert "last output lines:" in err and "full log: " in err and "Traceback" not in err
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("sig, code, line", [(signal.SIGINT, 130, "Interrupted."), (signal.SIGTERM, 143, "Terminated.")])
+def test_a_signal_as_the_server_starts_stops_it_with_128_plus_the_signal(llama_models, sig, code, line):
+    """Sent the moment llama-server exists, the signal lands while it loads (cputune unwinds and
+    stops it: one line) or just after it is ready (forwarded): the same exit status, no orphan."""
+    port = launch.free_port(HOST)
+    proc = cputune_process("serve", "-q", "q8_0", "-m", "llama", "--models-dir", str(llama_models),
+                           "--ctx", "256", "--port", str(port))
+    try:
+        [server_pid] = wait_until(lambda: children(proc.pid), proc, timeout_s=60)
+    finally:
+        rc, out, err = stop(proc, sig)
+    assert rc == code, err
+    assert "Traceback" not in err and (line in err.splitlines() or "is ready at" in out)
+    deadline = time.monotonic() + 10
+    while alive(server_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(server_pid) and not launch.port_in_use(HOST, port)
+
+
+def test_a_host_that_is_not_an_address_is_said_so_not_port_in_use():
+    for cmd in ("serve", "worker"):
+        r = invoke(cmd, "--host", "bad host", "--dry-run", *(("-q", "q8_0") if cmd == "serve" else ()))
+        assert r.exit_code == 1 and "Traceback" not in r.output
+        assert r.output.splitlines()[0] == ("Error: --host 'bad host' is not an address: it must be an IP "
+                                            "address or a host name, without spaces")
+        assert "in use" not in r.output
+    r = invoke("worker", "--host", "no-such-host.invalid", "--dry-run")
+    assert r.exit_code == 1 and "is not an IP address or a host name this machine can resolve" in r.output
+    assert rpc.check_host("::1") == "::1" and rpc.check_host("localhost") == "localhost"
+
+
+def test_a_bind_failure_says_its_real_cause():
+    with pytest.raises(ConfigError, match="cannot listen on 192.0.2.1: it is not an address of this machine"):
+        launch.check_can_listen("192.0.2.1", 8080)  # TEST-NET-1 (RFC 5737): on no interface here
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"port {port} on {HOST} is already in use"):
+            launch.check_can_listen(HOST, port)
+        assert launch.port_in_use(HOST, port) and not launch.port_in_use("192.0.2.1", port)
+    with pytest.raises(ConfigError, match="cannot listen on 'bad host'"):
+        launch.start_server(["llama-server"], "bad host", 8080)
 
 
 @pytest.mark.llama
@@ -632,7 +679,8 @@ def test_sigterm_is_forwarded(llama_models):
         [server_pid] = wait_until(lambda: children(proc.pid), proc)
     finally:
         rc, out, _ = stop(proc, signal.SIGTERM)
-    assert rc == 0 and not alive(server_pid)
+    assert rc == 143 and not alive(server_pid)  # 128 + SIGTERM: a supervisor sees it was stopped
+    assert not launch.port_in_use(HOST, port)
     doc = json.loads(out)
     assert doc["running"]["pid"] == server_pid and doc["running"]["url"] == f"http://127.0.0.1:{port}"
 
@@ -687,8 +735,8 @@ def test_rpc_on_loopback_with_two_workers(llama_models):
         assert cmdline[cmdline.index("-ts") + 1] == "1,1"
     finally:
         results = [stop(p) for p in ([serve_proc] if serve_proc else []) + workers]
-    # llama-server exits 0 on SIGINT; ggml-rpc-server has no handler and dies of it: 128 + 2, as a shell says
-    assert [rc for rc, _, _ in results] == [0, 130, 130], [(rc, err) for rc, _, err in results]
+    # 128 + SIGINT for serve and both workers, as a shell reports a program Ctrl-C ended
+    assert [rc for rc, _, _ in results] == [130, 130, 130], [(rc, err) for rc, _, err in results]
     worker_children = [children(w.pid) for w in workers]
     assert worker_children == [[], []]
     for p in ports:
