@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -99,6 +100,46 @@ def test_unknown_tensor_type_is_reported_not_fatal():
     assert m.unknown_types == ("unknown(250)",) and m.weight_bytes == 64 * 100 * 2
 
 
+LAYERS = [t("output.weight", (64, 100)), t("blk.0.attn_q.weight", (64, 64)), t("blk.1.attn_q.weight", (64, 64))]
+
+
+@pytest.mark.parametrize("extra, words", [
+    ({"llama.attention.head_count_kv": -3840}, "llama.attention.head_count_kv is -3840, outside 0..4,096"),
+    ({"llama.block_count": 0}, "llama.block_count is 0, outside 1..512"),
+    ({"llama.block_count": 1 << 26}, "llama.block_count is 67108864, outside 1..512"),
+    ({"llama.block_count": 40}, "llama.block_count is 40, but the tensors hold blocks 0..1 only"),
+    ({"llama.embedding_length": "64"}, "llama.embedding_length is a string ('64'), not an integer"),
+    ({"llama.embedding_length": float("nan")}, "llama.embedding_length is a float (nan), not an integer"),
+    ({"llama.context_length": True}, "llama.context_length is a boolean (True), not an integer"),
+    ({"llama.attention.head_count": [4, 4, 4]}, "an array of 3 values, but the model has 2 layers"),
+    ({"llama.attention.head_count": 0}, "llama.attention.head_count is 0, but attention needs heads"),
+    ({"llama.expert_count": 4, "llama.expert_used_count": 5}, "is 5, more than the model's 4 experts"),
+    ({"llama.expert_used_count": 2}, "is 2, more than the model's 0 experts"),
+    ({"llama.expert_count": 4}, "but the model routes to 4 experts"),
+    ({"llama.leading_dense_block_count": 3}, "llama.leading_dense_block_count is 3, outside 0..2"),
+    ({"general.file_type": [1]}, "general.file_type is an array of 1 values, not an integer"),
+    ({"general.architecture": "clip"}, "is a vision projector (mmproj), not a language model"),
+])
+def test_hyperparameters_of_the_wrong_type_or_out_of_range_are_refused(extra, words):
+    with pytest.raises(GGUFError, match=re.escape(words)):
+        gm.profile_from(header(**extra), LAYERS, file_bytes=0, path="m.gguf")
+
+
+def test_a_model_without_attention_keys_has_no_kv_cache():
+    meta = header()
+    del meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
+    m = gm.profile_from(meta, LAYERS, file_bytes=0)  # a recurrent model (mamba, rwkv) reads this way
+    assert (m.n_head, m.kv_k_elems_per_token, m.kv_v_elems_per_token) == (0, 0, 0)
+
+
+def test_headers_that_size_nothing_are_refused():
+    with pytest.raises(GGUFError, match="holds no tensors"):
+        gm.profile_from(header(), [], file_bytes=0)
+    odd = gm.TensorInfo("blk.0.attn_q.weight", "unknown(250)", 250, (64, 64), 4096, None)
+    with pytest.raises(GGUFError, match=re.escape("none of its 1 tensors has a type this cputune knows")):
+        gm.profile_from(header(), [odd], file_bytes=0)
+
+
 def test_bad_files_are_one_clear_error(tmp_path, files):
     (tmp_path / "x.gguf").write_bytes(b"PK\x03\x04 not a model")
     with pytest.raises(GGUFError, match="is not a GGUF file"):
@@ -113,6 +154,11 @@ def test_bad_files_are_one_clear_error(tmp_path, files):
         gm.read_model(lone)
     with pytest.raises(GGUFError, match="does not exist"):
         gm.read_model(tmp_path / "nope.gguf")
+    (tmp_path / "dir.gguf").mkdir()
+    with pytest.raises(GGUFError, match="is a directory, not a GGUF file"):
+        gm.read_model(tmp_path / "dir.gguf")
+    with pytest.raises(GGUFError, match="is a character device, not a GGUF file"):
+        gm.read_model("/dev/zero")
 
 
 def test_long_arrays_are_skipped_but_counted(files, monkeypatch):
