@@ -91,7 +91,11 @@ def load_calibration(path: Path | None = None) -> Calibration | None:
 
 def make_models(folder: Path, llama_quantize: Path, arch: str, sizes_bytes: Sequence[int],
                 quants: Sequence[str], progress: Callable[[str], None] | None = None) -> list[Path]:
-    """Synthetic f16 models of the given sizes, quantized; files are reused when present."""
+    """Synthetic f16 models of the given sizes, quantized; files are reused when present.
+
+    `folder` is a work folder calibrate keeps (created here); a run killed midway leaves locked
+    temporary files there, which the next write into it removes (fsutil.clean_stale)."""
+    folder.mkdir(parents=True, exist_ok=True)
     out = []
     for size in sizes_bytes:
         shape = synth.shape_for_size(arch, size, "f16")

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from cputune import __version__, bench, probe, tune
 from cputune.errors import ConfigError
-from cputune.fsutil import atomic_write_bytes, atomic_write_text
+from cputune.fsutil import atomic_write_bytes, atomic_write_text, check_target
 
 FORMATS = ("html", "md")
 
@@ -275,15 +275,18 @@ def write_report(blocks: Sequence[Block], out: Path, fmt: str | None = None) -> 
         raise ConfigError(f"unknown report format {fmt!r}", hint="choose html or md")
     if out.exists() and out.is_dir():
         raise ConfigError(f"{out} is a folder", hint="give a file name, e.g. --out report.html")
+    # OUT's folder must exist (the user named it); a device, FIFO or link there is refused before
+    # any chart is drawn into the folder beside it.
+    check_target(out, make_parents=False)
     if fmt == "html":
-        atomic_write_text(out, to_html(blocks))
+        atomic_write_text(out, to_html(blocks), make_parents=False)
         return [out]
     img_dir = out.parent / f"{out.stem}-images"
     written = []
     for b in blocks:
         if isinstance(b, Chart):
             p = img_dir / f"{b.name}.png"
-            atomic_write_bytes(p, b.png)
+            atomic_write_bytes(p, b.png, make_parents=True)  # the images folder is the report's own
             written.append(p)
-    atomic_write_text(out, to_markdown(blocks, os.path.relpath(img_dir, out.parent)))
+    atomic_write_text(out, to_markdown(blocks, os.path.relpath(img_dir, out.parent)), make_parents=False)
     return [out, *written]

@@ -6,10 +6,7 @@ import bisect
 import functools
 import itertools
 import math
-import os
-import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence, Union
@@ -26,7 +23,8 @@ from gguf import (
     TokenType,
 )
 
-from .errors import ConfigError, ProcessFailed
+from . import fsutil
+from .errors import ConfigError, ProcessFailed, process_failed
 
 # SPM vocabularies start <unk>, <s>, </s> (llama-vocab.cpp defaults unk=0, bos=1, eos=2), then the
 # 256 byte-fallback pieces "<0x00>".."<0xFF>" that byte_to_token() looks up.
@@ -498,7 +496,8 @@ def _shard_starts(sizes: Sequence[int], n_shards: int) -> set[int]:
     return set(starts)
 
 
-def _write(path: Path, shape: Shape, seed: int, dtype: str, n_shards: int) -> list[Path]:
+def _write(path: Path, shape: Shape, seed: int, dtype: str, n_shards: int,
+           make_parents: bool | None = None) -> list[Path]:
     if dtype not in ("f16", "f32"):
         raise ConfigError(f"cannot write weights as {dtype!r}", hint="write f16 or f32, then quantize()")
     np_dtype = np.float16 if dtype == "f16" else np.float32
@@ -508,12 +507,13 @@ def _write(path: Path, shape: Shape, seed: int, dtype: str, n_shards: int) -> li
     path = Path(path)
     if path.suffix != ".gguf":
         raise ConfigError(f"{path} must end in .gguf", hint="llama.cpp finds shards by the -0000N-of-0000M.gguf suffix")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    fsutil.check_target(path, make_parents)
 
-    # Write into a private folder beside the target, then os.replace each file: readers never see a
-    # half-written model, and the shard names gguf-py derives from the path stay right.
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", dir=path.parent))
-    try:
+    # Write into a private folder beside the target, then rename each file into place: readers
+    # never see a half-written model, and the shard names gguf-py derives from the path stay
+    # right. The folder is removed on any exception (Ctrl-C too); a killed writer's is removed by
+    # the next write here (fsutil.clean_stale).
+    with fsutil.scratch_dir(path.parent, path.name, make_parents=False) as tmp_dir:
         w = GGUFWriter(tmp_dir / path.name, shape.arch)
         _add_common(w, shape, dtype)
         if isinstance(shape, LlamaShape):
@@ -541,34 +541,36 @@ def _write(path: Path, shape: Shape, seed: int, dtype: str, n_shards: int) -> li
 
         written = w.format_shard_names(tmp_dir / path.name)
         final = [path.parent / p.name for p in written]
+        for dst in final:
+            fsutil.check_target(dst, make_parents=False)  # before any shard replaces an old one
         for src, dst in zip(written, final):
-            os.replace(src, dst)
+            fsutil.install(src, dst)
         return final
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def write_llama(path: Path | str, shape: LlamaShape, seed: int = 0, dtype: str = "f16",
-                n_shards: int = 1) -> list[Path]:
+                n_shards: int = 1, make_parents: bool | None = None) -> list[Path]:
     """Write a dense llama model; returns the files written, the first being what llama.cpp opens.
 
     With n_shards > 1 the files are NAME-0000k-of-0000n.gguf beside `path`, as llama-gguf-split names them.
+    `make_parents`: create a missing folder (None: only inside cputune's cache; fsutil.check_target).
     """
     if not isinstance(shape, LlamaShape):
         raise TypeError(f"expected LlamaShape, got {type(shape).__name__}")
-    return _write(Path(path), shape, seed, dtype, n_shards)
+    return _write(Path(path), shape, seed, dtype, n_shards, make_parents)
 
 
 def write_deepseek2(path: Path | str, shape: Deepseek2Shape, seed: int = 0, dtype: str = "f16",
-                    n_shards: int = 1) -> list[Path]:
+                    n_shards: int = 1, make_parents: bool | None = None) -> list[Path]:
     """Write a DeepSeek-V3-style MoE model in the MLA layout; returns the files as write_llama does."""
     if not isinstance(shape, Deepseek2Shape):
         raise TypeError(f"expected Deepseek2Shape, got {type(shape).__name__}")
-    return _write(Path(path), shape, seed, dtype, n_shards)
+    return _write(Path(path), shape, seed, dtype, n_shards, make_parents)
 
 
-def write_model(path: Path | str, shape: Shape, seed: int = 0, dtype: str = "f16", n_shards: int = 1) -> list[Path]:
-    return _write(Path(path), shape, seed, dtype, n_shards)
+def write_model(path: Path | str, shape: Shape, seed: int = 0, dtype: str = "f16", n_shards: int = 1,
+                make_parents: bool | None = None) -> list[Path]:
+    return _write(Path(path), shape, seed, dtype, n_shards, make_parents)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,41 +578,42 @@ def write_model(path: Path | str, shape: Shape, seed: int = 0, dtype: str = "f16
 
 
 def quantize(src: Path | str, dst: Path | str, qtype: str, llama_quantize: Path | str,
-             threads: int | None = None) -> Path:
-    """Run `llama-quantize SRC DST TYPE [THREADS]`, writing DST atomically; qtype is a preset name such as Q4_K_M."""
+             threads: int | None = None, make_parents: bool | None = None) -> Path:
+    """Run `llama-quantize SRC DST TYPE [THREADS]`, writing DST atomically; qtype is a preset name such as Q4_K_M.
+
+    llama-quantize writes a locked temporary file beside DST (fsutil.scratch_file), removed if it
+    fails or cputune is interrupted; it dies with cputune (PR_SET_PDEATHSIG), so a killed
+    calibrate leaves no quantize running, and its half-written file goes at the next write there.
+    """
+    from cputune.launch import die_with_parent
+
     src, dst = Path(src), Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.stem}.", suffix=".gguf", dir=dst.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    argv = [str(llama_quantize), str(src), str(tmp), qtype]
-    if threads is not None:
-        argv.append(str(threads))
-    try:
+    with fsutil.scratch_file(dst, make_parents) as tmp:
+        argv = [str(llama_quantize), str(src), str(tmp), qtype]
+        if threads is not None:
+            argv.append(str(threads))
         try:
             proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True, errors="replace", check=False)
+                                  text=True, errors="replace", check=False, preexec_fn=die_with_parent())
         except OSError as e:
             raise ProcessFailed(f"cannot run llama-quantize: {e}", argv, None,
                                 hint="build llama.cpp first (`cputune build`)") from e
         if proc.returncode != 0:
-            raise ProcessFailed(f"llama-quantize failed to make {qtype} from {src.name}", argv,
-                                proc.returncode, proc.stdout,
-                                hint="llama-quantize --help lists the type names")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it 0600; a model file is an ordinary file
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+            raise process_failed("llama-quantize", argv, proc.returncode, proc.stdout,
+                                 f" making {qtype} from {src.name}",
+                                 hint="llama-quantize --help lists the type names")
+        fsutil.install(tmp, dst)
     return dst
 
 
 def make_quantized(out: Path | str, arch: str, size_bytes: int, quant: str,
-                   llama_quantize: Path | str, seed: int = 0) -> Path:
+                   llama_quantize: Path | str, seed: int = 0, make_parents: bool | None = None) -> Path:
     """A model of `arch` about `size_bytes` on disk after quantizing to `quant` (a llama-quantize
     preset): the f16 shape is scaled by 16 / the preset's main bits per weight, written next to
-    `out`, quantized, and removed. F16/BF16 are written directly."""
+    `out`, quantized, and removed. F16/BF16 are written directly.
+
+    `make_parents`: create OUT's missing folder (None: only inside cputune's cache, as the twins
+    are; `synth --out` names a folder that must exist)."""
     from cputune.gguf_model import bits_per_weight
     from cputune.quant_rules import preset_types
 
@@ -618,10 +621,10 @@ def make_quantized(out: Path | str, arch: str, size_bytes: int, quant: str,
     preset = preset_types(quant)
     if preset.name in ("F16", "BF16", "F32"):
         return write_model(out, shape_for_size(arch, size_bytes, preset.name.lower()), seed,
-                           preset.name.lower())[0]
+                           preset.name.lower(), make_parents=make_parents)[0]
     bpw = bits_per_weight().get(preset.default_type, 8.0)
     shape = shape_for_size(arch, int(size_bytes * 16 / bpw), "f16")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".cputune-synth-", dir=out.parent) as tmp:
-        base = write_model(Path(tmp) / "f16.gguf", shape, seed)[0]
-        return quantize(base, out, preset.name, llama_quantize)
+    fsutil.check_target(out, make_parents)  # before minutes of writing, not after
+    with fsutil.scratch_dir(out.parent, out.name, make_parents=False) as tmp:
+        base = write_model(tmp / "f16.gguf", shape, seed, make_parents=False)[0]
+        return quantize(base, out, preset.name, llama_quantize, make_parents=False)
