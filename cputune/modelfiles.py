@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cputune.errors import ConfigError, GGUFError
+from cputune.errors import ConfigError, CputuneError
 from cputune.gguf_model import SPLIT_RE, ModelProfile, read_model
 
 if sys.version_info >= (3, 11):
@@ -78,8 +78,15 @@ def scan(folder: Path) -> tuple[list[ModelFile], list[str]]:
             continue
         try:
             prof = read_model(path)
-        except GGUFError as e:
-            problems.append(f"{path.name}: {e.message}")
+        except CputuneError as e:
+            # "/models/x.gguf is truncated: ..." reads as "x.gguf is truncated: ..."
+            msg = e.message
+            problems.append(path.name + msg[len(str(path)):] if msg.startswith(str(path))
+                            else f"{path.name}: {msg}")
+            continue
+        except Exception as e:  # noqa: BLE001 - a reader bug must not hide the folder's other models (issue 13)
+            problems.append(f"{path.name}: cputune could not read it ({type(e).__name__}: {e}); "
+                            "please report this")
             continue
         found.append(ModelFile(path, prof.n_shards, prof.file_type or "unknown", prof))
     return found, problems
