@@ -4,10 +4,14 @@ measure (llama-bench, same run) a different set; and the error on the published 
     python benchmarks/predict_accuracy.py                  # both parts (15 min on 2 cores, once the models exist)
     python benchmarks/predict_accuracy.py --published-only # the published rows only (1 s)
     python benchmarks/predict_accuracy.py --published-only --toml   # re-fit [published], print TOML
+    python benchmarks/predict_accuracy.py --arch llama --quants f16,q4_k_m --train-sizes 256MiB \
+        --test-sizes 320MiB --passes 2 --reps 1            # a smoke run of the protocol (~1.5 min)
 
 Targets (issue 4): every |error| <= 15 % and the median <= 7 % on this machine's test set.
-Needs `cputune probe` (this box's bandwidth) and `cputune build` done. Run it on a quiet machine:
-other load moves the measurements, not the predictions.
+Needs `cputune probe` (this box's bandwidth) and `cputune build` done. Read bandwidth is measured
+before each model's runs at each thread count, and every point is fitted and predicted at that
+bandwidth (issue 18: a shared host's bandwidth swings 2x within seconds); the range seen is
+printed. Still run it on a quiet machine: other load moves the measurements.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ import sys
 import time
 from pathlib import Path
 
-from cputune import build, calibrate, hardware
+from cputune import build, calibrate, hardware, probe
 from cputune.fsutil import cache_root
 from cputune.predictor import Settings, predict
+from cputune.units import parse_size
 
 MIB = 1 << 20
+ARCHS = ("llama", "deepseek2")
 QUANTS = ("f16", "q8_0", "q4_k_m", "q2_k")
 TRAIN_SIZES = (256 * MIB, 512 * MIB)  # f16 sizes; 8x and 16x this machine's 32 MiB L3
 TEST_SIZES = (320 * MIB, 640 * MIB, 1024 * MIB)
@@ -40,11 +46,20 @@ def stats(errors: list[float]) -> str:
             f"within 15%: {sum(x <= 0.15 for x in a)}/{len(a)}")
 
 
+def read_ranges(points) -> str:
+    return "; ".join(f"{t} thread{'s' if t > 1 else ''} {lo:.1f}–{hi:.1f} GB/s ({n} bursts)"
+                     for t, (lo, hi, n) in calibrate.read_range(points).items()) or "not measured"
+
+
 def local(args) -> bool:
     box = hardware.resolve_box(None)
     b = build.require_build()
     work = Path(args.work_dir or cache_root() / "bench-models")
     threads = tuple(int(t) for t in args.threads.split(","))
+    archs = tuple(args.arch.split(","))
+    quants = tuple(args.quants.split(","))
+    train_sizes = tuple(parse_size(x) for x in args.train_sizes.split(","))
+    test_sizes = tuple(parse_size(x) for x in args.test_sizes.split(","))
     t0 = time.time()
 
     def progress(i, n, text):
@@ -57,21 +72,25 @@ def local(args) -> bool:
         print("re-using the measurements in", work)
         train_pts, points = calibrate.load_points(train_file), calibrate.load_points(test_file)
     else:
-        print("training set:", ", ".join(f"{s // MIB} MiB" for s in TRAIN_SIZES), "f16 sizes; test set:",
-              ", ".join(f"{s // MIB} MiB" for s in TEST_SIZES), f"; {args.passes} sweeps x {args.reps} reps")
+        print("training set:", ", ".join(f"{s // MIB} MiB" for s in train_sizes), "f16 sizes; test set:",
+              ", ".join(f"{s // MIB} MiB" for s in test_sizes), f"; {', '.join(archs)}; {', '.join(quants)}; "
+              f"{args.passes} sweeps x {args.reps} reps")
         train_models, test_models = [], []
-        for arch in ("llama", "deepseek2"):
-            train_models += calibrate.make_models(work, b.bin_dir / "llama-quantize", arch, TRAIN_SIZES,
-                                                  QUANTS, progress=lambda text: progress(0, 1, text))
-            test_models += calibrate.make_models(work, b.bin_dir / "llama-quantize", arch, TEST_SIZES,
-                                                 QUANTS, progress=lambda text: progress(0, 1, text))
-        # One sweep covers both sets, so a noisy stretch of time hits training and test alike.
+        for arch in archs:
+            train_models += calibrate.make_models(work, b.bin_dir / "llama-quantize", arch, train_sizes,
+                                                  quants, progress=lambda text: progress(0, 1, text))
+            test_models += calibrate.make_models(work, b.bin_dir / "llama-quantize", arch, test_sizes,
+                                                 quants, progress=lambda text: progress(0, 1, text))
+        # One sweep covers both sets, so a noisy stretch of time hits training and test alike;
+        # bandwidth is read before each model's runs, at each thread count.
         every = calibrate.measure(b.bin_dir / "llama-bench", train_models + test_models, threads,
-                                  reps=args.reps, passes=args.passes, progress=progress)
+                                  reps=args.reps, passes=args.passes, progress=progress,
+                                  read_now=probe.moment_reader())
         train_pts = [p for p in every if Path(p.model.path) in train_models]
         points = [p for p in every if Path(p.model.path) in test_models]
         calibrate.save_points(train_pts, train_file)
         calibrate.save_points(points, test_file)
+    print(f"read bandwidth before the runs: {read_ranges(train_pts + points)}")
     cal = calibrate.fit(train_pts, box.machine, calibrate.default_calibration())
     train_errs = calibrate.relative_errors(train_pts, box.machine, cal)
     print("fit on the training set:", stats([e for _, tg, pp in train_errs for e in (tg, pp)]))
@@ -81,26 +100,32 @@ def local(args) -> bool:
 
     rows, tg_err, pp_err = [], [], []
     spread, med_err = [], []  # every sample kept: how far the median run is from the best
+    profile_err = []  # the same fit, predicted at the profile's bandwidth instead of the moment's
     for p in points:
-        pred = predict(p.model, box.machine, Settings(threads=p.threads, n_ubatch=p.n_prompt), cal)
+        settings = Settings(threads=p.threads, n_ubatch=p.n_prompt)
+        pred = predict(p.model, p.machine(box.machine), settings, cal)
         et, ep = pred.tg_tokens_per_s / p.tg_tokens_per_s - 1, pred.pp_tokens_per_s / p.pp_tokens_per_s - 1
         tg_err.append(et)
         pp_err.append(ep)
+        at_profile = predict(p.model, box.machine, settings, cal)
+        profile_err += [at_profile.tg_tokens_per_s / p.tg_tokens_per_s - 1,
+                        at_profile.pp_tokens_per_s / p.pp_tokens_per_s - 1]
         for xs, v in ((p.tg_samples, pred.tg_tokens_per_s), (p.pp_samples, pred.pp_tokens_per_s)):
             if xs:
                 spread.append(1 - statistics.median(xs) / max(xs))
                 med_err.append(v / statistics.median(xs) - 1)
-        rows.append((Path(p.model.path).name, p.threads, f"{p.tg_tokens_per_s:.2f}",
-                     f"{pred.tg_tokens_per_s:.2f}", f"{et:+.1%}", pred.bottleneck,
+        rows.append((Path(p.model.path).name, p.threads, f"{p.read_gbps:.1f}" if p.read_gbps else "-",
+                     f"{p.tg_tokens_per_s:.2f}", f"{pred.tg_tokens_per_s:.2f}", f"{et:+.1%}", pred.bottleneck,
                      f"{p.pp_tokens_per_s:.1f}", f"{pred.pp_tokens_per_s:.1f}", f"{ep:+.1%}"))
     print()
-    print(table(rows, ("test model", "thr", "tg meas", "tg pred", "tg err", "bound",
+    print(table(rows, ("test model", "thr", "read GB/s", "tg meas", "tg pred", "tg err", "bound",
                        "pp meas", "pp pred", "pp err")))
     print()
     if spread:
         print(f"run-to-run: the median run is {statistics.median(spread):.1%} slower than the best "
               f"(worst point {max(spread):.1%})")
         print(f"against the median runs instead of the best: {stats(med_err)}")
+    print(f"at the profile's bandwidth instead of the moment's: {stats(profile_err)}")
     print("decode :", stats(tg_err))
     print("prefill:", stats(pp_err))
     both = [abs(e) for e in tg_err + pp_err]
@@ -139,6 +164,10 @@ def main() -> int:
     ap.add_argument("--published-only", action="store_true")
     ap.add_argument("--toml", action="store_true", help="re-fit the [published] constants and print them")
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--arch", default=",".join(ARCHS), help="model shapes, comma-separated")
+    ap.add_argument("--quants", default=",".join(QUANTS))
+    ap.add_argument("--train-sizes", default=",".join(f"{s // MIB}MiB" for s in TRAIN_SIZES), help="f16 sizes")
+    ap.add_argument("--test-sizes", default=",".join(f"{s // MIB}MiB" for s in TEST_SIZES), help="f16 sizes")
     ap.add_argument("--reps", type=int, default=2, help="llama-bench repetitions per sweep")
     ap.add_argument("--passes", type=int, default=8, help="sweeps over all models; a point is the best run")
     ap.add_argument("--work-dir")

@@ -193,7 +193,8 @@ def burst_finding(s: Spread, others_varying: int = 0) -> Finding:
     if not s.varies:
         return Finding("ok", "bursts", f"read bandwidth steady over {over}: {lo:.1f}–{hi:.1f} GB/s "
                        f"({s.between:.0%} apart; the trials within one burst vary {s.within:.0%})")
-    more = f"; {others_varying} other runs vary too" if others_varying else ""
+    more = ("" if not others_varying else "; 1 other run varies too" if others_varying == 1
+            else f"; {others_varying} other runs vary too")
     return Finding("warn", "bandwidth-varies",
                    f"read bandwidth varies {lo:.1f}–{hi:.1f} GB/s between {over} ({s.between:.0%} apart; "
                    f"the trials within one burst vary {s.within:.0%}): this host is shared or throttling; "
