@@ -2,19 +2,61 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+import signal
+import sys
+
+
+def _stopped_while_loading(signum, frame) -> None:  # pragma: no cover (tested in a subprocess)
+    # The imports below take about 0.4 s (numpy, gguf). A Ctrl-C (or SIGTERM) then would print a
+    # KeyboardInterrupt traceback through the entry point, before main() could catch anything:
+    # nothing has been started or written yet, so say so and leave at once.
+    os.write(2, b"Interrupted.\n" if signum == signal.SIGINT else b"Terminated.\n")
+    os._exit(128 + signum)
+
+
+def _is_entry_point() -> bool:
+    """Run as the `cputune` program (console script or python -m cputune), not imported by a
+    notebook or pytest, whose signal handling is theirs."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    return os.path.basename(argv0) == "cputune" or argv0.endswith(os.path.join("cputune", "__main__.py"))
+
+
+_LOADING_HANDLERS: dict = {}
+if _is_entry_point():
+    for _sig, _default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+        try:
+            if signal.getsignal(_sig) is _default:  # an inherited SIG_IGN stays ignored
+                _LOADING_HANDLERS[_sig] = signal.signal(_sig, _stopped_while_loading)
+        except ValueError:  # not the main thread
+            break
+
+from pathlib import Path  # after the handlers above, on purpose
 
 import click
 
 from cputune import __version__, report
-from cputune.errors import ConfigError, CputuneError, ProcessFailed
+from cputune.errors import ConfigError, CputuneError, ProcessFailed, Terminated
 from cputune.predictor import NUMA_POLICIES
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+def _interrupted(e: KeyboardInterrupt) -> int:
+    """Say why cputune stops (one line, no traceback) and return its exit status: 130 for Ctrl-C,
+    128 + N for a signal N that Terminated stands for (143 for SIGTERM)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt this line
+    code = e.exit_code if isinstance(e, Terminated) else 130
+    try:
+        print("Terminated." if isinstance(e, Terminated) else "Interrupted.", file=sys.stderr, flush=True)
+    except OSError:
+        pass
+    return code
+
+
 class CputuneGroup(click.Group):
-    """Turns CputuneError into `Error: ...` / `hint: ...` and exit 1; --debug keeps tracebacks."""
+    """Turns CputuneError into `Error: ...` / `hint: ...` and exit 1, Ctrl-C into `Interrupted.`
+    and exit 130 (SIGTERM: 143); --debug keeps tracebacks."""
 
     def invoke(self, ctx: click.Context):
         debug = ctx.params.get("debug", False)
@@ -29,11 +71,17 @@ class CputuneGroup(click.Group):
             if e.hint:
                 click.echo(f"hint: {e.hint}", err=True)
             ctx.exit(1)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             if debug:
                 raise
-            click.echo("Interrupted.", err=True)
-            ctx.exit(130)
+            ctx.exit(_interrupted(e))
+
+    def make_context(self, *args, **kwargs):
+        # Parsing happens outside invoke(): click would print "Aborted!" and exit 1.
+        try:
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt as e:
+            raise click.exceptions.Exit(_interrupted(e)) from None
 
     ORDER = ("probe", "inspect", "predict", "calibrate", "select", "plan", "build", "serve", "worker",
              "bench", "tune", "report", "synth")
@@ -595,8 +643,35 @@ def worker_cmd(ctx, host, port, numa, threads, dry_run, sysfs_root, as_json, ext
     ctx.exit(code)
 
 
+def _terminate(signum, frame) -> None:
+    raise Terminated(signum)
+
+
 def main() -> None:
-    cli(prog_name="cputune")
+    """The `cputune` program. SIGINT raises KeyboardInterrupt and SIGTERM Terminated, so either
+    unwinds through `finally` (children stopped, temporary files removed) and ends as one line
+    and exit 130 / 143, wherever it arrives; from import to here _stopped_while_loading does."""
+    loading_term = _LOADING_HANDLERS.pop(signal.SIGTERM, None) is not None
+    if signal.SIGINT in _LOADING_HANDLERS:
+        signal.signal(signal.SIGINT, _LOADING_HANDLERS.pop(signal.SIGINT))
+    term = None
+    try:
+        if loading_term or signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # SIG_IGN stays
+            signal.signal(signal.SIGTERM, _terminate)
+            term = signal.SIG_DFL
+    except ValueError:  # not the main thread
+        pass
+    try:
+        cli.main(prog_name="cputune")
+    except KeyboardInterrupt as e:  # outside click's own handling (its teardown)
+        sys.exit(_interrupted(e))
+    except BrokenPipeError:  # `cputune ... | head` closed stdout; click exits 1 the same way
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(1)
+    finally:
+        if term is not None:
+            signal.signal(signal.SIGTERM, term)
 
 
 if __name__ == "__main__":  # pragma: no cover
