@@ -12,6 +12,13 @@ from typing import Any, Iterable
 
 from cputune.errors import ConfigError
 
+# The most threads any option or saved setting may name: 8x ggml's own affinity-mask size
+# (GGML_MAX_N_THREADS = 512, ggml/include/ggml.h), room for a box being planned, not a typo's 100000.
+MAX_THREADS = 4096
+# The most tokens a context, depth or test may hold: 2^24 = 16.8M, above the longest trained
+# context published (Llama 4 Scout, 10M).
+MAX_TOKENS = 1 << 24
+
 
 def shown(value: Any, limit: int = 40) -> str:
     """A value as the message quotes it: repr, cut to `limit` characters."""
@@ -30,6 +37,11 @@ def range_text(lo: float | None, hi: float | None, *, integer: bool = False, lo_
     if hi is not None:
         parts.append(f"at most {hi:g}")
     return f"{kind} " + " and ".join(parts) if parts else ("a whole number" if integer else "a finite number")
+
+
+def finite(value: Any) -> bool:
+    """A real number that is not NaN or infinite (a bool is not a number)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def number(value: Any, name: str, lo: float | None = None, hi: float | None = None, *,

@@ -28,12 +28,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from cputune import llama_bench
+from cputune import checks, llama_bench
 from cputune.errors import ConfigError, ProcessFailed
 from cputune.fsutil import cache_root
 from cputune.gguf_model import ModelProfile
-from cputune.placement import plan_placement
-from cputune.predictor import Calibration, MachineBandwidth, Settings, predict
+from cputune.placement import parse_numa, plan_placement
+from cputune.predictor import Calibration, MachineBandwidth, Settings, cache_type_name, predict
 from cputune.selector import X86_REPACK
 from cputune.topology import Topology
 
@@ -132,6 +132,7 @@ class TuneResult:
     depth: int
     results: tuple[KindResult, ...]
     created_at: str = ""
+    notes: tuple[str, ...] = ()  # what the budget left out (a kind not tuned)
 
     def for_kind(self, kind: str) -> KindResult | None:
         return next((r for r in self.results if r.kind == kind), None)
@@ -422,12 +423,34 @@ def tune_kind(job: KindJob, measure: Measure, budget_s: float, clock: Callable[[
     overhead = max(wall - (BASELINE_REPS + 1) * rep_s, 0.0)
     base_pred = job.predict(job.default)
 
-    def run_s(k: Knobs, reps: int) -> float:
+    def estimate_s(k: Knobs, reps: int) -> float:
         p = job.predict(k)
         scale = min(max(base_pred / p, 0.5), 4.0) if base_pred and p else 1.0
         return overhead + (reps + 1) * rep_s * scale
 
+    # Runs are scheduled by these estimates; the last run's wall time over its estimate (at least 1,
+    # at most 10) scales them, so a box that slows down (another job, thermal limits) does not get
+    # runs started that would pass the deadline.
+    drift = [1.0]
+
+    def run_s(k: Knobs, reps: int) -> float:
+        return estimate_s(k, reps) * drift[0]
+
+    def timed(k: Knobs, reps: int) -> tuple[list[float], float]:
+        t = clock()
+        samples, wall = measure(k, reps)
+        drift[0] = min(max((clock() - t or wall) / estimate_s(k, reps), 1.0), 10.0)
+        return samples, wall
+
     trials.append(Tried(job.kind, "baseline", job.default, base_pred, tuple(base_samples), 1, "default"))
+    if clock() + run_s(job.default, 1) > deadline:
+        # Not even one more run fits: measuring anything else would overrun the budget.
+        notes.append(f"the {budget_s:.0f} s budget was spent on the baseline ({clock() - start:.0f} s): "
+                     "nothing else was measured; give a larger --budget")
+        if progress:
+            progress(1.0, f"{job.kind}: done")
+        return KindResult(job.kind, job.test, job.default, job.default, med, med, 1.0, tuple(trials),
+                          clock() - start, tuple(notes))
     seed = {job.default: list(base_samples)}
     confirm_s = CONFIRM_ROUNDS * 2 * run_s(job.default, CONFIRM_REPS)
 
@@ -439,7 +462,7 @@ def tune_kind(job: KindJob, measure: Measure, budget_s: float, clock: Callable[[
     left = deadline - clock() - confirm_s
     best = job.default
     if len(placements) > 1:
-        best, rows = _stage(job, "placement", placements, measure, clock() + left * share, clock, run_s,
+        best, rows = _stage(job, "placement", placements, timed, clock() + left * share, clock, run_s,
                             seed, tick, notes)
         trials += rows
         seed.update({t.knobs: list(t.samples_tokens_per_s) for t in rows if t.samples_tokens_per_s})
@@ -451,7 +474,7 @@ def tune_kind(job: KindJob, measure: Measure, budget_s: float, clock: Callable[[
                      f"{len(kernels)} does not fit the budget")
         kernels = few
     if len(kernels) > 1:
-        best, rows = _stage(job, "kernels", kernels, measure, deadline - confirm_s, clock, run_s,
+        best, rows = _stage(job, "kernels", kernels, timed, deadline - confirm_s, clock, run_s,
                             seed, tick, notes)
         trials += rows
 
@@ -461,22 +484,28 @@ def tune_kind(job: KindJob, measure: Measure, budget_s: float, clock: Callable[[
     else:
         d_s, b_s = [], []
         for i in range(CONFIRM_ROUNDS):
-            if i and clock() + 2 * run_s(best, CONFIRM_REPS) > deadline:
-                notes.append(f"confirm: {i} of {CONFIRM_ROUNDS} rounds fitted the budget")
+            if clock() + 2 * run_s(best, CONFIRM_REPS) > deadline:
+                if i:
+                    notes.append(f"confirm: {i} of {CONFIRM_ROUNDS} rounds fitted the budget")
                 break
             tick(f"confirm round {i + 1}: defaults")
-            d_s += measure(job.default, CONFIRM_REPS)[0]
+            d_s += timed(job.default, CONFIRM_REPS)[0]
             tick(f"confirm round {i + 1}: {best.label}")
-            b_s += measure(best, CONFIRM_REPS)[0]
-        d_med, b_med = statistics.median(d_s), statistics.median(b_s)
-        trials.append(Tried(job.kind, "confirm", job.default, base_pred, tuple(d_s), 1, "default"))
-        trials.append(Tried(job.kind, "confirm", best, job.predict(best), tuple(b_s), 1,
-                            "best" if b_med > d_med else "dropped"))
-        gain = b_med / d_med
-        if gain <= 1.0:
-            notes.append(f"{best.label} did not beat the defaults when run alternately "
-                         f"({gain:.2f}x): the defaults are kept")
-            best, gain, b_med = job.default, 1.0, d_med
+            b_s += timed(best, CONFIRM_REPS)[0]
+        if not d_s:  # no round fitted: the winner was never run beside the defaults, so it is not kept
+            notes.append(f"{best.label} was not run alternately with the defaults (no budget left): "
+                         "the defaults are kept")
+            best, gain, d_med, b_med = job.default, 1.0, med, med
+        else:
+            d_med, b_med = statistics.median(d_s), statistics.median(b_s)
+            trials.append(Tried(job.kind, "confirm", job.default, base_pred, tuple(d_s), 1, "default"))
+            trials.append(Tried(job.kind, "confirm", best, job.predict(best), tuple(b_s), 1,
+                                "best" if b_med > d_med else "dropped"))
+            gain = b_med / d_med
+            if gain <= 1.0:
+                notes.append(f"{best.label} did not beat the defaults when run alternately "
+                             f"({gain:.2f}x): the defaults are kept")
+                best, gain, b_med = job.default, 1.0, d_med
     if progress:
         progress(1.0, f"{job.kind}: done")
     return KindResult(job.kind, job.test, job.default, best, d_med, b_med, gain, tuple(trials),
@@ -527,26 +556,55 @@ def run_tune(bench_bin: Path, model_path: Path, model: ModelProfile, machine: Ma
     """Both searches on the real llama-bench, the budget split evenly between them."""
     t0 = time.monotonic()
     default = defaults_from_help(llama_bench.help_text(bench_bin), machine.cores)
-    results = []
-    for i, kind in enumerate(kinds):
+    jobs = []
+    for kind in kinds:
         n_tokens = n_gen if kind == "tg" else n_prompt
         space = search_space(kind, topology, model, default, n_prompt=n_prompt, cache_types=cache_types,
                              need_bytes=need_bytes, numactl=numactl)
-        job = KindJob(kind, n_tokens, depth, default, space,
-                      lambda k, kind=kind: predicted(kind, k, model, machine, calibration, depth))
-        runner = BenchRunner(bench_bin, model_path, topology, kind, n_tokens, depth, numactl)
-        left = budget_s - (time.monotonic() - t0)
-        share = left / (len(kinds) - i)
-
-        def step(frac: float, text: str, i=i) -> None:
-            if progress:
-                progress((i + frac) / len(kinds), text)
-
-        results.append(tune_kind(job, runner, share, progress=step))
+        jobs.append(KindJob(kind, n_tokens, depth, default, space,
+                            lambda k, kind=kind: predicted(kind, k, model, machine, calibration, depth)))
+    results, notes = tune_kinds(
+        jobs, lambda job: BenchRunner(bench_bin, model_path, topology, job.kind, job.n_tokens, depth, numactl),
+        budget_s - (time.monotonic() - t0), progress=progress)
     return TuneResult(model_path=Path(model_path), model_size_bytes=Path(model_path).stat().st_size,
                       machine=machine.name, build_commit=build_commit, budget_s=budget_s,
                       seconds=time.monotonic() - t0, depth=depth, results=tuple(results),
-                      created_at=now_iso())
+                      created_at=now_iso(), notes=tuple(notes))
+
+
+def baseline_s(job: KindJob) -> float:
+    """The predicted seconds of a kind's baseline (BASELINE_REPS timed runs and llama-bench's
+    warmup); 0 when the predictor has no figure."""
+    p = job.predict(job.default)
+    return (BASELINE_REPS + 1) * job.n_tokens / p if p else 0.0
+
+
+def tune_kinds(jobs: Sequence[KindJob], measure_for: Callable[[KindJob], Measure], budget_s: float,
+               clock: Callable[[], float] = time.monotonic,
+               progress: Callable[[float, str], None] | None = None) -> tuple[list[KindResult], list[str]]:
+    """Each kind in turn, with an even share of what is left of the budget. A kind starts only when
+    its baseline is predicted to fit in what is left, and the budget must hold the first one:
+    the baseline is the one run a search cannot do without."""
+    first = baseline_s(jobs[0])
+    if first > budget_s:
+        raise ConfigError(f"a budget of {budget_s:.3g} s is shorter than one baseline of llama.cpp's defaults "
+                          f"({jobs[0].test}: about {first:.3g} s predicted)",
+                          hint=f"give --budget {math.ceil(10 * first)}s or more, so the search has room too")
+    t0 = clock()
+    results, notes = [], []
+    for i, job in enumerate(jobs):
+        left = budget_s - (clock() - t0)
+        if i and (left <= 0 or baseline_s(job) > left):
+            notes.append(f"{job.kind} was not tuned: {max(left, 0):.0f} s of the {budget_s:.0f} s budget was "
+                         f"left, and its baseline needs about {baseline_s(job):.0f} s")
+            continue
+
+        def step(frac: float, text: str, i=i) -> None:
+            if progress:
+                progress((i + frac) / len(jobs), text)
+
+        results.append(tune_kind(job, measure_for(job), left / (len(jobs) - i), clock=clock, progress=step))
+    return results, notes
 
 
 # ---- the saved profile serve reads ------------------------------------------------------------
@@ -559,14 +617,67 @@ def _key(model_path: Path) -> str:
     return str(Path(model_path).resolve())
 
 
-def load_all(path: Path | None = None) -> dict[str, TuneResult]:
-    from cputune.jsonio import from_plain, read_json
+FLASH_ATTN = ("on", "off", "auto")
 
-    path = path or tuned_path()
+
+def check_knobs(k: Knobs, where: str) -> None:
+    """The ranges of settings read back from tuned.json (serve passes them to llama-server)."""
+    checks.number(k.threads, f"field {where}.threads", 1, checks.MAX_THREADS, integer=True)
+    checks.number(k.n_batch, f"field {where}.n_batch", 1, checks.MAX_TOKENS, integer=True)
+    checks.number(k.n_ubatch, f"field {where}.n_ubatch", 1, k.n_batch, integer=True)
+    checks.text(k.flash_attn, f"field {where}.flash_attn", FLASH_ATTN)
+    for name, check in (("numa", parse_numa), ("cache_type", cache_type_name)):
+        try:
+            check(getattr(k, name))
+        except ConfigError as e:
+            raise ConfigError(f"field {where}.{name}: {e.message} ({e.hint})") from None
+
+
+def check_result(r: TuneResult, where: str) -> None:
+    checks.number(r.model_size_bytes, f"field {where}.model_size_bytes", 0, None, integer=True)
+    for i, kr in enumerate(r.results):
+        at = f"{where}.results[{i}]"
+        checks.text(kr.kind, f"field {at}.kind", KINDS)
+        check_knobs(kr.default, f"{at}.default")
+        check_knobs(kr.best, f"{at}.best")
+        for name in ("default_tokens_per_s", "best_tokens_per_s", "gain"):
+            checks.number(getattr(kr, name), f"field {at}.{name}", 0, None, lo_open=True)
+    if not r.results:
+        raise ConfigError(f"field {where}.results is empty")
+
+
+RETUNE = "re-run `cputune tune` to write it again"
+
+
+def _profiles(path: Path) -> dict:
+    """The file's raw entries by model path ({} when there is no file)."""
+    from cputune.jsonio import read_json
+
     if not path.exists():
         return {}
-    doc = read_json(path, SCHEMA)
-    return {k: from_plain(TuneResult, v) for k, v in doc.get("profiles", {}).items()}
+    profiles = read_json(path, SCHEMA).get("profiles", {})
+    if not isinstance(profiles, dict):
+        raise ConfigError(f"{path}: field profiles must be an object, not {checks.shown(profiles)}", hint=RETUNE)
+    return profiles
+
+
+def _entry(path: Path, key: str, value) -> TuneResult:
+    """One entry, every field's type and range checked; a ConfigError names the file and field."""
+    from cputune.jsonio import from_plain
+
+    where = f"profiles[{key!r}]"
+    try:
+        r = from_plain(TuneResult, value, where)
+        check_result(r, where)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e.message}", hint=RETUNE) from None
+    return r
+
+
+def load_all(path: Path | None = None) -> dict[str, TuneResult]:
+    """Every saved result; a ConfigError names the file and the field that is wrong."""
+    path = path or tuned_path()
+    return {k: _entry(path, k, v) for k, v in _profiles(path).items()}
 
 
 def save(result: TuneResult, path: Path | None = None) -> Path:
@@ -584,11 +695,15 @@ def save(result: TuneResult, path: Path | None = None) -> Path:
 
 
 def tuned_for(model_path: Path, path: Path | None = None) -> TuneResult | None:
-    """The saved result for this file, if it is still the same size (a new download is re-tuned)."""
+    """The saved result for this file, if it is still the same size (a new download is re-tuned).
+    A file that is there but cannot be used is a ConfigError naming it, not silently no settings:
+    serve would otherwise start untuned with nothing said."""
+    path = path or tuned_path()
     try:
-        r = load_all(path).get(_key(model_path))
-    except ConfigError:
-        return None
+        raw = _profiles(path).get(_key(model_path))
+        r = None if raw is None else _entry(path, _key(model_path), raw)
+    except ConfigError as e:
+        raise ConfigError(e.message, hint=f"{RETUNE}, or pass --no-tuned to start without it") from None
     if r is None:
         return None
     try:

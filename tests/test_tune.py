@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from cputune import serve, tune
 from cputune.cli import cli
-from cputune.errors import ProcessFailed
+from cputune.errors import ConfigError, ProcessFailed
 from cputune.gguf_model import read_model
 from cputune.topology import discover_topology
 from helpers import SERVER_FLAGS, xml_box
@@ -217,7 +217,9 @@ def test_saved_profile_round_trips_and_follows_the_file(tmp_path):
     model.write_bytes(b"x" * 101)  # a new file under the same name is not the one tuned
     assert tune.tuned_for(model, store) is None
     store.write_text("{not json")
-    assert tune.tuned_for(model, store) is None
+    with pytest.raises(ConfigError, match="cannot read") as e:  # said, not silently no settings
+        tune.tuned_for(model, store)
+    assert "--no-tuned" in e.value.hint
     tune.save(r, store)  # an unreadable store is replaced whole
     assert json.loads(store.read_text())["schema"] == tune.SCHEMA
 
