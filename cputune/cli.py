@@ -35,9 +35,9 @@ from pathlib import Path  # after the handlers above, on purpose
 
 import click
 
-from cputune import __version__, report
+from cputune import __version__, checks, report, units
 from cputune.errors import ConfigError, CputuneError, ProcessFailed, Terminated
-from cputune.predictor import NUMA_POLICIES
+from cputune.predictor import NUMA_POLICIES, cache_type_name, check_context
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -103,6 +103,65 @@ def root_option(f):
                         help="Read /sys and /proc under this folder (a recorded machine).")(f)
 
 
+# --- option types: every value is checked before a command starts, and a bad one is named -------
+
+class FiniteFloat(click.FloatRange):
+    """click.FloatRange lets nan and inf through (every comparison with nan is false)."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not checks.finite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+class Parsed(click.ParamType):
+    """A value read by a library parser before the command starts. Its ConfigError goes on to
+    CputuneGroup (`Error:` and `hint:` lines, exit 1), led by the flag unless the message already
+    says what the value is (named=True). keep_text hands the command the text it was given."""
+
+    def __init__(self, name: str, parse, keep_text: bool = False, named: bool = False):
+        self.name, self.parse, self.keep_text, self.named = name, parse, keep_text, named
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str):
+            return value
+        try:
+            out = self.parse(value)
+        except ConfigError as e:
+            if self.named or param is None:
+                raise
+            raise ConfigError(f"{param.opts[0]}: {e.message}", hint=e.hint) from None
+        return value if self.keep_text else out
+
+
+def _cache_types(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(cache_type_name(x.strip()) for x in text.split(",") if x.strip()))
+    if not names:
+        raise ConfigError(f"no KV cache type in {text!r}", hint="e.g. f16 or f16,q8_0")
+    return names
+
+
+MAX_BUDGET_S = 7 * 24 * 3600  # a week: a longer tuning budget is a typo
+THREADS = click.IntRange(1, checks.MAX_THREADS)
+THREADS_HERE = Parsed("N,N", units.parse_threads)  # run here by llama-bench
+CTX_TOKENS = click.IntRange(1, checks.MAX_TOKENS)
+TOKENS = click.IntRange(0, checks.MAX_TOKENS)
+TOKENS_PER_S = FiniteFloat(0, 1e6, min_open=True)
+CACHE_TYPE = Parsed("TYPE", cache_type_name, named=True)
+CACHE_TYPES = Parsed("T,T", _cache_types, named=True)
+SIZE = Parsed("SIZE", units.parse_size, keep_text=True)
+BUDGET = Parsed("DURATION", lambda text: units.parse_duration(text, MAX_BUDGET_S), keep_text=True)
+REPS = click.IntRange(1, 1000)
+
+
+def check_test_context(model, depth: int, **tests: int) -> None:
+    """--depth plus the longest test (n_prompt or n_gen, named by keyword) within the model's
+    trained context: llama-bench gives each test a context of depth + its tokens."""
+    flag, n = max(tests.items(), key=lambda kv: kv[1])
+    check_context(model, depth + n, f"--depth {depth} + --{flag.replace('_', '-')} {n} = {depth + n} tokens")
+
+
 @click.group(cls=CputuneGroup, context_settings=CONTEXT)
 @click.version_option(__version__, "-V", "--version", prog_name="cputune")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
@@ -117,7 +176,7 @@ def cli(debug: bool) -> None:
               help="Build your own llama.cpp checkout instead of the pinned version.")
 @click.option("--cmake-arg", "cmake_args", multiple=True, metavar="-DNAME=VALUE",
               help="Extra CMake option (repeatable); part of the cache key.")
-@click.option("--jobs", "-j", type=click.IntRange(1), help="Parallel compile jobs [default: all cores].")
+@click.option("--jobs", "-j", type=click.IntRange(1, checks.MAX_THREADS), help="Parallel compile jobs [default: all cores].")
 @click.option("--force", is_flag=True, help="Rebuild even when the cache has this key.")
 @click.option("--python", "python_binding", is_flag=True,
               help="Also install llama-cpp-python without its own llama.cpp and link it to this build.")
@@ -200,15 +259,15 @@ def inspect_cmd(model, as_json):
 def fit_options(f):
     """Options select and plan share: how the model would be served."""
     for opt in reversed([
-        click.option("--ctx", "ctx_tokens", type=click.IntRange(1), default=8192, show_default=True,
+        click.option("--ctx", "ctx_tokens", type=CTX_TOKENS, default=8192, show_default=True,
                      help="Context (KV cache) size in tokens; speed is predicted with it full."),
-        click.option("--cache-type", default="f16", show_default=True, metavar="TYPE",
+        click.option("--cache-type", type=CACHE_TYPE, default="f16", show_default=True,
                      help="KV cache type: f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1 "
                           "(a quantized one turns flash attention on)."),
         click.option("--numa", type=click.Choice(["one-node", "distribute", "interleave"]),
                      default="distribute", show_default=True,
                      help="How serving spreads over NUMA nodes; one-node must fit one node's memory."),
-        click.option("--threads", "-t", type=click.IntRange(1),
+        click.option("--threads", "-t", type=THREADS,
                      help="Threads [default: the physical cores of the nodes used]."),
         click.option("--mmap/--no-mmap", default=True, show_default=True,
                      help="With mmap, llama.cpp keeps the file's copy of every weight it repacks."),
@@ -223,7 +282,7 @@ def fit_options(f):
 @click.option("--model", required=True, metavar="NAME|FILE",
               help="Catalog model or alias (deepseek-r1, r1-distill-qwen-32b ...), part of a file name in "
                    "the models folder, or a GGUF file.")
-@click.option("--min-tps", type=click.FloatRange(0, min_open=True), metavar="X",
+@click.option("--min-tps", type=TOKENS_PER_S, metavar="X",
               help="Only recommend quants predicted to decode at least X tokens/s.")
 @click.option("--hardware", "hardware_spec", metavar="PROFILE",
               help="A box from configs/hardware (epyc-9655-2s ...) or a TOML file [default: this box's probe].")
@@ -254,7 +313,7 @@ def select_cmd(model, min_tps, hardware_spec, models_dir, ctx_tokens, cache_type
               help="The box to plan: a name from configs/hardware or a TOML file.")
 @click.option("--model", metavar="NAME|FILE", help="One catalog model or GGUF file [default: every catalog model].")
 @click.option("--quant", metavar="PRESET", help="One llama-quantize preset [default: the usual eleven].")
-@click.option("--target-tps", type=click.FloatRange(0, min_open=True), metavar="X",
+@click.option("--target-tps", type=TOKENS_PER_S, metavar="X",
               help="Also say what read bandwidth and RAM a box needs to decode X tokens/s.")
 @fit_options
 @json_option
@@ -280,12 +339,13 @@ def plan_cmd(hardware_spec, model, quant, target_tps, ctx_tokens, cache_type, nu
 @click.option("--quant", "-q", metavar="PRESET", help="llama-quantize preset for a catalog model: q4_k_m, q8_0 ...")
 @click.option("--hardware", metavar="NAME|TOML",
               help="A box from configs/hardware (epyc-9655-2s ...) or a TOML file [default: this box's probe].")
-@click.option("--threads", "-t", type=click.IntRange(1), help="[default: what serve would use]")
+@click.option("--threads", "-t", type=THREADS, help="[default: what serve would use]")
 @click.option("--numa", type=click.Choice(("auto",) + NUMA_POLICIES), default="auto", show_default=True,
               help="auto: one node when the model fits in its memory, else interleave (as serve).")
-@click.option("--depth", type=click.IntRange(0), default=0, show_default=True,
-              help="Tokens already in the KV cache (decode slows as the context fills).")
-@click.option("--cache-type", default="f16", show_default=True, help="KV cache type.")
+@click.option("--depth", type=TOKENS, default=0, show_default=True,
+              help="Tokens already in the KV cache (decode slows as the context fills), at most the "
+                   "model's trained context.")
+@click.option("--cache-type", type=CACHE_TYPE, default="f16", show_default=True, help="KV cache type.")
 @json_option
 def predict_cmd(model, quant, hardware, threads, numa, depth, cache_type, as_json):
     """Decode and prefill tokens/s for a model on this box or a described one, and the bottleneck."""
@@ -310,14 +370,15 @@ def predict_cmd(model, quant, hardware, threads, numa, depth, cache_type, as_jso
 @cli.command("calibrate")
 @click.option("--arch", "archs", multiple=True, type=click.Choice(("llama", "deepseek2")),
               help="Model shapes to run [default: both].")
-@click.option("--size", "sizes", multiple=True, metavar="SIZE",
+@click.option("--size", "sizes", multiple=True, type=SIZE,
               help="Model size in f16, e.g. 512MiB (repeatable) [default: 8x and 16x the L3 cache].")
 @click.option("--quant", "quants", multiple=True, metavar="PRESET",
               help="Quant types to fit (repeatable) [default: f16 q8_0 q4_k_m q2_k].")
-@click.option("--threads", "threads", default=None, metavar="N,N",
-              help="Thread counts [default: 1, half and all physical cores].")
-@click.option("--reps", type=click.IntRange(1), default=3, show_default=True, help="llama-bench repetitions.")
-@click.option("--passes", type=click.IntRange(1), default=2, show_default=True,
+@click.option("--threads", "threads", type=THREADS_HERE, default=None,
+              help="Thread counts, up to 4x the CPUs this process may use [default: 1, half and all "
+                   "physical cores].")
+@click.option("--reps", type=REPS, default=3, show_default=True, help="llama-bench repetitions.")
+@click.option("--passes", type=click.IntRange(1, 100), default=2, show_default=True,
               help="Sweeps over all models; each point is the best run of all sweeps.")
 @click.option("--work-dir", type=click.Path(path_type=Path, file_okay=False),
               help="Where the synthetic models go (kept for reuse) [default: the cache].")
@@ -338,7 +399,7 @@ def calibrate_cmd(archs, sizes, quants, threads, reps, passes, work_dir, as_json
         l3 = sum(g.size_bytes or 0 for g in t.l3_groups)
         size_list = calibrate.default_sizes(l3, profile.inventory.memory.mem_available_bytes or box.machine.mem_bytes)
     n = box.machine.cores
-    thread_list = sorted({int(x) for x in threads.split(",")}) if threads else sorted({1, max(n // 2, 1), n})
+    thread_list = sorted(set(threads)) if threads else sorted({1, max(n // 2, 1), n})
     with report.progress("calibrating (llama-bench on synthetic models)", total=1) as update:
         run = calibrate.calibrate_box(
             box.machine, b.bin_dir, work_dir or cache_root() / "calibration-models",
@@ -359,11 +420,12 @@ def calibrate_cmd(archs, sizes, quants, threads, reps, passes, work_dir, as_json
 @cli.command("synth")
 @click.option("--arch", required=True, type=click.Choice(("llama", "deepseek2")),
               help="llama: dense; deepseek2: DeepSeek-R1's shape (MLA, shared + routed experts).")
-@click.option("--size", required=True, metavar="SIZE", help="File size after quantizing, e.g. 2GB.")
+@click.option("--size", required=True, type=SIZE, help="File size after quantizing, e.g. 2GB.")
 @click.option("--quant", default="f16", show_default=True, metavar="PRESET", help="llama-quantize preset.")
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path, dir_okay=False),
               help="The GGUF file to write (atomically).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed of the weights.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+              help="Random seed of the weights.")
 @json_option
 def synth_cmd(arch, size, quant, out_path, seed, as_json):
     """Write a random-weight model shaped like a real one, to calibrate or test before downloading."""
@@ -389,7 +451,7 @@ def bench_target_options(f):
         click.option("--quant", "-q", metavar="PRESET", help="Which quant of --model to find (q8_0, q4_k_m ...)."),
         click.option("--models-dir", type=click.Path(path_type=Path, file_okay=False),
                      help="[default: $CPUTUNE_MODELS_DIR, ~/.config/cputune/config.toml, ~/models]"),
-        click.option("--twin", "twin_size", metavar="SIZE",
+        click.option("--twin", "twin_size", type=SIZE,
                      help="Use a synthetic model of the same architecture and quant of this size instead."),
     ]):
         f = opt(f)
@@ -398,17 +460,18 @@ def bench_target_options(f):
 
 @cli.command("tune")
 @bench_target_options
-@click.option("--budget", default="10m", show_default=True, metavar="DURATION",
-              help="Time for the whole search, e.g. 10m, 90s, 1h (split between tg and pp).")
+@click.option("--budget", type=BUDGET, default="10m", show_default=True,
+              help="Time for the whole search, e.g. 10m, 90s, 1h (split between tg and pp); no run "
+                   "starts that would pass it.")
 @click.option("--for", "kinds", default="tg,pp", show_default=True, metavar="tg,pp",
               help="Tune decode (tg), prefill (pp) or both.")
-@click.option("--depth", type=click.IntRange(0), default=0, show_default=True,
+@click.option("--depth", type=TOKENS, default=0, show_default=True,
               help="Tokens already in the KV cache during the tests.")
-@click.option("--n-prompt", type=click.IntRange(1), default=256, show_default=True,
+@click.option("--n-prompt", type=CTX_TOKENS, default=256, show_default=True,
               help="Prompt tokens of each prefill test.")
-@click.option("--n-gen", type=click.IntRange(1), default=32, show_default=True,
+@click.option("--n-gen", type=CTX_TOKENS, default=32, show_default=True,
               help="Tokens generated in each decode test.")
-@click.option("--cache-types", default="f16", show_default=True, metavar="T,T",
+@click.option("--cache-types", type=CACHE_TYPES, default="f16", show_default=True,
               help="KV cache types tune may choose; f16,q8_0 allows a quantized cache (costs quality).")
 @click.option("--save/--no-save", default=True, show_default=True,
               help="Keep the best settings as the profile `cputune serve` starts this model with.")
@@ -428,15 +491,18 @@ def tune_cmd(model, quant, models_dir, twin_size, budget, kinds, depth, n_prompt
     b = build.require_build()
     path = resolve.bench_target(model, quant, models_dir, twin_size, b.bin_dir / "llama-quantize")
     prof = gguf_model.read_model(path)
+    check_test_context(prof, depth, n_prompt=n_prompt if "pp" in kind_list else 0,
+                       n_gen=n_gen if "tg" in kind_list else 0)
     topo = discover_topology()
     need = selector.ram_needed(prof, max(depth + max(n_prompt, n_gen), 512), isa=topo.isa_flags).total_bytes
     with report.progress(f"tuning {path.name}", total=1) as update:
         result = tune.run_tune(b.bin_dir / "llama-bench", path, prof, box.machine, box.calibration, topo,
                                kinds=kind_list, budget_s=budget_s, depth=depth, n_prompt=n_prompt,
-                               n_gen=n_gen, cache_types=[c.strip() for c in cache_types.split(",") if c.strip()],
+                               n_gen=n_gen, cache_types=list(cache_types),
                                numactl=shutil.which("numactl") is not None, need_bytes=need,
                                build_commit=b.source_commit or b.source_label,
                                progress=lambda frac, text: update(frac, text))
+    report.warn_all(result.notes)
     saved = tune.save(result) if save else None
     if as_json:
         return report.print_json(report.document("cputune.tune/1", result=result, saved=saved,
@@ -472,14 +538,15 @@ def report_cmd(out_path, fmt, charts, as_json):
 
 @cli.command("bench")
 @bench_target_options
-@click.option("--threads", "-t", default=None, metavar="N,N", help="[default: all physical cores]")
-@click.option("--depth", type=click.IntRange(0), default=0, show_default=True,
+@click.option("--threads", "-t", type=THREADS_HERE, default=None,
+              help="Thread counts, up to 4x the CPUs this process may use [default: all physical cores].")
+@click.option("--depth", type=TOKENS, default=0, show_default=True,
               help="Fill the KV cache to this many tokens first.")
-@click.option("--n-prompt", type=click.IntRange(0), default=256, show_default=True,
+@click.option("--n-prompt", type=TOKENS, default=256, show_default=True,
               help="Prompt tokens of the prefill (pp) test; 0 skips it.")
-@click.option("--n-gen", type=click.IntRange(0), default=32, show_default=True,
+@click.option("--n-gen", type=TOKENS, default=32, show_default=True,
               help="Tokens generated in the decode (tg) test; 0 skips it.")
-@click.option("--reps", type=click.IntRange(1), default=5, show_default=True,
+@click.option("--reps", type=REPS, default=5, show_default=True,
               help="Repetitions of each test (median and spread are reported).")
 @json_option
 def bench_cmd(model, quant, models_dir, twin_size, threads, depth, n_prompt, n_gen, reps, as_json):
@@ -490,7 +557,8 @@ def bench_cmd(model, quant, models_dir, twin_size, threads, depth, n_prompt, n_g
     b = build.require_build()
     path = resolve.bench_target(model, quant, models_dir, twin_size, b.bin_dir / "llama-quantize")
     prof = gguf_model.read_model(path)
-    thread_list = [int(x) for x in threads.split(",")] if threads else [box.machine.cores]
+    check_test_context(prof, depth, n_prompt=n_prompt, n_gen=n_gen)
+    thread_list = list(threads) if threads else [box.machine.cores]
     with report.progress(f"llama-bench {path.name}", total=1) as update:
         results = bench.run_bench(b.bin_dir / "llama-bench", path, prof, box, thread_list, n_prompt, n_gen,
                                   depth, reps, progress=lambda i, k, text: update(i / max(k, 1), text),
@@ -504,7 +572,7 @@ def bench_cmd(model, quant, models_dir, twin_size, threads, depth, n_prompt, n_g
 
 
 def _auto_int(name: str):
-    """A click callback for 'auto|N' options: None for auto, else a positive int."""
+    """A click callback for 'auto|N' options: None for auto, else an int from 1 to MAX_THREADS."""
     def convert(ctx, param, value):
         if value is None or str(value).lower() == "auto":
             return None
@@ -512,8 +580,8 @@ def _auto_int(name: str):
             n = int(value)
         except ValueError:
             n = 0
-        if n < 1:
-            raise ConfigError(f"{name} {value!r}: give auto or a whole number of at least 1",
+        if not 1 <= n <= checks.MAX_THREADS:
+            raise ConfigError(f"{name} {value!r}: give auto or a whole number from 1 to {checks.MAX_THREADS}",
                               hint=f"{name} auto uses the physical cores of the planned nodes")
         return n
     return convert
@@ -543,7 +611,7 @@ def dry_run_option(f):
 @click.option("--models-dir", type=click.Path(path_type=Path, file_okay=False),
               help="Folder of GGUF files [default: $CPUTUNE_MODELS_DIR, models_dir in "
                    "~/.config/cputune/config.toml, ~/models].")
-@click.option("--ctx", "ctx_tokens", type=click.IntRange(1), default=8192, show_default=True,
+@click.option("--ctx", "ctx_tokens", type=CTX_TOKENS, default=8192, show_default=True,
               help="Context size in tokens, for all slots together (the memory check counts its KV cache).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True,

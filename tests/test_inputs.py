@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cputune import checks, hardware, probe
+from cputune import checks, hardware, probe, tune, units
 from cputune.bandwidth import BandwidthSummary
 from cputune.cli import cli
 from cputune.errors import ConfigError
@@ -278,3 +278,257 @@ def test_from_plain_is_strict_about_numbers():
                       (str, 3), (tuple[int, ...], "12"), (dict[int, float], [1.0])):
         with pytest.raises(ConfigError, match=r"^field x must be"):
             from_plain(tp, value, "x")
+
+
+# ---- tuned.json ----------------------------------------------------------------------------------
+
+def tuned_store(tmp_path) -> tuple[Path, Path]:
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"x" * 100)
+
+    def kr(kind, best):
+        return tune.KindResult(kind, f"{kind}8", tune.Knobs(threads=2), best, 10.0, 11.0, 1.1, (), 1.0, ())
+    r = tune.TuneResult(model, 100, "vm", "0c1e57098", 60, 50, 0,
+                        (kr("tg", tune.Knobs(threads=1)), kr("pp", tune.Knobs(threads=2))), "2026-01-01")
+    store = tmp_path / "tuned.json"
+    tune.save(r, store)
+    assert tune.tuned_for(model, store) == r
+    return model, store
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("threads", 0, "best.threads must be a whole number from 1 to 4096, not 0"),
+    ("threads", -4, "best.threads must be a whole number from 1 to 4096, not -4"),
+    ("threads", 100000, "not 100000"),
+    ("threads", "4", "best.threads must be a whole number, not '4'"),
+    ("threads", 4.5, "best.threads must be a whole number, not 4.5"),
+    ("threads", True, "best.threads must be a whole number, not True"),
+    ("cache_type", "q4_K", "best.cache_type: unknown KV cache type 'q4_K'"),
+    ("cache_type", 8, "best.cache_type must be a string, not 8"),
+    ("flash_attn", "maybe", "best.flash_attn must be one of on, off, auto, not 'maybe'"),
+    ("numa", "everywhere", "best.numa: unknown --numa 'everywhere'"),
+    ("n_ubatch", 0, "best.n_ubatch must be a whole number from 1 to 2048, not 0"),
+    ("n_batch", None, "best.n_batch must be a whole number, not None"),
+    ("repack", "no", "best.repack must be true or false, not 'no'"),
+])
+def test_a_wrong_setting_in_tuned_json_names_the_file_and_field(tmp_path, field, value, message):
+    model, store = tuned_store(tmp_path)
+    doc = json.loads(store.read_text())
+    key = str(model.resolve())
+    doc["profiles"][key]["results"][0]["best"][field] = value
+    store.write_text(json.dumps(doc))
+    for read in (lambda: tune.load_all(store), lambda: tune.tuned_for(model, store)):
+        with pytest.raises(ConfigError) as e:
+            read()
+        assert e.value.message.startswith(f"{store}: field profiles[{key!r}].results[0].")
+        assert message in e.value.message and "re-run `cputune tune`" in e.value.hint
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("gain", math.inf, "must be a finite number"),  # json writes Infinity; from_plain refuses it
+    ("gain", 0, "results[0].gain must be a number above 0, not 0.0"),
+    ("best_tokens_per_s", -3, "results[0].best_tokens_per_s must be a number above 0"),
+    ("kind", "xx", "results[0].kind must be one of tg, pp, not 'xx'"),
+])
+def test_impossible_results_in_tuned_json_are_refused(tmp_path, field, value, message):
+    model, store = tuned_store(tmp_path)
+    doc = json.loads(store.read_text())
+    doc["profiles"][str(model.resolve())]["results"][0][field] = value
+    store.write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        tune.tuned_for(model, store)
+
+
+def test_serve_says_what_is_wrong_with_tuned_json(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model, _ = tuned_store(tmp_path)
+    store = tune.tuned_path()
+    store.parent.mkdir(parents=True)
+    doc = json.loads((tmp_path / "tuned.json").read_text())
+    doc["profiles"][str(model.resolve())]["results"][0]["best"]["threads"] = "many"
+    store.write_text(json.dumps(doc))
+    with pytest.raises(ConfigError) as e:
+        tune.tuned_for(model)
+    assert f"{store}: field " in e.value.message and "--no-tuned" in e.value.hint
+
+
+# ---- flags ---------------------------------------------------------------------------------------
+
+HW = ["--hardware", "epyc-9655-2s"]
+SYNTH = ["synth", "--arch", "llama", "--out", "x.gguf"]
+BAD_FLAGS = [
+    # thread lists run here by llama-bench: bench and calibrate
+    *[(["bench", "--threads", v], "--threads", msg) for v, msg in [
+        ("a,b", "thread count 'a' in 'a,b' is not a whole number"), ("0", "thread count 0 in '0' must be from 1"),
+        ("-4", "thread count -4"), ("100000", "thread count 100000 in '100000' must be from 1 to"),
+        ("4,,8", "thread count '' in '4,,8'"), ("1.5", "thread count '1.5'"), ("", "thread count ''"),
+        ("nan", "thread count 'nan'")]],
+    *[(["calibrate", "--threads", v], "--threads", f"in {v!r}") for v in ("x", "0", "99999", "2;4")],
+    # one thread count for a described box
+    *[([*PREDICT, *HW, "--threads", v], "--threads", "") for v in ("0", "-1", "100000", "two", "1.5")],
+    *[(["select", "--model", "deepseek-r1", *HW, "-t", v], "--threads", "") for v in ("0", "5000")],
+    *[(["serve", "--dry-run", "--threads", v], "--threads", v) for v in ("0", "-3", "100000", "x")],
+    *[(["serve", "--dry-run", "--threads-batch", v], "--threads-batch", v) for v in ("0", "100000")],
+    *[(["worker", "--dry-run", "--threads", v], "--threads", v) for v in ("0", "9999")],
+    # finite speeds
+    *[(["select", "--model", "deepseek-r1", *HW, "--min-tps", v], "--min-tps", v)
+      for v in ("nan", "inf", "-inf", "0", "-5", "2000000", "fast")],
+    *[(["plan", "--model", "deepseek-r1", "--target-tps", v], "--target-tps", v) for v in ("inf", "nan", "0", "-1")],
+    # KV cache types: one check for predict, select, plan and tune
+    *[([*PREDICT, *HW, "--cache-type", v], "", f"unknown KV cache type {v!r}")
+      for v in ("q4_K", "q8", "f64", "", "Q4_K_M")],
+    *[(["select", "--model", "deepseek-r1", *HW, "--cache-type", v], "", f"unknown KV cache type {v!r}")
+      for v in ("q4_K", "xx")],
+    *[(["plan", "--model", "deepseek-r1", "--cache-type", v], "", f"unknown KV cache type {v!r}")
+      for v in ("q4_K",)],
+    *[(["tune", "--cache-types", v], "", msg) for v, msg in [
+        ("f16,q4_K", "unknown KV cache type 'q4_K'"), (",", "no KV cache type in ','"), ("fp16", "'fp16'")]],
+    # sizes
+    *[([*SYNTH, "--size", v], "--size", msg) for v, msg in [
+        ("0", "the size '0' must be from 1 byte to 1 PiB"), ("0GB", "the size '0GB'"), ("-2GB", "cannot read"),
+        ("99999TB", "the size '99999TB' must be"), ("2XB", "cannot read the size '2XB'"), ("nan", "cannot read")]],
+    *[(["calibrate", "--size", v], "--size", f"size {v!r}") for v in ("0", "lots")],
+    *[(["bench", "--twin", v], "--twin", f"size {v!r}") for v in ("0", "big", "-1")],
+    *[([*SYNTH, "--size", "2GB", "--seed", v], "--seed", v) for v in ("-1", "99999999999", "x")],
+    # tune's budget
+    *[(["tune", "--budget", v], "--budget", msg) for v, msg in [
+        ("0s", "the duration '0s' is not positive"), ("0", "is not positive"), ("-1m", "cannot read the duration"),
+        ("soon", "cannot read the duration 'soon'"), ("nan", "cannot read"), ("inf", "cannot read"),
+        ("1e9h", "cannot read"), ("999999h", "the duration '999999h' is longer than 7 days")]],
+    # token counts, context sizes, repetitions
+    *[([*PREDICT, *HW, "--depth", v], "--depth", "") for v in ("-1", "x", "99999999999")],
+    *[(["bench", "--depth", v], "--depth", "") for v in ("-5", "1e9")],
+    *[(["bench", "--n-prompt", v], "--n-prompt", "") for v in ("-1", "999999999")],
+    *[(["tune", "--n-gen", v], "--n-gen", "") for v in ("0", "-1", "999999999")],
+    *[(["select", "--model", "deepseek-r1", *HW, "--ctx", v], "--ctx", "") for v in ("0", "-8192", "999999999")],
+    *[(["serve", "--dry-run", "--ctx", v], "--ctx", "") for v in ("0", "999999999")],
+    *[(["bench", "--reps", v], "--reps", "") for v in ("0", "100000")],
+    *[(["calibrate", "--passes", v], "--passes", "") for v in ("0", "1000")],
+    *[(["build", "--jobs", v], "--jobs", "") for v in ("0", "100000")],
+    *[(["serve", "--dry-run", "--port", v], "--port", "") for v in ("0", "65536", "http")],
+]
+
+
+@pytest.mark.parametrize("args, flag, message", BAD_FLAGS, ids=lambda x: " ".join(x) if isinstance(x, list) else x)
+def test_a_bad_flag_is_refused_in_one_line_naming_it(tmp_path, monkeypatch, args, flag, message):
+    """`flag` is named in the line unless the message says what the value is (a KV cache type)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing cached: refused before any of it is read
+    monkeypatch.chdir(tmp_path)
+    r = run(args)
+    line = refused(r, flag, message)  # `message` quotes the bad value (or the bad item of a list)
+    if not message:
+        value = args[args.index(flag) + 1] if flag in args else args[args.index("-t") + 1]
+        assert value in line, line
+
+
+def test_a_depth_beyond_the_trained_context_is_refused_naming_n_ctx_train():
+    r = run([*PREDICT, *HW, "--depth", "200000"])
+    refused(r, "a depth of 200000 tokens is beyond the context", "(n_ctx_train 163840 tokens)", code=1)
+    assert run([*PREDICT, *HW, "--depth", "163840"]).exit_code == 0
+
+
+def test_bench_and_tune_count_the_test_tokens_with_the_depth():
+    from cputune.catalog import catalog_profile
+    from cputune.cli import check_test_context
+
+    prof = catalog_profile("deepseek-r1", "q4_k_m")
+    check_test_context(prof, 163840 - 256, n_prompt=256, n_gen=32)
+    with pytest.raises(ConfigError, match=r"^--depth 163700 \+ --n-prompt 256 = 163956 tokens is beyond the "
+                                          r"context .* \(n_ctx_train 163840 tokens\)"):
+        check_test_context(prof, 163700, n_prompt=256, n_gen=32)
+    with pytest.raises(ConfigError, match=r"--n-gen 300 = 164000 tokens"):
+        check_test_context(prof, 163700, n_prompt=0, n_gen=300)
+
+
+def test_thread_lists_are_bounded_by_the_cpus_this_process_may_use():
+    assert units.parse_threads("1,4,4,2", cpus=2) == (1, 4, 2)
+    assert units.parse_threads("8", cpus=2) == (8,)  # oversubscribing 4x is allowed
+    with pytest.raises(ConfigError, match=r"^thread count 9 in '9' must be from 1 to 8$") as e:
+        units.parse_threads("9", cpus=2)
+    assert "2 CPUs" in e.value.hint
+    assert units.parse_threads("4096", cpus=100000) == (4096,)
+    with pytest.raises(ConfigError):
+        units.parse_threads("4097", cpus=100000)  # checks.MAX_THREADS caps a huge box too
+
+
+def test_the_flag_checks_pass_good_values():
+    r = CliRunner().invoke(cli, ["select", "--model", "deepseek-r1", *HW, "--min-tps", "2.5", "--cache-type", "Q8_0",
+                                 "--ctx", "4096", "-t", "96", "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["selection"]["settings"]["cache_type"] == "q8_0"
+    r = CliRunner().invoke(cli, ["plan", "--model", "deepseek-r1", "--quant", "q4_k_m", "--target-tps", "10",
+                                 "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+
+
+# ---- tune's budget -------------------------------------------------------------------------------
+
+class Clocked:
+    """A scripted llama-bench on a fake clock: each run costs (reps + 1) x `rep_s` seconds."""
+
+    def __init__(self, speed: float = 10.0, rep_s: float = 1.0):
+        self.speed, self.rep_s, self.now, self.calls = speed, rep_s, 0.0, []
+
+    def clock(self) -> float:
+        return self.now
+
+    def __call__(self, k, reps):
+        self.calls.append((k, reps))
+        self.now += (reps + 1) * self.rep_s
+        return [self.speed * (1.2 if k.threads == 4 else 1.0)] * reps, (reps + 1) * self.rep_s
+
+
+def kind_job(kind="tg", n_tokens=10, predict=lambda k: 10.0):
+    space = tune.Space(placements=tuple((t, "off") for t in (8, 4, 2)), n_ubatch=(512,), flash_attn=("auto",),
+                       repack=(True, False), cache_types=("f16",), notes=())
+    return tune.KindJob(kind, n_tokens, 0, tune.Knobs(threads=8), space, predict)
+
+
+def test_a_budget_shorter_than_one_baseline_is_refused_before_running():
+    fake = Clocked()
+    # tg10 at a predicted 10 t/s: (3 reps + warmup) x 1 s = 4 s of baseline; a 1 s budget cannot hold it.
+    with pytest.raises(ConfigError, match=r"a budget of 1 s is shorter than one baseline .*tg10: about 4 s") as e:
+        tune.tune_kinds([kind_job()], lambda job: fake, 1.0, clock=fake.clock)
+    assert "--budget 40s" in e.value.hint and fake.calls == []
+
+
+def test_a_budget_spent_on_the_baseline_measures_nothing_else_and_says_so():
+    fake = Clocked(rep_s=2.0)  # twice as slow as predicted: the 4 s predicted baseline takes 8 s
+    results, notes = tune.tune_kinds([kind_job("tg"), kind_job("pp")], lambda job: fake, 5.0, clock=fake.clock)
+    assert [r.kind for r in results] == ["tg"] and len(fake.calls) == 1  # the baseline, then nothing
+    assert any("budget was spent on the baseline" in n for n in results[0].notes)
+    assert notes == ["pp was not tuned: 0 s of the 5 s budget was left, and its baseline needs about 4 s"]
+    assert results[0].best == results[0].default and results[0].gain == 1.0
+
+
+@pytest.mark.parametrize("budget", [12.0, 20.0, 45.0, 90.0, 400.0])
+def test_no_run_starts_that_would_pass_the_budget(budget):
+    fake = Clocked()
+    results, notes = tune.tune_kinds([kind_job("tg"), kind_job("pp")], lambda job: fake, budget, clock=fake.clock)
+    assert fake.now <= budget  # the runs cost what was predicted, so none overran
+    assert results and all(r.trials[0].stage == "baseline" for r in results)
+
+
+class Slowing(Clocked):
+    """From the fifth run on, every repetition takes 5 s instead of 1 s (another job started)."""
+
+    def __call__(self, k, reps):
+        if len(self.calls) >= 4:
+            self.rep_s = 5.0
+        return super().__call__(k, reps)
+
+
+@pytest.mark.parametrize("budget", [30.0, 60.0, 80.0])
+def test_runs_that_get_slower_are_scheduled_by_what_they_take_now(budget):
+    fake = Slowing()
+    r = tune.tune_kind(kind_job(), fake, budget, clock=fake.clock)
+    assert fake.now <= budget  # estimated from the baseline alone, the 30 s budget ran to 50 s
+
+
+def test_a_winner_with_no_budget_left_to_confirm_it_is_not_kept():
+    fake = Slowing()
+    r = tune.tune_kind(kind_job(), fake, 30.0, clock=fake.clock)
+    assert any(t.knobs.threads == 4 and t.outcome == "best" for t in r.trials)  # the search's winner...
+    assert r.best == r.default and r.gain == 1.0  # ...never ran beside the defaults, so it is not kept
+    assert not any(t.stage == "confirm" for t in r.trials)
+    assert any("was not run alternately with the defaults (no budget left)" in n for n in r.notes)
