@@ -532,3 +532,14 @@ def test_a_winner_with_no_budget_left_to_confirm_it_is_not_kept():
     assert r.best == r.default and r.gain == 1.0  # ...never ran beside the defaults, so it is not kept
     assert not any(t.stage == "confirm" for t in r.trials)
     assert any("was not run alternately with the defaults (no budget left)" in n for n in r.notes)
+
+
+@pytest.mark.llama
+def test_bench_and_tune_refuse_a_depth_beyond_the_trained_context(own_cache, tiny_models):
+    assert run(["probe", "--quick"]).exit_code == 0
+    path = str(tiny_models["llama"].quantized["q8_0"])  # trained context 2048 (conftest TINY_LLAMA)
+    r = run(["bench", "-m", path, "--depth", "2000", "--n-gen", "16"])
+    refused(r, "--depth 2000 + --n-prompt 256 = 2256 tokens is beyond the context", "(n_ctx_train 2048 tokens)",
+            code=1)
+    r = run(["tune", "-m", path, "--depth", "2040", "--for", "tg", "--n-gen", "16"])
+    refused(r, "--depth 2040 + --n-gen 16 = 2056 tokens", "(n_ctx_train 2048 tokens)", code=1)
