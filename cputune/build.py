@@ -1,8 +1,11 @@
-"""Compiling llama.cpp for one CPU, cached by source version and flags.
+"""Compiling llama.cpp (or another engine, such as ik_llama.cpp) for one CPU, cached by engine,
+source version and flags.
 
-A build takes ~13 minutes on 2 cores, so every build lives under
+A build takes ~13-17 minutes on 2 cores, so every build lives under
 $XDG_CACHE_HOME/cputune/builds/<version>-<flags hash>/ with a manifest; the same key again
-returns at once, and a file lock keeps two concurrent builds of one key apart.
+returns at once, and a file lock keeps two concurrent builds of one key apart. What differs
+between engines (source, targets, option spellings, reported features) is data in
+configs/engines.toml, read into an Engine.
 """
 
 from __future__ import annotations
@@ -19,17 +22,21 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
 
 from cputune import __version__
 from cputune.data import load_toml
 from cputune.errors import BuildError, ConfigError, ProcessFailed
-from cputune.fsutil import cache_root, atomic_write_text
+from cputune.fsutil import atomic_write_text, cache_root
+from cputune.launch import help_flags
 
 MANIFEST = "manifest.json"
 SCHEMA = "cputune.build/1"
+DEFAULT_ENGINE = "llama.cpp"
+SOURCE_MARKER = ".cputune-source.json"  # written last into a fetched tree: it is complete
 
 # system_info names (ggml-cpu.c ggml_cpu_get_features) -> /proc/cpuinfo flag that provides them.
 FEATURE_CPUINFO_FLAG = {
@@ -37,22 +44,79 @@ FEATURE_CPUINFO_FLAG = {
     "F16C": "f16c", "AVX512": "avx512f", "AVX512_VBMI": "avx512_vbmi",
     "AVX512_VNNI": "avx512_vnni", "AVX512_BF16": "avx512_bf16", "AMX_INT8": "amx_int8",
 }
-# --target-cpu feature name -> the GGML_* CMake option that switches it on.
-FEATURE_OPTION = {
-    "AVX": "GGML_AVX", "AVX2": "GGML_AVX2", "BMI2": "GGML_BMI2", "FMA": "GGML_FMA",
-    "F16C": "GGML_F16C", "AVX_VNNI": "GGML_AVX_VNNI", "AVX512": "GGML_AVX512",
-    "AVX512_VBMI": "GGML_AVX512_VBMI", "AVX512_VNNI": "GGML_AVX512_VNNI",
-    "AVX512_BF16": "GGML_AVX512_BF16", "AMX_TILE": "GGML_AMX_TILE",
-    "AMX_INT8": "GGML_AMX_INT8", "AMX_BF16": "GGML_AMX_BF16",
-}
+# A source tarball bigger than this is refused before anything is written (a tar bomb, or the
+# wrong file): ik_llama.cpp's snapshot unpacks to 41 MB, llama.cpp's sdist tree to 176 MB.
+MAX_TARBALL_BYTES = 4 << 30
+MAX_TARBALL_MEMBERS = 200_000
+
+
+@dataclass(frozen=True, slots=True)
+class Engine:
+    """One engine as configs/engines.toml describes it (see the key list there)."""
+
+    name: str
+    title: str
+    commit: str
+    fetch: str  # "sdist" | "git"
+    binaries: tuple[str, ...]
+    libraries: dict  # CMake library target -> path of its .so under the build dir
+    base_options: dict
+    explicit_options: dict
+    isa_options: dict  # system_info feature -> CMake option
+    reported_features: tuple[str, ...]
+    flags: dict  # setting -> spellings, the first one written
+    commit_option: str = ""
+    python_binding: bool = False
+    git_url: str | None = None
+    snapshot_sha256: tuple[str, ...] = ()
+    sdist_package: str | None = None
+    sdist_version: str | None = None
+    sdist_sha256: str | None = None
+    sdist_tree: str | None = None
+
+    @property
+    def label_prefix(self) -> str:
+        # Mainline keys keep the form they had before there were engines ("0c1e57098-<hash>"),
+        # so builds cached then are still found.
+        return "" if self.name == DEFAULT_ENGINE else f"{self.name}-"
+
+    @property
+    def label(self) -> str:
+        """The key label of the pinned source: 'ik_llama-8337e4cd3'."""
+        return f"{self.label_prefix}{self.commit[:9]}"
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return self.binaries + tuple(self.libraries)
+
+
+def engine_names() -> list[str]:
+    return list(load_toml("engines.toml")["engines"])
+
+
+def load_engine(name: str = DEFAULT_ENGINE) -> Engine:
+    engines = load_toml("engines.toml")["engines"]
+    if name not in engines:
+        raise ConfigError(f"unknown engine {name!r}", hint="choose one of: " + ", ".join(engines))
+    d = dict(engines[name])
+    for k in ("binaries", "reported_features", "snapshot_sha256"):
+        d[k] = tuple(d.get(k, ()))
+    d["flags"] = {k: tuple(v) for k, v in d.get("flags", {}).items()}
+    return Engine(name=name, **d)
+
+
+def _engine(engine: Engine | str) -> Engine:
+    return engine if isinstance(engine, Engine) else load_engine(engine)
 
 
 def pinned_version() -> str:
-    return load_toml("llama_cpp.toml")["pin"]["llama_cpp_python"]
+    """The llama-cpp-python version whose sdist holds the pinned mainline tree."""
+    return load_engine().sdist_version
 
 
 def pinned_commit() -> str:
-    return load_toml("llama_cpp.toml")["pin"]["llama_cpp_commit"]
+    """The pinned mainline commit as manifests and keys carry it (9 digits, as its changelog names it)."""
+    return load_engine().commit[:9]
 
 
 def target_names() -> list[str]:
@@ -61,12 +125,13 @@ def target_names() -> list[str]:
 
 @dataclass(frozen=True, slots=True)
 class Source:
-    """A llama.cpp tree and the label that keys its builds."""
+    """An engine's source tree and the label that keys its builds."""
 
     path: Path
-    label: str  # e.g. "0c1e57098" for the pinned sdist, "src-<hash>" for a user checkout
-    commit: str | None
+    label: str  # "0c1e57098" for the pinned sdist, "ik_llama-8337e4cd3", "src<hash>" for a checkout
+    commit: str | None  # the full commit when known
     pinned: bool
+    engine: str = DEFAULT_ENGINE
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,9 +143,16 @@ class BuildSpec:
     targets: tuple[str, ...]
 
     @property
+    def engine(self) -> str:
+        return self.source.engine
+
+    @property
     def key(self) -> str:
-        blob = json.dumps({"source": self.source.label, "options": self.options,
-                           "extra": self.extra_args, "targets": self.targets}, sort_keys=True)
+        d = {"source": self.source.label, "options": self.options, "extra": self.extra_args,
+             "targets": self.targets}
+        if self.engine != DEFAULT_ENGINE:  # mainline keys stay as they were before engines
+            d["engine"] = self.engine
+        blob = json.dumps(d, sort_keys=True)
         return f"{self.source.label}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
@@ -92,7 +164,7 @@ class Build:
     path: Path
     target_cpu: str
     source_label: str
-    source_commit: str | None
+    source_commit: str | None  # 9 digits
     llama_cpp_python: str | None
     cmake_options: dict
     compiler: str
@@ -102,6 +174,10 @@ class Build:
     features: dict
     binaries: dict
     cached: bool = False
+    # Manifests written before engines lack these; they were all mainline builds.
+    engine: str = DEFAULT_ENGINE
+    commit: str | None = None  # the full commit when known
+    quant_types: dict = field(default_factory=dict)  # llama-quantize's type name -> ftype id
 
     @property
     def bin_dir(self) -> Path:
@@ -120,7 +196,7 @@ class Build:
 # ---- source -------------------------------------------------------------------------------
 
 def _run(argv: list[str], **kw) -> subprocess.CompletedProcess:
-    p = subprocess.run(argv, capture_output=True, text=True, **kw)
+    p = subprocess.run(argv, check=False, capture_output=True, text=True, **kw)
     if p.returncode != 0:
         raise ProcessFailed(f"{Path(argv[0]).name} failed (exit {p.returncode})", argv,
                             p.returncode, p.stdout + p.stderr)
@@ -128,7 +204,26 @@ def _run(argv: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 def pinned_sdist_sha256() -> str:
-    return load_toml("llama_cpp.toml")["pin"]["llama_cpp_python_sdist_sha256"]
+    return load_engine().sdist_sha256
+
+
+def fetch_source(engine: Engine | str = DEFAULT_ENGINE, source: Path | str | None = None,
+                 root: Path | None = None) -> Source:
+    """The tree to build: `source` (a folder, or a tarball unpacked into the cache) when given,
+    else the engine's pinned source, fetched into the cache once."""
+    eng = _engine(engine)
+    root = root or cache_root()
+    if source is not None:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            return user_source(path, eng.name)
+        if path.is_file():
+            return tarball_source(path, eng, root)
+        raise ConfigError(f"--source {path}: no such folder or file",
+                          hint="pass a source folder or a .tar.gz of one")
+    if eng.fetch == "sdist":
+        return fetch_pinned_source(root)
+    return clone_pinned_source(eng, root)
 
 
 def fetch_pinned_source(root: Path | None = None) -> Source:
@@ -140,65 +235,241 @@ def fetch_pinned_source(root: Path | None = None) -> Source:
     it in the venv and fail on every fresh machine. The sdist is checked against the pinned
     sha256 (`--require-hashes`), so the tree we build is the one we pinned.
     """
+    eng = load_engine(DEFAULT_ENGINE)
     root = root or cache_root()
-    version = pinned_version()
+    version = eng.sdist_version
     top = root / "src" / f"llama_cpp_python-{version}"
-    tree = top / "vendor" / "llama.cpp"
+    tree = top / eng.sdist_tree
     if not (tree / "CMakeLists.txt").exists():
         (root / "src").mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=root / "src") as tmp:
             req = Path(tmp) / "requirements.txt"
-            req.write_text(f"llama-cpp-python=={version} "
-                           f"--hash=sha256:{pinned_sdist_sha256()}\n")
+            req.write_text(f"{eng.sdist_package}=={version} --hash=sha256:{eng.sdist_sha256}\n")
             _run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
                   "--require-hashes", "-d", tmp, "-r", str(req)])
             sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
             if not sdists:
                 raise ConfigError(f"pip did not download the llama-cpp-python {version} sdist",
                                  hint="check that PyPI is reachable")
-            unpack = Path(tmp) / "unpack"
-            with tarfile.open(sdists[0]) as tf:
-                kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-                tf.extractall(unpack, **kw)
+            unpacked = extract_tarball(sdists[0], Path(tmp) / "unpack")
             if top.exists():
                 shutil.rmtree(top)
-            os.replace(unpack / top.name, top)
-    return Source(path=tree, label=pinned_commit(), commit=pinned_commit(), pinned=True)
+            os.replace(unpacked, top)
+    return Source(path=tree, label=eng.label, commit=eng.commit, pinned=True, engine=eng.name)
 
 
-def user_source(path: Path) -> Source:
-    path = Path(path).expanduser().resolve()
+def _check_tree(path: Path, what: str) -> None:
     if not (path / "CMakeLists.txt").exists() or not (path / "ggml").is_dir():
-        raise ConfigError(f"{path} is not a llama.cpp source tree (no CMakeLists.txt and ggml/)",
-                          hint="pass the top folder of a llama.cpp checkout to --source")
+        raise ConfigError(f"{what} is not a llama.cpp source tree (no CMakeLists.txt and ggml/)",
+                          hint="pass the top folder of a llama.cpp checkout, or a tarball of one, "
+                               "to --source")
+
+
+def user_source(path: Path, engine: str = DEFAULT_ENGINE) -> Source:
+    path = Path(path).expanduser().resolve()
+    _check_tree(path, str(path))
     commit = None
     try:
-        commit = subprocess.run(["git", "-C", str(path), "rev-parse", "--short=9", "HEAD"],
-                                capture_output=True, text=True).stdout.strip() or None
+        commit = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"],
+                                check=False, capture_output=True, text=True).stdout.strip() or None
     except OSError:
         pass
+    prefix = _engine(engine).label_prefix
     digest = hashlib.sha256(str(path).encode()).hexdigest()[:8]
-    label = f"git{commit}" if commit else f"src{digest}"
-    return Source(path=path, label=label, commit=commit, pinned=False)
+    label = f"{prefix}git{commit[:9]}" if commit else f"{prefix}src{digest}"
+    return Source(path=path, label=label, commit=commit, pinned=False, engine=engine)
+
+
+def _read_marker(tree: Path) -> dict | None:
+    try:
+        return json.loads((tree / SOURCE_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@contextmanager
+def _fetch_lock(root: Path, label: str) -> Iterator[None]:
+    """Held while the tree `label` is looked at and fetched: a second cputune waits, then finds
+    it, instead of unpacking it again over the one the first is building from."""
+    (root / "src").mkdir(parents=True, exist_ok=True)
+    with open(root / "src" / f".{label}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _install_tree(tree: Path, dest: Path, marker: dict) -> None:
+    """Move a finished tree to `dest` (replacing an incomplete one), marked complete."""
+    (tree / SOURCE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tree, dest)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_tar_members(members: Iterable[tarfile.TarInfo], what: str,
+                      max_members: int = MAX_TARBALL_MEMBERS,
+                      max_bytes: int = MAX_TARBALL_BYTES) -> list[tarfile.TarInfo]:
+    """The members of a source tarball, refused whole (ConfigError, naming the member) when one
+    has an absolute path or a `..` in it, goes through a link in the archive, is a link whose
+    target is outside the tree, or is a device or FIFO; or when there are more or bigger members
+    than a source tree has. Unpacking then applies tarfile's "data" filter (PEP 706), which
+    resolves links as they are made and catches what a look at the names alone cannot."""
+    out, links, total = [], set(), 0
+
+    def refuse(m: tarfile.TarInfo, why: str) -> ConfigError:
+        return ConfigError(f"{what}: refusing to unpack {m.name!r}: {why}",
+                           hint="pass a source tarball made with `git archive` or `tar czf`")
+
+    for m in members:
+        if len(out) >= max_members:
+            raise ConfigError(f"{what}: more than {max_members} entries; not a source tarball")
+        if m.name.startswith("/") or re.match(r"[A-Za-z]:", m.name):
+            raise refuse(m, "an absolute path")
+        parts = [p for p in m.name.split("/") if p not in ("", ".")]
+        if ".." in parts:
+            raise refuse(m, "a '..' in its path leads outside the folder")
+        if any("/".join(parts[:i]) in links for i in range(1, len(parts))):
+            raise refuse(m, "its path goes through a link in the archive")
+        if m.issym() or m.islnk():
+            if m.linkname.startswith("/"):
+                raise refuse(m, f"a link to the absolute path {m.linkname!r}")
+            # A symbolic link's target is relative to its folder, a hard link's to the top.
+            start = parts[:-1] if m.issym() else []
+            depth = len(start)
+            for p in (p for p in m.linkname.split("/") if p not in ("", ".")):
+                depth += -1 if p == ".." else 1
+                if depth < 0:
+                    raise refuse(m, f"a link to {m.linkname!r}, outside the folder")
+            links.add("/".join(parts))
+        elif not (m.isreg() or m.isdir()):
+            raise refuse(m, "not a file, folder or link (a device or FIFO)")
+        total += m.size if m.isreg() else 0
+        if total > max_bytes:
+            raise ConfigError(f"{what}: unpacks to more than {max_bytes} bytes; not a source tarball")
+        out.append(m)
+    return out
+
+
+def extract_tarball(path: Path, into: Path) -> Path:
+    """Unpack a source tarball into the folder `into` (checked first, see check_tar_members);
+    returns the tree in it: `into` itself or its one top folder."""
+    if not hasattr(tarfile, "data_filter"):  # Python 3.10.12+, 3.11.4+
+        raise ConfigError("this Python's tarfile has no 'data' filter, so a tarball cannot be "
+                          "unpacked safely", hint="unpack it yourself and pass the folder to --source")
+    into.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(path) as tf:
+            members = check_tar_members(tf, str(path))
+            tf.extractall(into, members=members, filter="data")
+    except tarfile.FilterError as e:
+        raise ConfigError(f"{path}: refusing to unpack it: {e}",
+                          hint="pass a source tarball made with `git archive` or `tar czf`") from e
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ConfigError(f"{path}: cannot unpack it ({e})",
+                          hint="pass a .tar.gz (or .tar.xz, .tar.bz2, .tar) of a source tree") from e
+    entries = list(into.iterdir())
+    return entries[0] if len(entries) == 1 and entries[0].is_dir() else into
+
+
+def tarball_source(path: Path, engine: Engine | str = DEFAULT_ENGINE, root: Path | None = None) -> Source:
+    """A source tarball unpacked into the cache's src/ once. A tarball whose sha256 is one of
+    the engine's known snapshots is the pinned source (same tree, same key as a git fetch)."""
+    eng = _engine(engine)
+    root = root or cache_root()
+    path = Path(path).expanduser().resolve()
+    sha = _sha256_file(path)
+    pinned = sha in eng.snapshot_sha256
+    label = eng.label if pinned else f"{eng.label_prefix}tar{sha[:9]}"
+    dest = root / "src" / label
+    with _fetch_lock(root, label):
+        marker = _read_marker(dest) or {}
+        # The pinned tree may have come from git instead; the same commit is the same tree.
+        have = marker.get("commit") == eng.commit if pinned else marker.get("sha256") == sha
+        if not have:
+            with tempfile.TemporaryDirectory(dir=root / "src", prefix=f".{label}-") as tmp:
+                tree = extract_tarball(path, Path(tmp) / "unpack")
+                _check_tree(tree, str(path))
+                _install_tree(tree, dest, {"from": str(path), "sha256": sha,
+                                           "commit": eng.commit if pinned else None})
+    return Source(path=dest, label=label, commit=eng.commit if pinned else None, pinned=pinned,
+                  engine=eng.name)
+
+
+def _git(argv: list[str], what: str, hint: str) -> str:
+    env = dict(os.environ, GIT_TERMINAL_PROMPT="0")  # fail, never ask for a password
+    p = subprocess.run(["git", *argv], check=False, capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise ProcessFailed(what, ["git", *argv], p.returncode, p.stdout + p.stderr, hint=hint)
+    return p.stdout.strip()
+
+
+def clone_pinned_source(engine: Engine | str, root: Path | None = None) -> Source:
+    """A checkout of the engine's pinned commit from its git URL, in the cache's src/ once.
+
+    Only that commit is fetched (`fetch --depth 1 URL COMMIT`: GitHub and git's protocol v2
+    serve a commit by id); a server that refuses that gets a full fetch of its branches."""
+    eng = _engine(engine)
+    root = root or cache_root()
+    dest = root / "src" / eng.label
+    with _fetch_lock(root, eng.label):
+        if (_read_marker(dest) or {}).get("commit") != eng.commit:
+            _clone(eng, dest)
+    return Source(path=dest, label=eng.label, commit=eng.commit, pinned=True, engine=eng.name)
+
+
+def _clone(eng: Engine, dest: Path) -> None:
+    if not shutil.which("git"):
+        raise ConfigError(f"git is not installed; it is needed to fetch {eng.title}",
+                          hint=f"sudo apt-get install -y git, or pass --source with a checkout or "
+                               f"tarball of {eng.title} {eng.commit}")
+    hint = (f"check that {eng.git_url} can be reached from here, or pass --source with a "
+            f"checkout or tarball of commit {eng.commit}")
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}-") as tmp:
+        tree = Path(tmp) / "tree"
+        _git(["init", "-q", str(tree)], "git init failed", hint)
+        try:
+            _git(["-C", str(tree), "fetch", "-q", "--depth", "1", eng.git_url, eng.commit],
+                 f"could not fetch {eng.title} {eng.commit[:9]} from {eng.git_url}", hint)
+        except ProcessFailed as shallow:
+            try:
+                _git(["-C", str(tree), "fetch", "-q", eng.git_url, "+refs/heads/*:refs/remotes/origin/*"],
+                     f"could not fetch {eng.title} from {eng.git_url}", hint)
+            except ProcessFailed:
+                raise shallow from None  # the first error says why (a host not found, a bad id)
+        _git(["-C", str(tree), "checkout", "-q", "--detach", eng.commit],
+             f"{eng.git_url} has no commit {eng.commit}", hint)
+        head = _git(["-C", str(tree), "rev-parse", "HEAD"], "git rev-parse failed", hint)
+        if head != eng.commit:
+            raise ConfigError(f"the checkout of {eng.git_url} is at {head}, not {eng.commit}", hint=hint)
+        _check_tree(tree, f"{eng.git_url} at {eng.commit[:9]}")
+        _install_tree(tree, dest, {"from": eng.git_url, "commit": eng.commit})
 
 
 # ---- flags --------------------------------------------------------------------------------
 
-def cmake_options(target_cpu: str, extra: Iterable[str] = ()) -> tuple[tuple[str, str], ...]:
+def cmake_options(target_cpu: str, extra: Iterable[str] = (),
+                  engine: Engine | str = DEFAULT_ENGINE) -> tuple[tuple[str, str], ...]:
     """Base options + the target's ISA options + the user's -D args (which win)."""
+    eng = _engine(engine)
     targets = load_toml("target_cpus.toml")
     if target_cpu not in targets:
         raise ConfigError(f"unknown --target-cpu {target_cpu!r}",
                           hint="choose one of: " + ", ".join(targets))
-    opts = dict(load_toml("llama_cpp.toml")["base_options"])
+    opts = dict(eng.base_options)
     t = targets[target_cpu]
     if "options" in t:
         opts.update(t["options"])
     else:
-        opts["GGML_NATIVE"] = "OFF"
-        opts["GGML_SSE42"] = "ON"
+        opts.update(eng.explicit_options)
         wanted = set(t.get("features", []))
-        for feat, opt in FEATURE_OPTION.items():
+        for feat, opt in eng.isa_options.items():
             opts[opt] = "ON" if feat in wanted else "OFF"
     for arg in extra:
         m = re.fullmatch(r"-D([A-Za-z0-9_]+)(?::[A-Z]+)?=(.*)", arg)
@@ -211,9 +482,10 @@ def cmake_options(target_cpu: str, extra: Iterable[str] = ()) -> tuple[tuple[str
 
 def make_spec(source: Source, target_cpu: str = "native", extra: Iterable[str] = ()) -> BuildSpec:
     extra = tuple(extra)
-    tgt = load_toml("llama_cpp.toml")["targets"]
-    return BuildSpec(source=source, target_cpu=target_cpu, options=cmake_options(target_cpu, extra),
-                     extra_args=extra, targets=tuple(tgt["binaries"] + tgt["libraries"]))
+    eng = load_engine(source.engine)
+    return BuildSpec(source=source, target_cpu=target_cpu,
+                     options=cmake_options(target_cpu, extra, eng), extra_args=extra,
+                     targets=eng.targets)
 
 
 # ---- feature check ------------------------------------------------------------------------
@@ -226,21 +498,25 @@ print(lib.llama_print_system_info().decode())
 """
 
 
-def read_system_info(bin_dir: Path) -> str:
+def read_system_info(lib: Path) -> str:
     """The built library's own system_info line (llama_print_system_info), run in a child
-    process so a broken library cannot take cputune down with it."""
-    lib = bin_dir / "libllama.so"
+    process so a broken library cannot take cputune down with it. `lib` is the libllama.so, or
+    (as before engines) the folder holding it."""
+    lib = Path(lib)
+    if lib.is_dir():
+        lib = lib / "libllama.so"
     p = subprocess.run([sys.executable, "-c", _SYSINFO_PROBE, str(lib)],
-                       capture_output=True, text=True, timeout=60)
+                       check=False, capture_output=True, text=True, timeout=60)
     if p.returncode != 0:
-        raise BuildError("the built libllama.so could not report its features",
+        raise BuildError(f"the built {lib.name} could not report its features",
                          [sys.executable, "-c", "<llama_print_system_info>", str(lib)],
                          p.returncode, p.stdout + p.stderr)
     return p.stdout.strip()
 
 
 def parse_system_info(text: str) -> dict[str, int]:
-    """'CPU : SSE3 = 1 | AVX2 = 1 | ...' -> {'SSE3': 1, 'AVX2': 1, ...}."""
+    """'CPU : SSE3 = 1 | AVX2 = 1 | ...' (ik_llama.cpp: 'AVX = 1 | AVX_VNNI = 0 | ...') ->
+    {'SSE3': 1, 'AVX2': 1, ...}."""
     return {k: int(v) for k, v in re.findall(r"([A-Z][A-Z0-9_]*) = (\d+)", text)}
 
 
@@ -250,21 +526,24 @@ def host_cpu_flags(cpuinfo: str | None = None) -> set[str]:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return set()
-    m = re.search(r"^flags\s*:\s*(.*)$", cpuinfo, re.M)
+    m = re.search(r"^flags\s*:\s*(.*)$", cpuinfo, re.MULTILINE)
     return set(m.group(1).split()) if m else set()
 
 
-def missing_features(target_cpu: str, features: Mapping[str, int], host_flags: set[str]) -> list[str]:
+def missing_features(target_cpu: str, features: Mapping[str, int], host_flags: set[str],
+                     engine: Engine | str = DEFAULT_ENGINE) -> list[str]:
     """Features the flags asked for (and, for native, the host has) that the binary reports off.
 
     ik_llama.cpp's docs warn a build can silently fall back to the AVX2 path; this catches it.
+    Only the features the engine's system info reports are checked (ik_llama.cpp has no BMI2).
     """
+    reported = set(_engine(engine).reported_features)
     t = load_toml("target_cpus.toml")[target_cpu]
     if "features" in t:
         wanted = [f for f in t["features"] if f in FEATURE_CPUINFO_FLAG]
     else:
         wanted = [f for f, flag in FEATURE_CPUINFO_FLAG.items() if flag in host_flags]
-    return [f for f in wanted if features.get(f, 0) != 1]
+    return [f for f in wanted if f in reported and features.get(f, 0) != 1]
 
 
 def host_lacks(target_cpu: str, host_flags: set[str]) -> list[str]:
@@ -274,12 +553,51 @@ def host_lacks(target_cpu: str, host_flags: set[str]) -> list[str]:
             if f in FEATURE_CPUINFO_FLAG and FEATURE_CPUINFO_FLAG[f] not in host_flags]
 
 
+# ---- what the built programs take ---------------------------------------------------------
+
+def help_text(binary: Path) -> str:
+    """A program's --help, stdout and stderr (llama-quantize prints it and exits 1)."""
+    try:
+        p = subprocess.run([str(binary), "--help"], check=False, capture_output=True, text=True,
+                           errors="replace", timeout=60, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return p.stdout + p.stderr
+
+
+def resolve_flags(engine: Engine | str, takes: frozenset[str]) -> dict[str, str]:
+    """The engine's settings a program takes -> the spelling to write (its first listed one
+    that `takes`, the options its --help lists, has); settings it lacks are left out."""
+    out = {}
+    for setting, spellings in _engine(engine).flags.items():
+        if any(s in takes for s in spellings):
+            out[setting] = next(s for s in spellings if s in takes)
+    return out
+
+
+def program_flags(b: Build) -> dict[str, dict[str, str]]:
+    """Each program of a build -> {setting: spelling} for the engine's settings it takes, read
+    from its --help now (launch.help_flags, once per binary version), as serve reads them."""
+    eng = load_engine(b.engine)
+    return {name: resolve_flags(eng, help_flags(b.binaries[name]))
+            for name in eng.binaries if name in b.binaries}
+
+
+_QUANT_TYPE = re.compile(r"^\s*(\d+)\s+or\s+([A-Za-z0-9_]+)\s+:", re.MULTILINE)
+
+
+def parse_quant_types(text: str) -> dict[str, int]:
+    """llama-quantize --help's "Allowed quantization types" ('  2  or  Q4_0    : ...', as
+    examples/quantize/quantize.cpp and tools/quantize/quantize.cpp print them) -> {'Q4_0': 2}."""
+    return {name: int(num) for num, name in _QUANT_TYPE.findall(text)}
+
+
 # ---- the build ----------------------------------------------------------------------------
 
 def _compiler_version() -> str:
     for cc in (os.environ.get("CC"), "cc", "gcc"):
         if cc and shutil.which(cc):
-            out = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+            out = subprocess.run([cc, "--version"], check=False, capture_output=True, text=True).stdout
             return out.splitlines()[0] if out else cc
     return "unknown"
 
@@ -310,11 +628,13 @@ def default_target() -> str:
     return os.environ.get("CPUTUNE_TARGET_CPU") or "native"
 
 
-def find_build(target_cpu: str | None = None, root: Path | None = None) -> Build | None:
-    """The cached build of the pinned source for target_cpu with no extra args, if any."""
+def find_build(target_cpu: str | None = None, root: Path | None = None,
+               engine: str = DEFAULT_ENGINE) -> Build | None:
+    """The cached build of the engine's pinned source for target_cpu with no extra args, if any."""
     target_cpu = target_cpu or default_target()
     root = root or cache_root()
-    src = Source(path=root / "src", label=pinned_commit(), commit=pinned_commit(), pinned=True)
+    eng = load_engine(engine)
+    src = Source(path=root / "src", label=eng.label, commit=eng.commit, pinned=True, engine=eng.name)
     spec = make_spec(src, target_cpu)
     return _load_manifest(root / "builds" / spec.key, cached=True)
 
@@ -352,13 +672,13 @@ def build(spec: BuildSpec, root: Path | None = None, jobs: int | None = None,
     """Configure and compile spec, or return the cached build of its key."""
     root = root or cache_root()
     progress = progress or (lambda pct, line: None)
+    bdir = root / "builds" / spec.key
+    if not force and (b := _load_manifest(bdir, cached=True)):
+        return b
     for tool in ("cmake", "make") if not shutil.which("ninja") else ("cmake",):
         if not shutil.which(tool):
             raise ConfigError(f"{tool} is not installed; it is needed to build llama.cpp",
                               hint="sudo apt-get install -y cmake build-essential")
-    bdir = root / "builds" / spec.key
-    if not force and (b := _load_manifest(bdir, cached=True)):
-        return b
     bdir.mkdir(parents=True, exist_ok=True)
     with open(root / "builds" / f"{spec.key}.lock", "w") as lockf:
         fcntl.flock(lockf, fcntl.LOCK_EX)  # a concurrent build of this key finishes first
@@ -369,6 +689,7 @@ def build(spec: BuildSpec, root: Path | None = None, jobs: int | None = None,
 
 
 def _build_locked(spec: BuildSpec, bdir: Path, root: Path, jobs: int, progress: ProgressFn) -> Build:
+    eng = load_engine(spec.engine)
     log_path = bdir / "build.log"
     env = dict(os.environ)
     if shutil.which("ccache"):
@@ -377,15 +698,15 @@ def _build_locked(spec: BuildSpec, bdir: Path, root: Path, jobs: int, progress: 
         env.setdefault("CCACHE_BASEDIR", str(root))
     configure = ["cmake", "-S", str(spec.source.path), "-B", str(bdir / "build")]
     configure += [f"-D{k}={v}" for k, v in spec.options]
-    if spec.source.commit:
-        configure.append(f"-DLLAMA_BUILD_COMMIT={spec.source.commit}")
+    if spec.source.commit and eng.commit_option:
+        configure.append(f"-D{eng.commit_option}={spec.source.commit[:9]}")
     compile_ = ["cmake", "--build", str(bdir / "build"), "-j", str(jobs), "--target", *spec.targets]
     t0 = time.monotonic()
     with open(log_path, "w") as log:
         progress(0.0, "configuring")
         rc = _stream(configure, log, env, bdir, lambda line: None)
         if rc != 0:
-            raise BuildError("CMake could not configure llama.cpp", configure, rc,
+            raise BuildError(f"CMake could not configure {eng.title}", configure, rc,
                              _tail(log_path), log_path=str(log_path),
                              hint="read the log; a missing compiler or cmake is the usual cause")
 
@@ -396,41 +717,43 @@ def _build_locked(spec: BuildSpec, bdir: Path, root: Path, jobs: int, progress: 
 
         rc = _stream(compile_, log, env, bdir, on_line)
         if rc != 0:
-            raise BuildError("compiling llama.cpp failed", compile_, rc, _tail(log_path),
+            raise BuildError(f"compiling {eng.title} failed", compile_, rc, _tail(log_path),
                              log_path=str(log_path))
     seconds = time.monotonic() - t0
     progress(100.0, "checking the built library")
-    bin_dir = bdir / "build" / "bin"
+    build_dir = bdir / "build"
     host = host_cpu_flags()
     lacking = host_lacks(spec.target_cpu, host)
     if lacking:
         # Built for another CPU: its code may not run here (SIGILL), so trust the flags.
         system_info = f"(not run: this host lacks {', '.join(lacking)})"
-        features = {f: 1 for f in load_toml("target_cpus.toml")[spec.target_cpu]["features"]}
+        features = {f: 1 for f in load_toml("target_cpus.toml")[spec.target_cpu]["features"]
+                    if f in eng.reported_features}
     else:
-        system_info = read_system_info(bin_dir)
+        system_info = read_system_info(build_dir / eng.libraries["llama"])
         features = parse_system_info(system_info)
-    missing = missing_features(spec.target_cpu, features, host)
+    missing = missing_features(spec.target_cpu, features, host, eng)
     if missing:
         raise BuildError(
             f"the built library reports {', '.join(m + ' = 0' for m in missing)} although "
             f"--target-cpu {spec.target_cpu} asked for it", compile_, 0, system_info,
             log_path=str(log_path), hint="check the compiler supports these ISA extensions")
-    binaries = {}
-    for t in spec.targets:
-        for cand in (bin_dir / t, bin_dir / f"lib{t}.so"):
-            if cand.exists():
-                binaries[t] = str(cand)
+    binaries = {t: str(build_dir / "bin" / t) for t in eng.binaries if (build_dir / "bin" / t).exists()}
+    binaries.update({t: str(build_dir / p) for t, p in eng.libraries.items() if (build_dir / p).exists()})
+    quant_types = {}
+    if not lacking and "llama-quantize" in binaries:  # its --help lists the types it makes
+        quant_types = parse_quant_types(help_text(Path(binaries["llama-quantize"])))
     manifest = {
-        "schema": SCHEMA, "cputune_version": __version__, "key": spec.key,
+        "schema": SCHEMA, "cputune_version": __version__, "key": spec.key, "engine": eng.name,
         "target_cpu": spec.target_cpu, "source_label": spec.source.label,
-        "source_commit": spec.source.commit, "source_path": str(spec.source.path),
-        "llama_cpp_python": pinned_version() if spec.source.pinned else None,
+        "source_commit": spec.source.commit[:9] if spec.source.commit else None,
+        "commit": spec.source.commit, "source_path": str(spec.source.path),
+        "llama_cpp_python": eng.sdist_version if spec.source.pinned and eng.fetch == "sdist" else None,
         "cmake_options": dict(spec.options), "extra_args": list(spec.extra_args),
         "compiler": _compiler_version(), "ccache": bool(shutil.which("ccache")),
         "build_seconds": round(seconds, 1),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "system_info": system_info,
-        "features": features, "binaries": binaries,
+        "features": features, "binaries": binaries, "quant_types": quant_types,
     }
     atomic_write_text(bdir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     b = _load_manifest(bdir)
@@ -438,9 +761,12 @@ def _build_locked(spec: BuildSpec, bdir: Path, root: Path, jobs: int, progress: 
     return b
 
 
-def require_build(target_cpu: str | None = None) -> Build:
-    b = find_build(target_cpu)
+def require_build(target_cpu: str | None = None, engine: str = DEFAULT_ENGINE) -> Build:
+    b = find_build(target_cpu, engine=engine)
     if b is None:
-        raise ConfigError("llama.cpp has not been built yet", hint="run `cputune build` (about 15 "
-                          "minutes on 2 cores; cached afterwards)")
+        eng = load_engine(engine)
+        flag = "" if engine == DEFAULT_ENGINE else f" --engine {engine}"
+        raise ConfigError(f"{eng.title} has not been built yet",
+                          hint=f"run `cputune build{flag}` (about 15 minutes on 2 cores; "
+                               "cached afterwards)")
     return b

@@ -172,8 +172,10 @@ def cli(debug: bool) -> None:
 @cli.command("build")
 @click.option("--target-cpu", default="native", show_default=True, metavar="NAME",
               help="CPU to build for: native, znver5, znver4, sapphirerapids, icelake, avx2, generic.")
-@click.option("--source", type=click.Path(path_type=Path, file_okay=False),
-              help="Build your own llama.cpp checkout instead of the pinned version.")
+@click.option("--engine", default="llama.cpp", show_default=True, metavar="NAME",
+              help="What to build: llama.cpp or ik_llama (ik_llama.cpp), each pinned in configs/engines.toml.")
+@click.option("--source", type=click.Path(path_type=Path, exists=True), metavar="DIR|TARBALL",
+              help="Build this source folder or tarball (.tar.gz) instead of the pinned version.")
 @click.option("--cmake-arg", "cmake_args", multiple=True, metavar="-DNAME=VALUE",
               help="Extra CMake option (repeatable); part of the cache key.")
 @click.option("--jobs", "-j", type=click.IntRange(1, checks.MAX_THREADS), help="Parallel compile jobs [default: all cores].")
@@ -182,8 +184,8 @@ def cli(debug: bool) -> None:
               help="Also install llama-cpp-python without its own llama.cpp and link it to this build.")
 @click.option("--list", "list_only", is_flag=True, help="List cached builds and exit.")
 @json_option
-def build_cmd(target_cpu, source, cmake_args, jobs, force, python_binding, list_only, as_json):
-    """Compile llama.cpp for this CPU (or another), cached by version and flags."""
+def build_cmd(target_cpu, engine, source, cmake_args, jobs, force, python_binding, list_only, as_json):
+    """Compile llama.cpp or ik_llama.cpp for a CPU, cached by engine, version and flags."""
     from cputune import binding, build
 
     if list_only:
@@ -192,16 +194,22 @@ def build_cmd(target_cpu, source, cmake_args, jobs, force, python_binding, list_
             return report.print_json(report.document("cputune.builds/1",
                                                      builds=[b.to_json() for b in builds]))
         return report.render_build_list(builds)
-    src = build.user_source(source) if source else build.fetch_pinned_source()
-    spec = build.make_spec(src, target_cpu, cmake_args)
-    with report.progress(f"building llama.cpp ({target_cpu})") as update:
+    eng = build.load_engine(engine)
+    if python_binding and not eng.python_binding:
+        raise ConfigError(f"--python links llama-cpp-python to a llama.cpp build, not to {eng.title}",
+                          hint="llama-cpp-python stays on the mainline build: `cputune build --python`")
+    spec = build.make_spec(build.fetch_source(eng, source), target_cpu, cmake_args)
+    with report.progress(f"building {eng.title} ({target_cpu})") as update:
         b = build.build(spec, jobs=jobs, force=force, progress=update)
-    status = binding.ensure(b) if python_binding else binding.link(b)
+    status = None  # llama-cpp-python is only ever linked to a mainline build
+    if eng.python_binding:
+        status = binding.ensure(b) if python_binding else binding.link(b)
     if as_json:
         return report.print_json(report.document("cputune.build/1", build=b.to_json(),
-                                                 python_binding=status))
+                                                 flags=build.program_flags(b), python_binding=status))
     report.render_build(b)
-    report.render_binding(status)
+    if status is not None:
+        report.render_binding(status)
 
 
 @cli.command("probe")

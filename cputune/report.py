@@ -91,10 +91,10 @@ def kv_table(title: str, rows: list[tuple[str, Any]]) -> Table:
 
 def render_build(b) -> None:
     feats = " ".join(k for k, v in sorted(b.features.items()) if v == 1)
-    out.print(kv_table("llama.cpp build" + (" (cached)" if b.cached else ""), [
+    out.print(kv_table(f"{b.engine} build" + (" (cached)" if b.cached else ""), [
         ("key", b.key),
         ("target cpu", b.target_cpu),
-        ("source", f"llama.cpp {b.source_commit or b.source_label}"
+        ("source", f"{b.engine} {b.source_commit or b.source_label}"
                    + (f" (llama-cpp-python {b.llama_cpp_python})" if b.llama_cpp_python else "")),
         ("compiler", b.compiler),
         ("built", f"{b.built_at} in {b.build_seconds:.0f} s"),
@@ -107,12 +107,12 @@ def render_build_list(builds) -> None:
     if not builds:
         out.print("No cached builds. Run `cputune build`.")
         return
-    t = Table(title="Cached llama.cpp builds", title_justify="left")
-    for col, just in (("key", "left"), ("target", "left"), ("built", "left"), ("seconds", "right"),
-                      ("AVX2", "right"), ("AVX512", "right")):
+    t = Table(title="Cached builds", title_justify="left")
+    for col, just in (("engine", "left"), ("key", "left"), ("target", "left"), ("built", "left"),
+                      ("seconds", "right"), ("AVX2", "right"), ("AVX512", "right")):
         t.add_column(col, justify=just)
     for b in builds:
-        t.add_row(b.key, b.target_cpu, b.built_at, f"{b.build_seconds:.0f}",
+        t.add_row(b.engine, b.key, b.target_cpu, b.built_at, f"{b.build_seconds:.0f}",
                   str(b.features.get("AVX2", "?")), str(b.features.get("AVX512", "?")))
     out.print(t)
 

@@ -2,7 +2,8 @@
 # Sets cputune up on a fresh Debian/Ubuntu x86-64 machine, into ./.venv.
 #   scripts/setup.sh           system packages + cputune (enough for `cputune probe`)
 #   scripts/setup.sh --tests   also the test tools, the llama.cpp build (~15 min on 2 cores,
-#                              cached afterwards) and llama-cpp-python linked to that build
+#                              cached afterwards), llama-cpp-python linked to that build, and
+#                              the ik_llama.cpp build (~17 min more on 2 cores, cached)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +32,18 @@ PY=${PYTHON:-python3}
 if [ "$want_tests" = 1 ]; then
   .venv/bin/python -m pip install -q -e ".[test]"
   .venv/bin/cputune build --python
+  # The second engine. CI and the dev machines have a source snapshot of the pinned commit
+  # vendored beside the repository (../shared/vendor/README.md) and no network, so it is built
+  # from that; anywhere else cputune clones the commit pinned in configs/engines.toml from git.
+  ik_snapshot=""
+  for f in ../shared/vendor/ik_llama.cpp-*.tar.gz; do
+    [ -f "$f" ] && ik_snapshot="$f"
+  done
+  if [ -n "$ik_snapshot" ]; then
+    .venv/bin/cputune build --engine ik_llama --source "$ik_snapshot"
+  else
+    .venv/bin/cputune build --engine ik_llama
+  fi
 else
   .venv/bin/python -m pip install -q -e ".[report]"
 fi
