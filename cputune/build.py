@@ -38,10 +38,12 @@ SCHEMA = "cputune.build/1"
 DEFAULT_ENGINE = "llama.cpp"
 SOURCE_MARKER = ".cputune-source.json"  # written last into a fetched tree: it is complete
 
-# system_info names (ggml-cpu.c ggml_cpu_get_features) -> /proc/cpuinfo flag that provides them.
+# system_info names (ggml-cpu.c ggml_cpu_get_features) -> /proc/cpuinfo flag that provides them,
+# spelled as the kernel does (arch/x86/include/asm/cpufeatures.h: "avx512vbmi" has no underscore,
+# "avx512_vnni" and "avx512_bf16" do).
 FEATURE_CPUINFO_FLAG = {
     "AVX": "avx", "AVX2": "avx2", "AVX_VNNI": "avx_vnni", "BMI2": "bmi2", "FMA": "fma",
-    "F16C": "f16c", "AVX512": "avx512f", "AVX512_VBMI": "avx512_vbmi",
+    "F16C": "f16c", "AVX512": "avx512f", "AVX512_VBMI": "avx512vbmi",
     "AVX512_VNNI": "avx512_vnni", "AVX512_BF16": "avx512_bf16", "AMX_INT8": "amx_int8",
 }
 # A source tarball bigger than this is refused before anything is written (a tar bomb, or the
