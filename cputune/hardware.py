@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cputune import checks
+from cputune.cores import core_family
 from cputune.data import config_path
 from cputune.errors import ConfigError
 from cputune.memory import MEMORY_MTS, check_mts, theoretical_peak_gbps
@@ -203,7 +204,8 @@ def machine_from_hardware(hw: HardwareProfile) -> MachineBandwidth:
     return MachineBandwidth(
         name=hw.name, sockets=hw.sockets, nodes=hw.nodes, cores=hw.cores,
         node_read_gbps=hw.node_read_gbps, core_read_gbps=hw.core_read_gbps,
-        remote_ratio=hw.remote_ratio, mem_bytes=hw.mem_bytes, isa=hw.isa)
+        remote_ratio=hw.remote_ratio, mem_bytes=hw.mem_bytes, isa=hw.isa,
+        threads_per_core=hw.threads_per_core, core_family=core_family(hw.cpu_model))
 
 
 def auto_numa(m: MachineBandwidth, need_bytes: int) -> str:
@@ -266,7 +268,8 @@ def machine_from_profile(profile) -> MachineBandwidth:
         cores=cores, node_read_gbps=node_bw, core_read_gbps=min(one_core, node_bw),
         # A remote read measured a little above the local one is noise: the ratio is at most 1.
         remote_ratio=min(min(remote), 1.0) if remote else 1.0,
-        mem_bytes=mem, isa=t.isa_flags)
+        mem_bytes=mem, isa=t.isa_flags, threads_per_core=max(t.threads_per_core, 1),
+        core_family=core_family(t.cpu_model, t.cpu_vendor, t.cpu_family_id, t.cpu_model_id))
 
 
 @dataclass(frozen=True, slots=True)

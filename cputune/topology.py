@@ -92,6 +92,10 @@ class Topology:
     isa_flags: tuple[str, ...]
     source: str
     notes: tuple[str, ...]
+    # x86 "cpu family" and "model" from /proc/cpuinfo: they name the core (configs/core_families.csv)
+    # where a VM hides the model name (this project's VM says only "AMD EPYC").
+    cpu_family_id: int | None = None
+    cpu_model_id: int | None = None
 
     @property
     def smt_on(self) -> bool:
@@ -137,10 +141,21 @@ class Topology:
 # assembly shared by the sysfs reader and the hwloc XML importer
 
 
+def _small_int(text: str | None) -> int | None:
+    """A cpuinfo number such as "25" or "0x19", or None when absent or not a small number."""
+    try:
+        v = int(str(text).strip(), 0)
+    except (TypeError, ValueError):
+        return None
+    return v if 0 <= v < 4096 else None
+
+
 def build_topology(
     *,
     cpu_model: str | None,
     cpu_vendor: str | None,
+    cpu_family_id: int | None = None,
+    cpu_model_id: int | None = None,
     online_cpus: Iterable[int],
     offline_cpus: Iterable[int],
     package_of: Mapping[int, int],
@@ -211,6 +226,8 @@ def build_topology(
     return Topology(
         cpu_model=cpu_model,
         cpu_vendor=cpu_vendor,
+        cpu_family_id=cpu_family_id,
+        cpu_model_id=cpu_model_id,
         packages=tuple(packages),
         nodes=tuple(nodes),
         cores=tuple(cores),
@@ -587,6 +604,8 @@ def discover_topology(root: Path | str = Path("/")) -> Topology:
     return build_topology(
         cpu_model=first.get("model name") or first.get("cpu model") or None,
         cpu_vendor=first.get("vendor_id") or first.get("CPU implementer") or None,
+        cpu_family_id=_small_int(first.get("cpu family")),
+        cpu_model_id=_small_int(first.get("model")),
         online_cpus=online,
         offline_cpus=set(present) - set(online),
         package_of=package_of,
