@@ -19,14 +19,11 @@ from cputune.gguf_model import ModelProfile, kv_bytes_per_token
 from cputune.hardware import ESTIMATED_READ_FRACTION, default_threads
 from cputune.memory import MemoryInfo, theoretical_peak_gbps
 from cputune.predictor import (  # noqa: F401  (the cache-type names are re-exported for callers)
-    FLOAT_CACHE_TYPES, KV_CACHE_TYPES, NUMA_POLICIES, Calibration, MachineBandwidth, Prediction, Settings,
+    X86_REPACK, FLOAT_CACHE_TYPES, read_bandwidth_gbps, KV_CACHE_TYPES, NUMA_POLICIES, Calibration, MachineBandwidth, Prediction, Settings,
     cache_type_name, predict,
 )
 
 GIB = 1 << 30
-# Types the pinned llama.cpp (ggml-cpu/repack.cpp, ggml_repack_get_optimal_repack_type) copies
-# into its CPU_REPACK buffer on x86, and the ISA flag each needs.
-X86_REPACK = {"Q4_0": "avx2", "Q4_K": "avx2", "IQ4_NL": "avx2", "MXFP4": "avx2", "Q2_K": "avx512f"}
 OS_HEADROOM_BYTES = 2 * GIB  # kernel, page tables, the server's own heap
 
 
@@ -413,7 +410,9 @@ def requirements(model: ModelProfile, target_tps: float, machine: MachineBandwid
             break
     box = _scaled(machine, hi)
     p = predict(model, box, ps, cal)
-    read = p.effective_bw_gbps / cal.bw_efficiency
+    # What the scaled box reads under the policy (the predictor's own figure; efficiency, page
+    # size and where repacked weights sit are applied on top of it).
+    read, _ = read_bandwidth_gbps(box, max(1, min(ps.threads, box.cores)), ps.numa)
     per_channel = ESTIMATED_READ_FRACTION * theoretical_peak_gbps(1, channel_mts)
     return Requirement(quant, target_tps, True, ceiling, read, read / p.nodes_used,
                        math.ceil(read / per_channel), channel_mts, capacity, box, p)

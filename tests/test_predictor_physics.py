@@ -1,0 +1,154 @@
+"""The big-box physics of the predictor, term by term: attention at depth, SMT siblings, page
+size, NUMA placement of repacked weights, serial share, engines, core families, ranges."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from cputune import calibrate, hardware
+from cputune.catalog import catalog_profile
+from cputune.predictor import (Calibration, MachineBandwidth, Settings, best_threads, predict,
+                               rates_for, workers)
+
+GB = 1e9
+BOX = MachineBandwidth(name="2-node", sockets=2, nodes=2, cores=64, node_read_gbps=400.0,
+                       core_read_gbps=25.0, remote_ratio=0.5, mem_bytes=768 << 30, threads_per_core=2,
+                       isa=("avx2",))
+CAL = Calibration(bw_efficiency=0.8, decode_gbps_per_core={"Q8_0": 15.0, "Q4_K": 10.0, "F16": 8.0},
+                  prefill_gflops_per_core={"Q8_0": 50.0, "Q4_K": 50.0, "F16": 40.0},
+                  overhead_s_per_layer=1e-5, overhead_s_per_layer_thread=1e-7)
+
+
+@pytest.fixture(scope="module")
+def r1():
+    return catalog_profile("deepseek-r1", "Q4_K_M")
+
+
+def test_mla_attention_flops_per_cached_token(r1):
+    # 61 layers x 2 x 128 heads x (576 + 512): scores against the latent, then the value mix.
+    assert r1.mla and r1.attn_flops_per_ctx_token == 61 * 2 * 128 * (576 + 512)
+
+
+def test_decode_attention_grows_with_depth_at_its_own_rate(r1):
+    base = predict(r1, BOX, Settings(threads=32), CAL)
+    deep = predict(r1, BOX, Settings(threads=32, depth=8192), CAL)
+    w = workers(32, 64, 1.0, 0.0)
+    assert base.t_attention_s == 0
+    # MLA: the shared latent makes the scores a matrix-matrix product, mla_attn_factor faster per FLOP.
+    assert deep.t_attention_s == pytest.approx(r1.attn_flops_per_ctx_token * 8192
+                                               / (w * CAL.mla_attn_factor * CAL.attn_gflops_per_core * GB))
+    fast = predict(r1, BOX, Settings(threads=32, depth=8192), dataclasses.replace(CAL, attn_gflops_per_core=84.0))
+    assert fast.t_attention_s == pytest.approx(deep.t_attention_s / 10)
+    assert deep.tg_tokens_per_s < base.tg_tokens_per_s
+
+
+def test_a_long_prompt_attends_over_half_of_itself(r1):
+    short = predict(r1, BOX, Settings(threads=32), CAL)
+    long = predict(r1, BOX, Settings(threads=32, n_prompt=8192), CAL)
+    assert long.pp_t_attention_s == pytest.approx(short.pp_t_attention_s * 4096 / 256)
+    # The same average depth as a ubatch at depth 3840: pp8192 from 0 ~ one ubatch at 3840.
+    same = predict(r1, BOX, Settings(threads=32, depth=4096 - 256), CAL)
+    assert long.pp_t_attention_s == pytest.approx(same.pp_t_attention_s)
+
+
+def test_smt_siblings_add_their_gain_and_no_bandwidth(r1):
+    cal = dataclasses.replace(CAL, smt_tg_gain=-0.2, smt_pp_gain=0.1)
+    assert workers(128, 64, 1.0, -0.2) == pytest.approx(64 * 0.8)
+    assert workers(96, 64, 1.0, 0.1) == pytest.approx(64 * 1.05)
+    phys = predict(r1, BOX, Settings(threads=64, numa="interleave"), cal)
+    smt = predict(r1, BOX, Settings(threads=128, numa="interleave"), cal)
+    assert smt.effective_bw_gbps == phys.effective_bw_gbps
+    assert smt.t_compute_s == pytest.approx(phys.t_compute_s / 0.8)
+    assert any("SMT siblings" in n for n in smt.notes)
+    capped = predict(r1, BOX, Settings(threads=1000, numa="interleave"), cal)
+    assert capped.tg_tokens_per_s == predict(r1, BOX, Settings(threads=128, numa="interleave"), cal).tg_tokens_per_s
+    assert any("1000 threads asked, 128 CPUs" in n for n in capped.notes)
+
+
+def test_serial_share_is_amdahl():
+    assert workers(1, 64, 1.0, 0.0, 0.01) == 1
+    assert workers(64, 64, 1.0, 0.0, 0.01) == pytest.approx(64 / (1 + 0.63))
+    # 64 -> 128 threads gives 1.5x with s = 0.00775 (the published prefill scaling on one 6980P).
+    assert workers(128, 128, 1.0, 0.0, 0.00775) / workers(64, 128, 1.0, 0.0, 0.00775) == pytest.approx(1.5, rel=0.01)
+
+
+def test_four_kib_pages_cost_bandwidth_only(r1):
+    cal = dataclasses.replace(CAL, page_4k_efficiency=0.8)
+    big = predict(r1, BOX, Settings(threads=32, page_size="2M"), cal)
+    small = predict(r1, BOX, Settings(threads=32, page_size="4K"), cal)
+    assert small.effective_bw_gbps == pytest.approx(big.effective_bw_gbps * 0.8)
+    assert small.t_memory_s == pytest.approx(big.t_memory_s / 0.8)
+    assert small.t_compute_s == big.t_compute_s
+
+
+def test_distribute_leaves_repacked_weights_on_the_loaders_node(r1):
+    """Q4_K is repacked on an AVX2 box: under --numa distribute the loading thread's node holds
+    it, so two sockets read it through one node's controllers; interleave spreads it."""
+    dist = predict(r1, BOX, Settings(threads=64, numa="distribute"), CAL)
+    inter = predict(r1, BOX, Settings(threads=64, numa="interleave"), CAL)
+    one = predict(r1, BOX, Settings(threads=32, numa="one-node"), CAL)
+    assert one.effective_bw_gbps < dist.effective_bw_gbps < inter.effective_bw_gbps  # Q6_K etc. stay local
+    # ik_llama.cpp's -rtr repacks every weight: all of it on one node, read by both sockets.
+    ik = predict(r1, BOX, Settings(threads=64, numa="distribute", engine="ik_llama"), CAL)
+    assert ik.effective_bw_gbps <= one.effective_bw_gbps * 1.01
+    plain = dataclasses.replace(BOX, isa=())  # nothing repacked: distribute is local again
+    assert predict(r1, plain, Settings(threads=64, numa="distribute"), CAL).effective_bw_gbps \
+        == pytest.approx(2 * 400 * 0.8)
+
+
+def test_ik_engine_scales_its_rates_only():
+    cal = dataclasses.replace(CAL, ik_tg_factor=2.0, ik_pp_factor=3.0, ik_attn_factor=4.0)
+    m = catalog_profile("deepseek-r1", "Q8_0")
+    main = predict(m, BOX, Settings(threads=4, depth=4096), cal)
+    ik = predict(m, BOX, Settings(threads=4, depth=4096, engine="ik_llama"), cal)
+    assert ik.t_attention_s == pytest.approx(main.t_attention_s / 4)
+    assert ik.t_compute_s - ik.t_attention_s == pytest.approx((main.t_compute_s - main.t_attention_s) / 2)
+    assert ik.t_memory_s == main.t_memory_s
+    with pytest.raises(ValueError):
+        predict(m, BOX, Settings(threads=4, engine="vllm"), cal)
+
+
+def test_core_family_rates_and_the_nearest_family():
+    fam = {"zen4": {"decode": {"Q8_0": 30.0}, "prefill": {"Q8_0": 100.0}},
+           "zen3": {"decode": {"Q8_0": 20.0}, "prefill": {"Q8_0": 60.0}}}
+    cal = dataclasses.replace(CAL, family_rates=fam)
+    zen4 = dataclasses.replace(BOX, core_family="zen4")
+    assert rates_for(cal, zen4)[0].decode_gbps_per_core == {"Q8_0": 30.0}
+    # An AVX-512 core no table knows takes zen4's (the nearest with the same vector width), and says so.
+    other = dataclasses.replace(BOX, core_family="graniterapids", isa=("avx2", "avx512f"))
+    c, used = rates_for(cal, other)
+    assert used == "zen4" and c.prefill_gflops_per_core == {"Q8_0": 100.0}
+    m = catalog_profile("deepseek-r1", "Q8_0")
+    assert any("per-core rates of zen4" in n for n in predict(m, other, Settings(threads=8), cal).notes)
+    assert rates_for(CAL, zen4) == (CAL, None)  # a box's own calibration has no family tables
+
+
+def test_every_prediction_carries_its_range(r1):
+    cal = dataclasses.replace(CAL, tg_error_band=(0.8, 1.1), pp_error_band=(0.9, 1.2))
+    p = predict(r1, BOX, Settings(threads=32), cal)
+    assert p.tg_range == pytest.approx((0.8 * p.tg_tokens_per_s, 1.1 * p.tg_tokens_per_s))
+    assert p.pp_range == pytest.approx((0.9 * p.pp_tokens_per_s, 1.2 * p.pp_tokens_per_s))
+
+
+def test_best_threads_for_decode_and_prefill_separately(r1):
+    # A per-thread fixed cost makes decode peak below all threads once bandwidth is spent;
+    # prefill, compute-bound, wants every physical core (siblings cost here).
+    cal = dataclasses.replace(CAL, overhead_s_per_layer_thread=2e-6, smt_tg_gain=-0.2, smt_pp_gain=-0.2)
+    tg, pp = best_threads(r1, BOX, Settings(threads=64, numa="interleave"), cal)
+    assert tg < 64 and pp == 64
+    for n in (tg - 1, tg + 2):
+        assert predict(r1, BOX, Settings(threads=n, numa="interleave"), cal).tg_tokens_per_s \
+            <= predict(r1, BOX, Settings(threads=tg, numa="interleave"), cal).tg_tokens_per_s
+
+
+def test_reference_box_decode_slows_with_depth_as_published():
+    """ik_llama.cpp on one 6980P socket (PR #287): 9.1 t/s at depth 512 -> 7.5 at 8192 (-18 %)."""
+    box = hardware.resolve_box("xeon-6980p-2s")
+    m = catalog_profile("deepseek-r1", "Q4_K_M")
+    s = Settings(threads=64, numa="one-node", engine="ik_llama", cache_type="q8_0")
+    near = predict(m, box.machine, dataclasses.replace(s, depth=512), box.calibration).tg_tokens_per_s
+    far = predict(m, box.machine, dataclasses.replace(s, depth=8192), box.calibration).tg_tokens_per_s
+    assert 0.70 < far / near < 0.92
+    assert calibrate.default_calibration("published").page_4k_efficiency < 0.95
