@@ -136,33 +136,55 @@ def local(args) -> bool:
     return ok
 
 
-def published(args) -> None:
-    runs = calibrate.load_published_runs()
-    cal = calibrate.default_calibration("published")
-    from cputune.data import load_toml
-    section = load_toml("calibration.toml")["published"]
-    factors = {"ik_tg": section.get("ik_tg_factor", 1.0), "ik_pp": section.get("ik_pp_factor", 1.0)}
+def published(args) -> bool:
+    """Leave-one-out on the published runs: each run predicted by a fit on all the others."""
+    from cputune import published as pub
+
+    runs = pub.load_published_runs()
+    start = calibrate.default_calibration()
+    t0 = time.time()
+    full = pub.fit_published(runs, start)
+    held = pub.leave_one_out(runs, start, full, progress=lambda i, n: print(
+        f"  [{time.time() - t0:5.0f} s] leave-one-out {i + 1}/{n}", file=sys.stderr, flush=True)
+        if i % 20 == 0 else None)
+    rows = [(h.run.row, h.run.hardware, h.run.model_id, h.run.quant, h.run.engine, h.run.threads,
+             h.run.numa, h.run.depth, h.run.pp_tokens if h.kind == "pp" else "", h.run.hugepages, h.kind,
+             f"{h.measured:.2f}", f"{h.predicted:.2f}", f"{h.error:+.0%}") for h in held]
+    if args.verbose:
+        print(table(rows, ("row", "hardware", "model", "quant", "engine", "thr", "numa", "depth", "pp_n",
+                           "pages", "test", "published", "held-out", "err")))
+        print()
+    print(f"published runs: {len(runs)} rows, {len(held)} figures; fit on all, then one fit per row "
+          f"without it ({time.time() - t0:.0f} s)")
+    ok = True
+    for engine in ("all", "mainline", "ik", "ik-plain"):
+        for kind, name in (("tg", "decode "), ("pp", "prefill")):
+            errs = [h.error for h in held if h.kind == kind and engine in ("all", h.run.engine)]
+            if errs:
+                print(f"leave-one-out {engine:8} {name}: {stats(errs)}")
+    tg = [abs(h.error) for h in held if h.kind == "tg"]
+    pp = [abs(h.error) for h in held if h.kind == "pp"]
+    ok = statistics.median(tg) <= 0.10 and max(tg) <= 0.30 and statistics.median(pp) <= 0.15
+    print(f"target (decode median <= 10 %, max <= 30 %; prefill median <= 15 %): {'MET' if ok else 'NOT MET'}")
+    bands = {k: pub.error_band([h.error for h in held if h.kind == k]) for k in ("tg", "pp")}
+    for k, (lo, hi) in bands.items():
+        print(f"80 % band ({k}): measured = predicted x {lo:.2f} ... {hi:.2f}")
     if args.toml:
-        cal, factors = calibrate.fit_published(runs, calibrate.default_calibration())
-        print(calibrate.calibration_toml(cal, "published", {"ik_tg_factor": factors["ik_tg"],
-                                                             "ik_pp_factor": factors["ik_pp"]}))
-    rows, errs = [], {"tg": [], "pp": []}
-    for r, kind, pred, meas in calibrate.published_predictions(runs, cal, factors):
-        e = pred / meas - 1
-        errs[kind].append(e)
-        rows.append((r.row, r.hardware, r.model_id, r.quant, r.threads, r.numa, r.engine, kind,
-                     f"{meas:.2f}", f"{pred:.2f}", f"{e:+.0%}"))
-    print(table(rows, ("row", "hardware", "model", "quant", "thr", "numa", "engine", "test",
-                       "published", "predicted", "err")))
-    print()
-    print("published decode :", stats(errs["tg"]))
-    print("published prefill:", stats(errs["pp"]))
+        from dataclasses import replace
+
+        shipped = replace(full, tg_error_band=bands["tg"], pp_error_band=bands["pp"],
+                          error_band_source=f"leave-one-out over {len(runs)} published runs "
+                                            "(benchmarks/predict_accuracy.py --published-only)")
+        print()
+        print(calibrate.calibration_toml(shipped, "published"))
+    return ok
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--published-only", action="store_true")
     ap.add_argument("--toml", action="store_true", help="re-fit the [published] constants and print them")
+    ap.add_argument("--verbose", "-v", action="store_true", help="print every held-out published figure")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--arch", default=",".join(ARCHS), help="model shapes, comma-separated")
     ap.add_argument("--quants", default=",".join(QUANTS))
@@ -177,7 +199,7 @@ def main() -> int:
     if not args.published_only:
         ok = local(args)
         print()
-    published(args)
+    ok = published(args) and ok
     return 0 if ok else 1
 
 

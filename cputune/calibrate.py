@@ -18,7 +18,8 @@ from cputune import bandwidth, gguf_model, llama_bench, synth
 from cputune.bandwidth import Measurement
 from cputune.data import load_toml
 from cputune.fsutil import cache_root
-from cputune.jsonio import document, read_json, write_json
+from cputune.errors import ConfigError
+from cputune.jsonio import document, from_plain, read_json, write_json
 from cputune.gguf_model import ModelProfile
 from cputune.predictor import Calibration, MachineBandwidth, Settings, at_read_bandwidth, nearest_rate, predict
 
@@ -49,11 +50,27 @@ class Point:
         return at_read_bandwidth(m, self.threads, self.read_gbps) if self.read_gbps else m
 
 
-def calibration_from(c: dict) -> Calibration:
-    fields = {f: c[f] for f in Calibration.__slots__ if f in c}
-    return Calibration(**{**fields,
-                          "decode_gbps_per_core": dict(c["decode_gbps_per_core"]),
-                          "prefill_gflops_per_core": dict(c["prefill_gflops_per_core"])})
+def calibration_from(c: dict, where: str = "calibration") -> Calibration:
+    """A Calibration from a calibration.toml section or a saved calibration.json, every field
+    checked for its type (jsonio.from_plain) and every rate for being positive."""
+    if not isinstance(c, dict):
+        raise ConfigError(f"{where} is not a table of constants")
+    try:
+        cal = from_plain(Calibration, {k: v for k, v in c.items() if k in Calibration.__slots__})
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e.message}", hint="re-run `cputune calibrate`") from None
+    tables = [("decode_gbps_per_core", cal.decode_gbps_per_core),
+              ("prefill_gflops_per_core", cal.prefill_gflops_per_core),
+              ("moe_prefill_efficiency_by_type", cal.moe_prefill_efficiency_by_type)]
+    tables += [(f"family_rates.{f}.{k}", t) for f, fr in cal.family_rates.items() for k, t in fr.items()]
+    for name, table in tables:
+        for t, r in table.items():
+            if not r > 0:
+                raise ConfigError(f"{where}: {name}.{t} must be above 0, not {r}",
+                                  hint="re-run `cputune calibrate`")
+    if not cal.decode_gbps_per_core or not cal.prefill_gflops_per_core:
+        raise ConfigError(f"{where}: no per-core rates", hint="re-run `cputune calibrate`")
+    return cal
 
 
 def default_calibration(section: str = "default") -> Calibration:
@@ -62,7 +79,7 @@ def default_calibration(section: str = "default") -> Calibration:
     `default` is the starting point for this box's fit; `published` is fitted to the big-server
     runs in shared/reference/published_measurements.md and serves the hardware profiles.
     """
-    return calibration_from(load_toml("calibration.toml")[section])
+    return calibration_from(load_toml("calibration.toml")[section], f"calibration.toml [{section}]")
 
 
 def calibration_path() -> Path:
@@ -82,7 +99,7 @@ def load_calibration(path: Path | None = None) -> Calibration | None:
     if not path.exists():
         return None
     doc = read_json(path, SCHEMA)
-    return calibration_from(doc["calibration"])
+    return calibration_from(doc.get("calibration"), str(path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,108 +409,6 @@ def fit(points: Sequence[Point], machine: MachineBandwidth, start: Calibration,
     return unpack(best_fit(residuals, starts))
 
 
-# --------------------------------------------------------------------------------------------
-# published big-server runs: what this machine cannot show (many cores, sockets, 671B MoE)
-
-@dataclass(frozen=True, slots=True)
-class PublishedRun:
-    """One row of configs/published_runs.toml, resolved to a model profile and a machine."""
-
-    row: int
-    hardware: str
-    model_id: str
-    quant: str
-    threads: int
-    numa: str
-    engine: str
-    tg_tokens_per_s: float | None
-    pp_tokens_per_s: float | None
-    model: ModelProfile
-    machine: MachineBandwidth
-
-
-def load_published_runs() -> list[PublishedRun]:
-    from cputune import catalog, hardware
-
-    data = load_toml("published_runs.toml")
-    shapes = {mid: catalog.model_from_table(mid, t, "configs/published_runs.toml")
-              for mid, t in data.get("models", {}).items()}
-    profiles: dict[tuple[str, str], ModelProfile] = {}
-    machines: dict[str, MachineBandwidth] = {}
-    out = []
-    for r in data["run"]:
-        key = (r["model"], r["quant"])
-        if key not in profiles:
-            m = shapes.get(r["model"]) or catalog.catalog_model(r["model"])
-            profiles[key] = catalog.catalog_profile(m, r["quant"])
-        if r["hardware"] not in machines:
-            machines[r["hardware"]] = hardware.machine_from_hardware(hardware.load_hardware(r["hardware"]))
-        out.append(PublishedRun(
-            row=r["row"], hardware=r["hardware"], model_id=r["model"], quant=r["quant"],
-            threads=r["threads"], numa=r["numa"], engine=r["engine"],
-            tg_tokens_per_s=r.get("tg_tokens_per_s"), pp_tokens_per_s=r.get("pp_tokens_per_s"),
-            model=profiles[key], machine=machines[r["hardware"]]))
-    return out
-
-
-def engine_calibration(run: PublishedRun, cal: Calibration, factors: dict[str, float]) -> Calibration:
-    """ik_llama.cpp with -fmoe/-rtr has faster CPU kernels than the mainline build the predictor
-    models: its runs get the per-core rates scaled by the fitted ik factors."""
-    if run.engine != "ik":
-        return cal
-    return replace(cal, decode_gbps_per_core={t: r * factors["ik_tg"] for t, r in cal.decode_gbps_per_core.items()},
-                   prefill_gflops_per_core={t: r * factors["ik_pp"] for t, r in cal.prefill_gflops_per_core.items()})
-
-
-def published_predictions(runs: Sequence[PublishedRun], cal: Calibration,
-                          factors: dict[str, float]) -> list[tuple[PublishedRun, str, float, float]]:
-    """(run, "tg"|"pp", predicted, measured) for every published figure."""
-    out = []
-    for r in runs:
-        p = predict(r.model, r.machine, Settings(threads=r.threads, numa=r.numa),
-                    engine_calibration(r, cal, factors))
-        if r.tg_tokens_per_s:
-            out.append((r, "tg", p.tg_tokens_per_s, r.tg_tokens_per_s))
-        if r.pp_tokens_per_s:
-            out.append((r, "pp", p.pp_tokens_per_s, r.pp_tokens_per_s))
-    return out
-
-
-def fit_published(runs: Sequence[PublishedRun], start: Calibration) -> tuple[Calibration, dict[str, float]]:
-    """Fit the big-box terms: bandwidth efficiency, the fixed cost and its growth with threads and
-    nodes, one scale on the per-core decode and prefill rates (their ratios between types kept
-    from `start`), and the ik_llama.cpp factors. Log least squares, as `fit`."""
-    names = ["eff", "moe", "ovh", "ovh_t", "node", "dscale", "pscale", "moe_pp", "avx512_pp",
-             "ik_tg", "ik_pp"]
-
-    def unpack(x: list[float]) -> tuple[Calibration, dict[str, float]]:
-        v = {n: _from_x(n, a) for n, a in zip(names, x)}
-        cal = replace(
-            start, bw_efficiency=v["eff"], moe_bw_efficiency=v["moe"],
-            moe_prefill_efficiency=v["moe_pp"], avx512_prefill_factor=v["avx512_pp"],
-            overhead_s_per_layer=v["ovh"],
-            overhead_s_per_layer_thread=v["ovh_t"], overhead_node_factor=v["node"],
-            decode_gbps_per_core={t: r * v["dscale"] for t, r in start.decode_gbps_per_core.items()},
-            prefill_gflops_per_core={t: r * v["pscale"] for t, r in start.prefill_gflops_per_core.items()},
-            source=f"fitted to {len(runs)} published big-server runs (configs/published_runs.toml)")
-        return cal, {"ik_tg": v["ik_tg"], "ik_pp": v["ik_pp"]}
-
-    x0 = [_to_x(n, v) for n, v in zip(names, (
-        start.bw_efficiency, start.moe_bw_efficiency, start.overhead_s_per_layer,
-        max(start.overhead_s_per_layer_thread, 1e-9), max(start.overhead_node_factor, 0.1), 1.0, 1.0,
-        start.moe_prefill_efficiency, 2.0, 1.5, 1.5))]
-
-    def residuals(x: list[float]) -> list[float]:
-        cal, f = unpack(x)
-        errs = [math.log(p / m) for _, _, p, m in published_predictions(runs, cal, f)]
-        return errs + [math.sqrt(PRIOR_WEIGHT) * (a - b) for a, b in zip(x, x0)]
-
-    # Start also from a low expert efficiency and slow cores: the fixed cost and those two trade
-    # off, and LM finds the nearest minimum only.
-    alt = dict(zip(names, x0), moe=_to_x("moe", 0.4), dscale=math.log(0.3))
-    return unpack(best_fit(residuals, [x0, [alt[n] for n in names]]))
-
-
 def calibration_toml(cal: Calibration, section: str, extra: dict[str, float] | None = None) -> str:
     """A calibration as a calibration.toml section, to ship a fit (3 significant digits)."""
     def num(v: float) -> str:
@@ -501,10 +416,14 @@ def calibration_toml(cal: Calibration, section: str, extra: dict[str, float] | N
         return text if any(c in text for c in ".e") else text + ".0"
 
     lines = [f"[{section}]", f"source = {cal.source!r}".replace("'", '"')]
+    if cal.error_band_source != Calibration.__dataclass_fields__["error_band_source"].default:
+        lines.append(f"error_band_source = {cal.error_band_source!r}".replace("'", '"'))
     for f in Calibration.__slots__:
         v = getattr(cal, f)
         if isinstance(v, float):
             lines.append(f"{f} = {num(v)}")
+        elif isinstance(v, tuple) and v and all(isinstance(x, float) for x in v):
+            lines.append(f"{f} = [{', '.join(num(x) for x in v)}]")
     for k, v in (extra or {}).items():
         lines.append(f"{k} = {num(v)}")
     for table in ("decode_gbps_per_core", "prefill_gflops_per_core", "moe_prefill_efficiency_by_type"):
@@ -512,6 +431,10 @@ def calibration_toml(cal: Calibration, section: str, extra: dict[str, float] | N
             continue
         lines += ["", f"[{section}.{table}]"]
         lines += [f"{t} = {num(r)}" for t, r in getattr(cal, table).items()]
+    for fam, tables in sorted(cal.family_rates.items()):
+        for kind, table in tables.items():
+            lines += ["", f"[{section}.family_rates.{fam}.{kind}]"]
+            lines += [f"{t} = {num(r)}" for t, r in table.items()]
     return "\n".join(lines) + "\n"
 
 
