@@ -49,20 +49,29 @@ def program_name(argv: Sequence[str]) -> str:
 
 
 _FLAG = re.compile(r"(?:^|[\s,])(--?[A-Za-z][A-Za-z0-9_-]*)")
+# Where an option's names end: two or more spaces after a name or metavar; after a comma the
+# list goes on ("-t,    --threads N").
+_NAMES_END = re.compile(r"(?<=[^,\s])\s{2,}")
+# Option lines start within this many columns; description lines (and their "- value:" lists)
+# start at the description column: 40 in mainline, 34 in ik_llama.cpp.
+_OPTION_INDENT = 16
 
 
 def parse_help_flags(text: str) -> frozenset[str]:
     """Every option a llama.cpp program's --help lists, aliases included.
 
-    common/arg.cpp prints each option's names (and metavar) in the first 40 columns, then the
-    description; a line too long for that column holds names only. Description lines are indented.
+    Mainline's common/arg.cpp prints an option's names (and metavar) from column 0, padded to
+    column 40, then the description; a line too long for that column holds names only.
+    ik_llama.cpp's common/common.cpp @8337e4cd indents names by 2 columns, and long-only options
+    by 9 ("         --numa TYPE"), with descriptions from column 34; its llama-bench, like
+    mainline's, indents 2 and may put "(default: ...)" right after a metavar.
     """
     flags = set()
     for line in text.splitlines():
         stripped = line.lstrip()
-        if not stripped.startswith("-") or len(line) - len(stripped) > 8:
+        if not stripped.startswith("-") or len(line) - len(stripped) >= _OPTION_INDENT:
             continue
-        names = line if len(line) <= 40 or line[38:40] != "  " else line[:40]
+        names = _NAMES_END.split(stripped.rstrip(), maxsplit=1)[0]
         flags.update(_FLAG.findall(names))
     return frozenset(flags)
 

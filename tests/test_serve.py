@@ -62,6 +62,27 @@ def test_recorded_help_of_the_pinned_server():
     assert {"-H", "--host", "-p", "--port", "-t", "--threads", "-c", "--cache"} <= rpc_flags
 
 
+IK_HELP = {name: launch.parse_help_flags((HELP / f"8337e4cd3-ik-{name}.txt").read_text())
+           for name in ("llama-server", "llama-bench", "llama-sweep-bench")}
+
+
+def test_recorded_help_of_the_pinned_ik_server():
+    flags = IK_HELP["llama-server"]
+    # Long-only options are indented 9 columns there; short-and-long ones 2.
+    for flag in ("--numa", "--no-mmap", "--mlock", "--metrics", "--api-key-file", "--rpc", "--host", "--port",
+                 "-t", "--threads", "-tb", "-c", "-ctx-ckpt", "--ctx-checkpoints", "-fa", "--flash-attn",
+                 "-no-fa", "-mla", "--mla-use", "-amb", "-no-fmoe", "-rtr", "--run-time-repack", "-thp"):
+        assert flag in flags, flag
+    # Names mentioned in a description ("Flash-attn precision under -sm graph") are not options.
+    assert not {"-sm", "-fmoe", "-lm", "--load-mode", "--repack"} & flags
+    assert len(flags) == 390
+    # llama-sweep-bench parses the same common options (gpt_params_parse), plus its own two.
+    assert IK_HELP["llama-sweep-bench"] - flags == {"--sweep-stride", "--sweep-memory"}
+    bench = IK_HELP["llama-bench"]
+    assert {"-fmoe", "-mla", "-rtr", "-mmp", "-gp", "-thp", "-sm", "--split-mode", "--print-overrides"} <= bench
+    assert not {"-d", "--n-depth", "-lm", "--repack"} & bench and len(bench) == 89
+
+
 def test_old_help_has_the_old_load_flags():
     assert OLD_FLAGS == {"-t", "--threads", "-c", "--ctx-size", "--mlock", "--no-mmap", "--numa", "-m",
                          "--model", "--host", "--port"}
