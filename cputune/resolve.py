@@ -178,7 +178,7 @@ def bench_target(model: str | None, quant: str | None, folder: Path | str | None
             raise ConfigError("--twin needs --quant (or a --model file to copy it from)")
         arch = "deepseek2" if arch == "deepseek2" else "llama"
         size = parse_size(twin_size)
-        out = cache_root() / "twins" / f"{arch}-{size}-{normalize(quant)}.gguf"
+        out = cache_root() / "twins" / f"{arch}-{size}-{normalize(quant)}-v{synth.SHAPES_VERSION}.gguf"
         if not out.exists():
             synth.make_quantized(out, arch, size, quant.upper(), llama_quantize)
         return out

@@ -36,6 +36,13 @@ MIN_VOCAB = N_SPECIAL_TOKENS + 256
 _DEEPSEEK2_LITE_LAYERS = (26, 27)
 # LLAMA_MAX_EXPERTS in src/llama-hparams.h.
 _MAX_EXPERTS = 512
+# DeepSeek-V2/V3/R1's MLA latent: kv_lora_rank 512 and 64 rope dims, so the cache holds K 576
+# (512 + 64) and V 512 per token. ik_llama.cpp's loader adjusts a mainline-written MLA file only
+# with these sizes and n_head a multiple of 4 (src/llama-hparams.cpp @8337e4cd, LLM_ARCH_DEEPSEEK2),
+# and aborts on any other.
+MLA_KV_LORA_RANK = 512
+MLA_ROPE_DIM = 64
+MLA_HEAD_MULTIPLE = 4
 # K-quant super-block (QK_K in ggml-common.h): rows that llama-quantize turns into Q4_K/Q6_K must be
 # a multiple of it, otherwise tensor_type_fallback() in llama-quant.cpp demotes them.
 QK_K = 256
@@ -101,6 +108,12 @@ class Deepseek2Shape:
         if self.qk_rope_dim % 2:
             raise ConfigError(f"qk_rope_dim {self.qk_rope_dim} must be even")
         _check_vocab(self.n_vocab)
+
+    @property
+    def ik_loadable(self) -> bool:
+        """Whether ik_llama.cpp's DeepSeek loader takes this shape (see MLA_KV_LORA_RANK)."""
+        return (self.kv_lora_rank, self.qk_rope_dim) == (MLA_KV_LORA_RANK, MLA_ROPE_DIM) \
+            and self.n_head % MLA_HEAD_MULTIPLE == 0
 
     @property
     def yarn_orig_ctx(self) -> int:
@@ -289,9 +302,10 @@ def _llama_at_width(n_embd: int, n_layer: int, n_expert: int, n_vocab: int) -> L
 
 
 def _deepseek2_at_width(n_embd: int, n_layer: int, n_expert: int, n_vocab: int) -> Deepseek2Shape:
-    # Proportions of DeepSeek-V3 (hidden 7168): q_lora 1536, kv_lora 512, moe_intermediate 2048,
-    # intermediate 18432, head dims 128/64/128; rows that get quantized are rounded to QK_K, and
-    # n_head is a multiple of 4 so attn_output rows (n_head * v_head_dim) are too.
+    # Proportions of DeepSeek-V3 (hidden 7168): q_lora 1536, moe_intermediate 2048, intermediate
+    # 18432, head dims 128/64/128; rows that get quantized are rounded to QK_K, and n_head is a
+    # multiple of 4 so attn_output rows (n_head * v_head_dim) are too. The latent is DeepSeek's own
+    # at every width (MLA_KV_LORA_RANK, MLA_ROPE_DIM): ik_llama.cpp loads nothing else.
     big = n_embd >= 2048
     return Deepseek2Shape(
         n_layer=n_layer, n_embd=n_embd,
@@ -301,11 +315,14 @@ def _deepseek2_at_width(n_embd: int, n_layer: int, n_expert: int, n_vocab: int) 
         n_ff_exp=_round_to(n_embd * 2048 / 7168, QK_K, QK_K),
         n_head=max(4, n_embd // 128 // 4 * 4),
         q_lora_rank=_round_to(n_embd * 1536 / 7168, QK_K, QK_K),
-        kv_lora_rank=_round_to(n_embd * 512 / 7168, QK_K, QK_K),
-        qk_nope_dim=128 if big else 64, qk_rope_dim=64 if big else 32, v_head_dim=128 if big else 64,
+        kv_lora_rank=MLA_KV_LORA_RANK,
+        qk_nope_dim=128 if big else 64, qk_rope_dim=MLA_ROPE_DIM, v_head_dim=128 if big else 64,
         n_vocab=n_vocab, ctx=4096)
 
 
+# What shape_for_size makes; a cached file made by an older version is not reused (resolve's twins).
+# 2: deepseek2 with DeepSeek's own MLA latent at every width (issue 16).
+SHAPES_VERSION = 2
 _WIDTHS = (256, 512, 768, 1024, 1536, 2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192)
 _EXPERT_COUNTS = (4, 8, 16, 32, 64)
 # LLAMA_MAX_LAYERS in src/llama-hparams.h.

@@ -173,6 +173,8 @@ def test_shape_for_size_is_close_and_proportioned(arch, target):
         assert (s.n_expert_shared, s.n_leading_dense) == (1, 1)
         assert s.n_ff_exp % 256 == 0 and s.kv_lora_rank % 256 == 0 and s.q_lora_rank % 256 == 0
         assert (s.n_head * s.v_head_dim) % 256 == 0
+        # DeepSeek's own latent (K 576 = 512 + 64 rope, V 512), which ik_llama.cpp requires.
+        assert (s.kv_lora_rank, s.qk_rope_dim) == (512, 64) and s.n_head % 4 == 0 and s.ik_loadable
     if target >= 1_000_000_000:
         assert s.n_embd >= 1024 and (arch == "llama" or s.n_expert >= 16)
 
