@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from cputune import bandwidth, gguf_model, llama_bench, synth
+from cputune import bandwidth, gguf_model, llama_bench, stats, synth
 from cputune.bandwidth import Measurement
 from cputune.data import load_toml
 from cputune.fsutil import cache_root
@@ -177,7 +177,8 @@ def measure(llama_bench_bin: Path, models: Sequence[Path], threads: Sequence[int
             tg, pp = samples.get((path, t), ([], []))
             if tg and pp:
                 bw = bandwidth.combine_bursts(reads[(path, t)]) if (path, t) in reads else None
-                points.append(Point(prof, t, n_prompt, max(tg), max(pp), tuple(tg), tuple(pp),
+                s_tg, s_pp = stats.summarize(tg), stats.summarize(pp)
+                points.append(Point(prof, t, n_prompt, s_tg.max, s_pp.max, s_tg.samples, s_pp.samples,
                                     bw.gbps if bw else None, bw.burst_gbps if bw else ()))
     return points
 
@@ -187,7 +188,8 @@ def read_range(points: Sequence[Point]) -> dict[int, tuple[float, float, int]]:
     out: dict[int, list[float]] = {}
     for p in points:
         out.setdefault(p.threads, []).extend(p.read_gbps_samples)
-    return {t: (min(v), max(v), len(v)) for t, v in sorted(out.items()) if v}
+    summaries = {t: stats.summarize(v) for t, v in sorted(out.items()) if v}
+    return {t: (s.min, s.max, s.n) for t, s in summaries.items()}
 
 
 def default_sizes(l3_bytes: int, available_bytes: int) -> tuple[int, ...]:

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from cputune import _bwprobe, bandwidth as bw, stats
+from cputune import _bwprobe, bandwidth as bw
 from cputune.errors import ProbeError
 
 MIB = 1 << 20
@@ -122,15 +122,6 @@ def test_probe_read_is_sane_against_numpy_in_the_same_process():
     run = bw.Run("node 0", "node", "read", (CPU,), (-1,), 64 * MIB, 5)
     probe_gbps = bw.measure(run).best_gbps
     assert numpy_gbps / 4 < probe_gbps < numpy_gbps * 8
-
-
-def test_stats_summary_and_outliers():
-    s = stats.summarize([10.0, 10.2, 9.8, 10.1, 30.0])
-    assert s.n == 5 and s.outliers == (4,) and s.median == 10.1
-    assert stats.summarize([5.0]).stdev is None
-    r, err = stats.ratio(stats.summarize([2.0, 2.2, 1.8]), stats.summarize([1.0, 1.1, 0.9]))
-    assert r == pytest.approx(2.0) and err == pytest.approx(2.0 * (0.02 ** 0.5))
-    assert stats.first_is_slow([3.0, 1.0, 1.1, 0.9]) and not stats.first_is_slow([1.0, 1.0, 1.1])
 
 
 # --- bursts (issue 18) ----------------------------------------------------------------------------
