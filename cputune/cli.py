@@ -37,7 +37,7 @@ import click
 
 from cputune import __version__, checks, report, units
 from cputune.errors import ConfigError, CputuneError, ProcessFailed, Terminated
-from cputune.predictor import NUMA_POLICIES, cache_type_name, check_context
+from cputune.predictor import ENGINES as ENGINE_NAMES, NUMA_POLICIES, cache_type_name, check_context
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -272,9 +272,10 @@ def fit_options(f):
         click.option("--cache-type", type=CACHE_TYPE, default="f16", show_default=True,
                      help="KV cache type: f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1 "
                           "(a quantized one turns flash attention on)."),
-        click.option("--numa", type=click.Choice(["one-node", "distribute", "interleave"]),
-                     default="distribute", show_default=True,
-                     help="How serving spreads over NUMA nodes; one-node must fit one node's memory."),
+        click.option("--numa", type=click.Choice(["auto", "one-node", "distribute", "interleave"]),
+                     default="auto", show_default=True,
+                     help="How serving spreads over NUMA nodes. auto: one node when the model fits "
+                          "there, else interleaved over all (the rule predict, serve and tune use)."),
         click.option("--threads", "-t", type=THREADS,
                      help="Threads [default: the physical cores of the nodes used]."),
         click.option("--mmap/--no-mmap", default=True, show_default=True,
@@ -354,25 +355,43 @@ def plan_cmd(hardware_spec, model, quant, target_tps, ctx_tokens, cache_type, nu
               help="Tokens already in the KV cache (decode slows as the context fills), at most the "
                    "model's trained context.")
 @click.option("--cache-type", type=CACHE_TYPE, default="f16", show_default=True, help="KV cache type.")
+@click.option("--engine", type=click.Choice(ENGINE_NAMES), default="llama.cpp", show_default=True,
+              help="llama.cpp, or ik_llama.cpp with its CPU flags (-fmoe -rtr -mla 3 -fa), to compare.")
+@click.option("--pages", type=click.Choice(("auto", "4K", "2M")), default="auto", show_default=True,
+              help="What backs the weights: 4K pages (mmap'd, THP off) or 2M huge pages. auto: this "
+                   "box's THP setting; huge pages for a --hardware box.")
 @json_option
-def predict_cmd(model, quant, hardware, threads, numa, depth, cache_type, as_json):
-    """Decode and prefill tokens/s for a model on this box or a described one, and the bottleneck."""
+def predict_cmd(model, quant, hardware, threads, numa, depth, cache_type, engine, pages, as_json):
+    """Decode and prefill tokens/s for a model on this box or a described one, the bottleneck, the
+    range held-out runs fell in, and the best thread counts."""
+    import shutil
+
     from cputune import hardware as hw
-    from cputune.predictor import Settings, predict
+    from dataclasses import replace
+
+    from cputune.predictor import best_threads, predict
     from cputune.resolve import resolve
 
     prof = resolve(model, quant).profile(quant)
     box = hw.resolve_box(hardware)
-    settings = hw.default_settings(box.machine, prof, numa, threads, depth, cache_type)
+    page_size = hw.page_size_of(box) if pages == "auto" else pages
+    settings, decision = hw.plan_settings(box.machine, prof, numa, threads, depth, cache_type,
+                                          numactl=box.hardware is not None or bool(shutil.which("numactl")),
+                                          engine=engine, page_size=page_size)
     p = predict(prof, box.machine, settings, box.calibration)
+    best = best_threads(prof, box.machine, settings, box.calibration)
+    huge = predict(prof, box.machine, replace(settings, page_size="2M"), box.calibration) \
+        if page_size == "4K" else None
     if as_json:
         return report.print_json(report.document(
             "cputune.predict/1", model={"name": prof.name, "path": prof.path, "file_type": prof.file_type,
                                         "weight_bytes": prof.weight_bytes,
                                         "active_bytes_per_token": prof.active_bytes_per_token},
             machine=box.machine, machine_source=box.source, calibration_source=box.calibration.source,
-            settings=settings, prediction=p))
-    report.render_prediction(prof, box, settings, p)
+            range_source=box.calibration.error_band_source, settings=settings, numa=decision,
+            prediction=p, best_threads={"tg": best[0], "pp": best[1]},
+            with_huge_pages=huge))
+    report.render_prediction(prof, box, settings, p, decision, best, huge)
 
 
 @cli.command("calibrate")

@@ -11,9 +11,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cputune import checks
+from cputune import checks, numa_policy
 from cputune.cores import core_family
 from cputune.data import config_path
+from cputune.numa_policy import NumaDecision
 from cputune.errors import ConfigError
 from cputune.memory import MEMORY_MTS, check_mts, theoretical_peak_gbps
 from cputune.predictor import Calibration, MachineBandwidth, Settings, cache_type_name, check_context
@@ -208,32 +209,52 @@ def machine_from_hardware(hw: HardwareProfile) -> MachineBandwidth:
         threads_per_core=hw.threads_per_core, core_family=core_family(hw.cpu_model))
 
 
-def auto_numa(m: MachineBandwidth, need_bytes: int) -> str:
-    """serve's `auto` (placement.plan_placement): one node when the model fits in one node's
-    memory, else weights interleaved over all nodes (numactl --interleave=all)."""
-    if m.nodes <= 1 or need_bytes <= m.mem_bytes // m.nodes:
-        return "one-node"
-    return "interleave"
+def numa_decision(m: MachineBandwidth, need_bytes: int | None, numa: str = "auto",
+                  threads: int | None = None, numactl: bool = True) -> NumaDecision:
+    """The one NUMA rule (numa_policy.decide) on a predictor machine: a node offers its share of
+    the box's memory."""
+    return numa_policy.decide(nodes=m.nodes, cores_per_node=m.cores_per_node, need_bytes=need_bytes,
+                              node_bytes=numa_policy.node_bytes_of_box(m.mem_bytes, m.nodes),
+                              numactl=numactl, requested=numa, threads=threads,
+                              threads_per_core=m.threads_per_core)
 
 
-def default_threads(m: MachineBandwidth, numa: str) -> int:
-    """What serve would use: the physical cores of the nodes the policy spans."""
-    return m.cores_per_node if numa == "one-node" else m.cores
-
-
-def default_settings(m: MachineBandwidth, model, numa: str = "auto", threads: int | None = None,
-                     depth: int = 0, cache_type: str = "f16", ctx_tokens: int = 4096) -> Settings:
-    """The settings a prediction assumes when the user gives only some of them; `auto` sizes the
-    model as serve will load it (mmap, repack copy, KV cache at ctx_tokens)."""
+def plan_settings(m: MachineBandwidth, model, numa: str = "auto", threads: int | None = None,
+                  depth: int = 0, cache_type: str = "f16", ctx_tokens: int = 4096, *,
+                  numactl: bool = True, engine: str = "llama.cpp",
+                  page_size: str = "2M") -> tuple[Settings, NumaDecision]:
+    """The settings a prediction assumes when the user gives only some of them, and the NUMA
+    decision behind them; the model is sized as serve will load it (mmap, repack copy, KV cache
+    at ctx_tokens)."""
     from cputune.selector import ram_needed
 
     cache_type = cache_type_name(cache_type)
     check_context(model, depth, f"a depth of {depth} tokens")
-    if numa == "auto":
-        need = ram_needed(model, max(ctx_tokens, depth), cache_type, isa=m.isa).total_bytes
-        numa = auto_numa(m, need)
-    return Settings(threads=threads or default_threads(m, numa), numa=numa, depth=depth,
-                    cache_type=cache_type)
+    need = ram_needed(model, max(ctx_tokens, depth), cache_type, isa=m.isa).total_bytes
+    d = numa_decision(m, need, numa, threads, numactl)
+    return Settings(threads=d.threads, numa=d.policy, depth=depth, cache_type=cache_type,
+                    engine=engine, page_size=page_size), d
+
+
+def page_size_of(box: "Box") -> str:
+    """The page size predictions assume: huge pages for a described box (what the published runs
+    used), this box's own THP setting otherwise ("always" backs the weights with 2 MiB pages once
+    llama.cpp copies or repacks them; madvise/never leave 4 KiB ones)."""
+    if box.hardware is not None:
+        return "2M"
+    from cputune import probe
+
+    try:
+        thp = probe.load_profile().inventory.memory.thp_enabled
+    except Exception:  # an unreadable profile was reported when the box was resolved
+        thp = None
+    return "2M" if thp == "always" else "4K"
+
+
+def default_settings(m: MachineBandwidth, model, numa: str = "auto", threads: int | None = None,
+                     depth: int = 0, cache_type: str = "f16", ctx_tokens: int = 4096) -> Settings:
+    """plan_settings' Settings alone."""
+    return plan_settings(m, model, numa, threads, depth, cache_type, ctx_tokens)[0]
 
 
 def machine_from_profile(profile) -> MachineBandwidth:

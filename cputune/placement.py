@@ -27,6 +27,7 @@ import re
 from dataclasses import dataclass
 from typing import Mapping
 
+from cputune import numa_policy
 from cputune.errors import ConfigError
 from cputune.sysfs import format_cpulist
 from cputune.topology import Topology
@@ -128,31 +129,29 @@ def plan_placement(topology: Topology, numa: NumaChoice | str = "auto", *, threa
     mode, reason = choice.mode, ""
 
     if mode == "auto":
+        # The one NUMA rule (numa_policy.decide, which predict, select, plan and tune ask too),
+        # on the node with the most memory available.
         avail = dict(node_available_bytes or {})
+        known = [n for n in cpu_nodes if n in avail]
+        best = max(known, key=lambda n: (avail[n], -n)) if known else None
+        d = numa_policy.decide(nodes=len(cpu_nodes), cores_per_node=max(_cores(t, t.allowed_cpus) // max(len(cpu_nodes), 1), 1),
+                               need_bytes=need_bytes, node_bytes=avail.get(best) if best is not None else None,
+                               numactl=numactl_available)
         if not multi:
             mode, reason = "off", "one NUMA node: nothing to place"
-        elif need_bytes is not None and any(n in avail for n in cpu_nodes):
-            best = max((n for n in cpu_nodes if n in avail), key=lambda n: (avail[n], -n))
-            if need_bytes <= avail[best]:
-                mode, reason = "node", (f"fits in node {best} ({need_bytes / 2**30:.1f} of "
-                                        f"{avail[best] / 2**30:.1f} GiB available): one node's "
-                                        "bandwidth, no cross-socket reads")
-                choice = NumaChoice("node", best)
-            else:
-                reason = (f"needs {need_bytes / 2**30:.1f} GiB, more than any one node has "
-                          f"(at most {avail[best] / 2**30:.1f} GiB on node {best})")
+        elif d.policy == "one-node":
+            mode, reason = "node", (f"fits in node {best} ({need_bytes / 2**30:.1f} of "
+                                    f"{avail[best] / 2**30:.1f} GiB available): one node's "
+                                    "bandwidth, no cross-socket reads")
+            choice = NumaChoice("node", best)
+        elif worker and not numactl_available:
+            mode = "off"
+            reason = d.reason.split(":")[0] + ": numactl is not installed, so the worker is not placed"
+            warnings.append("numactl is not installed: the worker's memory lands wherever its "
+                            "threads first touch it (apt install numactl)")
         else:
-            reason = "memory per node unknown"
-        if mode == "auto":
-            if numactl_available:
-                mode, reason = "interleave", reason + ": weights interleaved over all nodes"
-            elif worker:
-                mode = "off"
-                reason += ": numactl is not installed, so the worker is not placed"
-                warnings.append("numactl is not installed: the worker's memory lands wherever its "
-                                "threads first touch it (apt install numactl)")
-            else:
-                mode, reason = "distribute", reason + ": threads spread over all nodes"
+            mode, reason = d.placement_mode, d.reason
+            if mode == "distribute":
                 warnings.append("numactl is not installed, so pages are placed by first touch "
                                 "instead of interleaved (apt install numactl)")
     elif not reason:

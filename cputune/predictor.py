@@ -6,7 +6,6 @@ Prediction carrying every term out, so the CLI can explain it and tests can chec
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 
 from cputune.cores import nearest_family
@@ -358,7 +357,11 @@ def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
         share = repacked_share(by_type, machine, settings.engine)
         off_bw, _ = read_bandwidth_gbps(machine, phys, "off")
         eff_bw = 1 / (share / (off_bw * eff_bw / bw) + (1 - share) / eff_bw)
-    t_mem = (bytes_tok - expert_tok + expert_tok / cal.moe_bw_efficiency) / (eff_bw * 1e9)
+    # The weights' matmuls and the attention over the cache are separate ops, run one after the
+    # other: each overlaps its own reads and arithmetic, the two do not overlap each other.
+    t_mem_w = (bytes_tok - kv_read - expert_tok + expert_tok / cal.moe_bw_efficiency) / (eff_bw * 1e9)
+    t_kv = kv_read / (eff_bw * 1e9)
+    t_mem = t_mem_w + t_kv
 
     w_tg = workers(threads, machine.cores, cal.thread_scaling, cal.smt_tg_gain, cal.serial_share)
     experts = _expert_bytes_by_type(model, by_type, expert_tok)
@@ -366,15 +369,16 @@ def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
                 / (w_tg * tg_f * nearest_rate(cal.decode_gbps_per_core, t) * 1e9)
                 for t, b in by_type.items() if b)
     # Attention over the cache: every head's query against each cached token (for MLA, against
-    # the shared latent), then the value mix: FLOPs, not bytes, bind it (the KV bytes are in t_mem).
+    # the shared latent), then the value mix; the KV bytes are small beside the FLOPs for MLA.
     mla_f = cal.mla_attn_factor if model.mla else 1.0
-    t_attn = (model.attn_flops_per_ctx_token * settings.depth
-              / (w_tg * attn_f * mla_f * cal.attn_gflops_per_core * 1e9))
+    t_attn_cpu = (model.attn_flops_per_ctx_token * settings.depth
+                  / (w_tg * attn_f * mla_f * cal.attn_gflops_per_core * 1e9))
+    t_attn = combine(t_kv, t_attn_cpu, cal.overlap_p) if settings.depth else 0.0
     t_ovh = (model.n_layer * (cal.overhead_s_per_layer + cal.overhead_s_per_layer_thread * threads)
              * (1 + cal.overhead_node_factor * (nodes - 1)))
-    t_tok = combine(t_mem, t_cpu + t_attn, cal.overlap_p) + t_ovh
-    bottleneck = "memory" if t_mem >= t_cpu + t_attn else "compute"
-    if t_ovh > max(t_mem, t_cpu + t_attn):
+    t_tok = combine(t_mem_w, t_cpu, cal.overlap_p) + t_attn + t_ovh
+    bottleneck = "memory" if t_mem >= t_cpu + t_attn_cpu else "compute"
+    if t_ovh > max(t_mem, t_cpu + t_attn_cpu):
         bottleneck = "overhead"
 
     # Prefill: FLOPs of the active matrices per token at each type's rate; one pass over all
@@ -410,7 +414,7 @@ def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
     return Prediction(
         tg_tokens_per_s=1 / t_tok, pp_tokens_per_s=1 / t_pp, bottleneck=bottleneck,
         bytes_per_token=bytes_tok, effective_bw_gbps=eff_bw,
-        roofline_tg_tokens_per_s=eff_bw * 1e9 / bytes_tok, t_memory_s=t_mem, t_compute_s=t_cpu + t_attn,
+        roofline_tg_tokens_per_s=eff_bw * 1e9 / bytes_tok, t_memory_s=t_mem, t_compute_s=t_cpu + t_attn_cpu,
         t_overhead_s=t_ovh, pp_bottleneck="compute" if t_pp_cpu >= t_pp_mem else "memory",
         memory_needed_bytes=need, nodes_used=nodes, notes=tuple(notes),
         t_attention_s=t_attn, pp_t_attention_s=t_pp_attn,

@@ -233,26 +233,42 @@ def render_model(m, kv_f16: float) -> None:
 
 # ---- predict / calibrate / synth -------------------------------------------------------------
 
-def render_prediction(model, box, settings, p) -> None:
+def _range(lo: float, hi: float, digits: int) -> str:
+    return f"({lo:.{digits}f}–{hi:.{digits}f})" if hi > lo else ""
+
+
+def render_prediction(model, box, settings, p, decision=None, best=None, huge=None) -> None:
     m = box.machine
     numa = settings.numa + (f", {p.nodes_used} of {m.nodes} nodes" if m.nodes > 1 else "")
-    out.print(kv_table(f"{model.name or model.path} on {m.name}", [
-        ("decode (tg)", f"{p.tg_tokens_per_s:.2f} tokens/s, {p.bottleneck}-bound"),
-        ("prefill (pp)", f"{p.pp_tokens_per_s:.1f} tokens/s, {p.pp_bottleneck}-bound "
+    rows = [
+        ("decode (tg)", f"{p.tg_tokens_per_s:.2f} tokens/s {_range(*p.tg_range, 2)}, {p.bottleneck}-bound"),
+        ("prefill (pp)", f"{p.pp_tokens_per_s:.1f} tokens/s {_range(*p.pp_range, 1)}, {p.pp_bottleneck}-bound "
                          f"(ubatch {settings.n_ubatch})"),
         ("roofline", f"{p.roofline_tg_tokens_per_s:.2f} tokens/s = {p.effective_bw_gbps:.1f} GB/s / "
                      f"{_bytes(p.bytes_per_token)} per token"),
-        ("per token", f"memory {p.t_memory_s * 1e3:.2f} ms, compute {p.t_compute_s * 1e3:.2f} ms, "
-                      f"fixed {p.t_overhead_s * 1e3:.2f} ms"),
-        ("settings", f"{settings.threads} threads, numa {numa}, depth {settings.depth}, "
-                     f"KV cache {settings.cache_type}"),
+        ("per token", f"memory {p.t_memory_s * 1e3:.2f} ms, compute {p.t_compute_s * 1e3:.2f} ms "
+                      f"(attention {p.t_attention_s * 1e3:.2f}), fixed {p.t_overhead_s * 1e3:.2f} ms"),
+        ("settings", f"{settings.engine}, {settings.threads} threads, numa {numa}, depth {settings.depth}, "
+                     f"KV cache {settings.cache_type}, {settings.page_size} pages"),
+    ]
+    if decision is not None:
+        rows.append(("why this numa", decision.reason))
+    if best is not None:
+        rows.append(("best threads", f"-t {best[0]} for decode, -tb {best[1]} for prefill (predicted)"))
+    rows += [
         ("memory needed", f"{_bytes(p.memory_needed_bytes)} (weights + KV at this depth); "
                           f"{_bytes(m.mem_bytes)} in the box"),
         ("machine", box.source),
         ("constants", box.calibration.source),
-    ]))
-    for note in p.notes:
+        ("range", "80 % of runs a fit did not see fell in it: " + box.calibration.error_band_source),
+    ]
+    out.print(kv_table(f"{model.name or model.path} on {m.name}", rows))
+    for note in (*(decision.notes if decision is not None else ()), *p.notes):
         warn(note)
+    if huge is not None and huge.tg_tokens_per_s > p.tg_tokens_per_s * 1.02:
+        warn(f"4 KiB pages: with 2 MiB huge pages this decodes {huge.tg_tokens_per_s:.2f} tokens/s "
+             f"(+{huge.tg_tokens_per_s / p.tg_tokens_per_s - 1:.0%}); set transparent_hugepage to "
+             "always and serve with --no-mmap, or use hugetlbfs pages")
 
 
 def render_calibration(run, path: Path | None) -> None:

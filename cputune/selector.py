@@ -16,7 +16,9 @@ from typing import Sequence
 from cputune.data import load_csv
 from cputune.errors import ConfigError
 from cputune.gguf_model import ModelProfile, kv_bytes_per_token
-from cputune.hardware import ESTIMATED_READ_FRACTION, default_threads
+from cputune import numa_policy
+from cputune.hardware import ESTIMATED_READ_FRACTION
+from cputune.numa_policy import NumaDecision
 from cputune.memory import MemoryInfo, theoretical_peak_gbps
 from cputune.predictor import (  # noqa: F401  (the cache-type names are re-exported for callers)
     X86_REPACK, FLOAT_CACHE_TYPES, read_bandwidth_gbps, KV_CACHE_TYPES, NUMA_POLICIES, Calibration, MachineBandwidth, Prediction, Settings,
@@ -178,8 +180,8 @@ class FitSettings:
 
     ctx_tokens: int
     cache_type: str = "f16"
-    numa: str = "distribute"
-    threads: int = 1
+    numa: str = "auto"  # auto: the one NUMA rule (cputune.numa_policy) decides per model
+    threads: int | None = None  # None: the rule's default, the physical cores of the nodes used
     mmap: bool = True
     flash_attn: bool = False
     n_ubatch: int = 512
@@ -187,17 +189,22 @@ class FitSettings:
 
 
 def fit_settings(machine: MachineBandwidth, ctx_tokens: int = DEFAULT_CTX_TOKENS, cache_type: str = "f16",
-                 numa: str = "distribute", threads: int | None = None, mmap: bool = True,
+                 numa: str = "auto", threads: int | None = None, mmap: bool = True,
                  flash_attn: bool = False, n_ubatch: int = 512,
                  min_tps: float | None = None) -> FitSettings:
     """Checked settings; threads default to what serve uses, a quantized cache turns flash attention on."""
     ct = cache_type_name(cache_type)
-    if numa not in NUMA_POLICIES:
-        raise ConfigError(f"unknown NUMA policy {numa!r}", hint="one of: " + ", ".join(NUMA_POLICIES))
+    if numa != "auto" and numa not in NUMA_POLICIES:
+        raise ConfigError(f"unknown NUMA policy {numa!r}", hint="one of: auto, " + ", ".join(NUMA_POLICIES))
     if ctx_tokens < 1:
         raise ConfigError(f"--ctx must be at least 1 token, not {ctx_tokens}")
-    return FitSettings(ctx_tokens=ctx_tokens, cache_type=ct, numa=numa,
-                       threads=threads or default_threads(machine, numa), mmap=mmap,
+    if numa != "auto" or machine.nodes <= 1:
+        # The policy is known: its threads are too (auto on a multi-node box waits for the model).
+        threads = numa_policy.decide(nodes=machine.nodes, cores_per_node=machine.cores_per_node,
+                                     need_bytes=None, node_bytes=None, threads=threads,
+                                     requested="one-node" if numa == "auto" else numa,
+                                     threads_per_core=machine.threads_per_core).threads
+    return FitSettings(ctx_tokens=ctx_tokens, cache_type=ct, numa=numa, threads=threads, mmap=mmap,
                        # llama.cpp refuses a quantized V cache without flash attention (A7).
                        flash_attn=flash_attn or ct not in FLOAT_CACHE_TYPES,
                        n_ubatch=n_ubatch, min_tps=min_tps)
@@ -206,6 +213,18 @@ def fit_settings(machine: MachineBandwidth, ctx_tokens: int = DEFAULT_CTX_TOKENS
 def need_for(model: ModelProfile, s: FitSettings, isa: tuple[str, ...] | frozenset[str]) -> RamNeed:
     return ram_needed(model, s.ctx_tokens, s.cache_type, mmap=s.mmap, isa=tuple(isa),
                       n_ubatch=s.n_ubatch, flash_attn=s.flash_attn)
+
+
+def settle(model: ModelProfile, s: FitSettings, machine: MachineBandwidth,
+           capacity: Capacity | None = None) -> tuple[FitSettings, NumaDecision]:
+    """`s` with the policy and threads the one NUMA rule gives this model (numa_policy.decide,
+    as predict, serve and tune ask it): one node when the model fits there, else interleave."""
+    capacity = capacity or capacity_from_machine(machine, "")
+    d = numa_policy.decide(nodes=machine.nodes, cores_per_node=machine.cores_per_node,
+                           need_bytes=need_for(model, s, machine.isa).total_bytes,
+                           node_bytes=capacity.largest_node_bytes, requested=s.numa, threads=s.threads,
+                           threads_per_core=machine.threads_per_core)
+    return replace(s, numa=d.policy, threads=d.threads), d
 
 
 def _predict_settings(s: FitSettings) -> Settings:
@@ -315,6 +334,7 @@ class QuantOption:
     fits_one_node: bool
     prediction: Prediction  # at depth = ctx_tokens
     quality: Quality | None
+    numa: NumaDecision | None = None  # the policy and threads it is served and predicted with
 
     @property
     def tg_tokens_per_s(self) -> float:
@@ -324,6 +344,7 @@ class QuantOption:
 def evaluate(c: Candidate, machine: MachineBandwidth, cal: Calibration, capacity: Capacity,
              s: FitSettings) -> QuantOption:
     m = c.profile
+    s, numa = settle(m, s, machine, capacity)
     need = need_for(m, s, machine.isa)
     avail = capacity.available_bytes(s.numa)
     node = capacity.largest_node_bytes
@@ -335,7 +356,7 @@ def evaluate(c: Candidate, machine: MachineBandwidth, cal: Calibration, capacity
         fits=need.total_bytes <= avail, margin_bytes=avail - need.total_bytes,
         node_available_bytes=node, fits_one_node=need.total_bytes <= node,
         prediction=predict(m, machine, _predict_settings(s), cal),
-        quality=quality_of(c.quant, bpw, m.total_params, m.is_moe))
+        quality=quality_of(c.quant, bpw, m.total_params, m.is_moe), numa=numa)
 
 
 def quality_key(o: QuantOption) -> tuple[float, float]:
@@ -384,6 +405,7 @@ def requirements(model: ModelProfile, target_tps: float, machine: MachineBandwid
     """
     if target_tps <= 0:
         raise ConfigError(f"--target-tps must be above 0, not {target_tps}")
+    s, _ = settle(model, s, machine)
     ps = _predict_settings(s)
     capacity = need_for(model, s, machine.isa).total_bytes
     base = predict(model, machine, ps, cal)
@@ -466,6 +488,7 @@ def what_would_fit(c: Candidate, machine: MachineBandwidth, capacity: Capacity,
     """The single changes that make `c` fit: a smaller context, a q8_0 cache, --no-mmap, every
     node; when none of those alone does, --no-mmap and a q8_0 cache together (with the context that
     then fits); and more RAM, always, as the bytes missing."""
+    s, _ = settle(c.profile, s, machine, capacity)
     avail = capacity.available_bytes(s.numa)
     need = need_for(c.profile, s, machine.isa)
     isa = tuple(machine.isa)
@@ -510,6 +533,7 @@ def what_would_fit(c: Candidate, machine: MachineBandwidth, capacity: Capacity,
 
 def _speed_change(c: Candidate, o: QuantOption, machine: MachineBandwidth, cal: Calibration,
                   s: FitSettings) -> Change:
+    s, _ = settle(c.profile, s, machine)
     r = requirements(c.profile, s.min_tps, machine, cal, s, c.quant)
     now = o.prediction.effective_bw_gbps / cal.bw_efficiency
     if not r.reachable:
@@ -546,7 +570,7 @@ def select(model: str, candidates: Sequence[Candidate], machine: MachineBandwidt
     fitting = [(o, c) for o, c in pairs if o.fits]
     fast = [o for o, _ in fitting if s.min_tps is None or o.tg_tokens_per_s >= s.min_tps]
     rec, changes = None, ()
-    where = f"node {capacity.largest_node}'s " if s.numa == "one-node" and len(capacity.node_bytes) > 1 else ""
+    one = {o.quant: o.numa is not None and o.numa.policy == "one-node" for o in opts}
     if fast:
         rec = fast[0]
         better = pairs[:next(i for i, o in enumerate(opts) if o is rec)]
@@ -561,6 +585,7 @@ def select(model: str, candidates: Sequence[Candidate], machine: MachineBandwidt
         changes = (_speed_change(c, o, machine, cal, s),)
     else:
         o, c = min(pairs, key=lambda oc: oc[0].need_bytes)
+        where = f"node {capacity.largest_node}'s " if one[o.quant] and len(capacity.node_bytes) > 1 else ""
         why = (f"nothing fits in {where}{_gib(o.available_bytes)} GiB: the smallest, {o.quant}, "
                f"needs {_gib(o.need_bytes)} GiB")
         changes = what_would_fit(c, machine, capacity, s)

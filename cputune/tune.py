@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Sequence
 from cputune import checks, llama_bench
 from cputune.errors import ConfigError, ProcessFailed
 from cputune.fsutil import cache_root
+from cputune import numa_policy
 from cputune.gguf_model import ModelProfile
 from cputune.placement import parse_numa, plan_placement
 from cputune.predictor import Calibration, MachineBandwidth, Settings, cache_type_name, predict
@@ -190,7 +191,8 @@ def numa_modes(topology: Topology, need_bytes: int | None, numactl: bool) -> tup
     if numactl:
         modes.append("interleave")
         big = max(nodes, key=lambda n: n.mem_total_bytes or 0)
-        if need_bytes is not None and big.mem_total_bytes and need_bytes <= big.mem_total_bytes * 0.9:
+        # The one NUMA rule's test (numa_policy, as predict, select and serve's auto use it).
+        if numa_policy.fits_one_node(need_bytes, big.mem_total_bytes):
             modes.append(f"node:{big.id}")
         else:
             notes.append("NUMA node:N left out: the model does not fit in one node")

@@ -76,10 +76,15 @@ def test_a_hardware_box_gets_the_published_constants():
 def test_auto_numa_and_default_threads():
     m = hardware.machine_from_hardware(hardware.load_hardware("epyc-9655-2s"))
     per_node = m.mem_bytes // m.nodes
-    assert hardware.auto_numa(m, per_node) == "one-node"
-    assert hardware.auto_numa(m, per_node + 1) == "interleave"
-    assert hardware.default_threads(m, "one-node") == 96
-    assert hardware.default_threads(m, "distribute") == 192
+    assert hardware.numa_decision(m, per_node).policy == "one-node"
+    assert hardware.numa_decision(m, per_node + 1).policy == "interleave"
+    assert hardware.numa_decision(m, per_node + 1, numactl=False).policy == "distribute"
+    assert hardware.numa_decision(m, per_node).threads == 96
+    assert hardware.numa_decision(m, per_node + 1).threads == 192
+    # --numa one-node --threads 192 on a 96-core node: its SMT siblings, said so; 400 is capped.
+    assert "SMT siblings" in hardware.numa_decision(m, 1, "one-node", 192).notes[0]
+    d = hardware.numa_decision(m, 1, "one-node", 400)
+    assert d.threads == 192 and "capped at 192" in d.notes[0]
 
 
 # --- the published big-server runs ------------------------------------------------------------

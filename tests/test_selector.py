@@ -395,7 +395,10 @@ def test_plan_json_covers_every_catalog_model():
         assert sorted(quants) == sorted(selector.CATALOG_PRESETS)
     for r in rows:
         o = r["option"]
-        assert o["available_bytes"] == 24 * 32 * GIB  # the box's DIMMs under --numa distribute
+        # The one NUMA rule: a model that fits one node is served there, else over the whole box.
+        one = o["numa"]["policy"] == "one-node"
+        assert o["available_bytes"] == (12 if one else 24) * 32 * GIB
+        assert one == (o["need_bytes"] <= 12 * 32 * GIB)
         assert o["fits"] == (o["need_bytes"] <= o["available_bytes"])
         assert o["fits_one_node"] == (o["need_bytes"] <= 12 * 32 * GIB)
         assert r["requirement"] is None
@@ -406,11 +409,11 @@ def test_plan_json_covers_every_catalog_model():
 
 
 def test_plan_target_tps_gives_bandwidth_and_capacity():
-    doc = run_json("plan", "--model", "deepseek-r1", "--quant", "q4_k_m", "--target-tps", "5")
+    doc = run_json("plan", "--model", "deepseek-r1", "--quant", "q4_k_m", "--target-tps", "3")
     (row,) = doc["plan"]["rows"]
     req = row["requirement"]
     assert req["reachable"] and req["capacity_bytes"] == row["option"]["need_bytes"]
-    assert req["prediction"]["tg_tokens_per_s"] == pytest.approx(5, rel=0.01)
+    assert req["prediction"]["tg_tokens_per_s"] == pytest.approx(3, rel=0.01)
     r = run("plan", "--model", "deepseek-r1", "--target-tps", "5")
     assert r.exit_code == 0 and "needs GB/s" in r.stdout and "deepseek-r1" in r.stdout
 
