@@ -75,6 +75,12 @@ class Engine:
     sdist_version: str | None = None
     sdist_sha256: str | None = None
     sdist_tree: str | None = None
+    rpc_server: str = ""  # the RPC worker's binary; "" when the engine's build has none
+    repack_types: tuple[str, ...] = ()  # what run-time repacking turns into interleaved rows
+    repack_turns_mmap_off: bool = False
+    mla_kv_width: int = 0  # the one latent KV width per layer its loader takes (0: any)
+    mla_head_multiple: int = 1
+    args: dict = field(default_factory=dict)  # program style -> setting -> {value: argv words}
 
     @property
     def label_prefix(self) -> str:
@@ -101,7 +107,7 @@ def load_engine(name: str = DEFAULT_ENGINE) -> Engine:
     if name not in engines:
         raise ConfigError(f"unknown engine {name!r}", hint="choose one of: " + ", ".join(engines))
     d = dict(engines[name])
-    for k in ("binaries", "reported_features", "snapshot_sha256"):
+    for k in ("binaries", "reported_features", "snapshot_sha256", "repack_types"):
         d[k] = tuple(d.get(k, ()))
     d["flags"] = {k: tuple(v) for k, v in d.get("flags", {}).items()}
     return Engine(name=name, **d)

@@ -43,6 +43,11 @@ TINY_DS2 = synth.Deepseek2Shape(
     n_ff_exp=256, n_head=4, q_lora_rank=256, kv_lora_rank=256, qk_nope_dim=64, qk_rope_dim=32, v_head_dim=64,
     n_vocab=512, ctx=2048)
 TINY_QTYPES = ("q8_0", "q4_k_m")
+# TINY_DS2 with DeepSeek's own MLA latent (kv_lora 512, rope 64: K 576, V 512), which ik_llama.cpp's
+# loader requires; 7.6 MB in f16.
+TINY_DS2_IK = synth.Deepseek2Shape(**{**{k: getattr(TINY_DS2, k) for k in TINY_DS2.__slots__},
+                                      "kv_lora_rank": 512, "qk_rope_dim": 64})
+IK_QTYPE = "iq4_ks"  # an ik_llama.cpp-only type (IQ4_KS, 4.25 bits), made by its own llama-quantize
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,33 @@ def tiny_models(tmp_path_factory, llama_bin_dir) -> dict[str, TinyModel]:
                      for q in TINY_QTYPES}
         models[shape.arch] = TinyModel(shape, f16, quantized)
     return models
+
+
+@pytest.fixture(scope="session")
+def ik_build():
+    """The cached ik_llama.cpp build (`cputune build --engine ik_llama`, which CI runs first)."""
+    from cputune import build
+
+    b = build.find_build(engine="ik_llama")
+    if b is None:
+        pytest.fail("no cached ik_llama.cpp build: run `cputune build --engine ik_llama` first (CI does)")
+    return b
+
+
+@pytest.fixture(scope="session")
+def ik_models(tmp_path_factory, llama_bin_dir, ik_build, tiny_models) -> dict[str, TinyModel]:
+    """What ik_llama.cpp runs: TINY_DS2_IK in Q8_0 and Q4_K_M (mainline's llama-quantize, as
+    published files are made) and IQ4_KS (ik's), and the tiny llama with IQ4_KS added."""
+    d = tmp_path_factory.mktemp("ik_models")
+    ik_quantize = ik_build.binary("llama-quantize")
+    f16 = synth.write_model(d / "deepseek2-f16.gguf", TINY_DS2_IK, seed=1)[0]
+    ds2 = {q: synth.quantize(f16, d / f"deepseek2-{q}.gguf", q.upper(), llama_bin_dir / "llama-quantize", threads=2)
+           for q in TINY_QTYPES}
+    ds2[IK_QTYPE] = synth.quantize(f16, d / f"deepseek2-{IK_QTYPE}.gguf", IK_QTYPE.upper(), ik_quantize, threads=2)
+    llama = tiny_models["llama"]
+    dense = dict(llama.quantized)
+    dense[IK_QTYPE] = synth.quantize(llama.f16, d / f"llama-{IK_QTYPE}.gguf", IK_QTYPE.upper(), ik_quantize, threads=2)
+    return {"deepseek2": TinyModel(TINY_DS2_IK, f16, ds2), "llama": TinyModel(llama.shape, llama.f16, dense)}
 
 
 @pytest.fixture(scope="session")

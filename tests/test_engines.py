@@ -17,12 +17,17 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cputune import build
+from cputune import build, engine_args, launch
 from cputune.cli import cli
 from cputune.errors import ConfigError, ProcessFailed
+from cputune.gguf_model import read_model
+from cputune.memory import HugepagePool
+from cputune.probe import memory_from_topology
+from cputune.topology import discover_topology
 
 FAKE_IK = Path(__file__).parent / "fixtures" / "fake_ik_llama"
 IK = "ik_llama"
+MiB = 1 << 20
 
 
 # ---- the data -----------------------------------------------------------------------------
@@ -331,3 +336,87 @@ def test_real_ik_build_flags_come_from_its_help(real_ik_build):
     assert flags["llama-bench"]["mla"] == "-mla" and flags["llama-bench"]["fused_moe"] == "-fmoe"
     assert flags["llama-server"]["mla"] == "-mla" and flags["llama-server"]["run_time_repack"] == "-rtr"
     assert flags["llama-server"]["threads_batch"] == "-tb"
+
+
+# ---- how each engine spells cputune's settings, and what cputune picks for ik_llama.cpp ---------
+
+HELP = Path(__file__).parent / "fixtures" / "llama_help"
+
+
+def recorded_flags(name: str) -> frozenset[str]:
+    return launch.parse_help_flags((HELP / name).read_text())
+
+
+def test_every_spelling_is_an_option_of_the_program_it_is_written_for(llama_bin_dir):
+    takes = {
+        ("llama.cpp", "server"): recorded_flags("0c1e57098-llama-server.txt"),
+        ("llama.cpp", "bench"): launch.help_flags(llama_bin_dir / "llama-bench"),
+        (IK, "server"): recorded_flags("8337e4cd3-ik-llama-server.txt"),
+        (IK, "bench"): recorded_flags("8337e4cd3-ik-llama-bench.txt"),
+    }
+    for (name, style), flags in takes.items():
+        table = build.load_engine(name).args[style]
+        assert table, (name, style)
+        for setting, values in table.items():
+            for value, argv in values.items():
+                assert not argv or argv[0] in flags, (name, style, setting, value, argv)
+
+
+def test_one_setting_is_written_in_each_engines_words():
+    main, ik = build.load_engine(), build.load_engine(IK)
+    settings = {"flash_attn": "on", "repack": False, "fused_moe": True, "mla": 3, "attn_max_batch": None}
+    # Mainline: repacking is on unless --no-repack, and it has no MLA mode or fused-MoE switch.
+    argv, missing = engine_args.spell(main, "llama-server", settings)
+    assert argv == ["-fa", "on", "--no-repack"]
+    assert missing == ["fused_moe on (llama.cpp's llama-server cannot be given it)",
+                       "mla 3 (llama.cpp's llama-server cannot be given it)"]
+    # ik's server: -rtr turns repacking on (off is the default), fused MoE is on unless -no-fmoe.
+    assert engine_args.spell(ik, "llama-server", settings) == (["-fa", "on", "-mla", "3"], [])
+    assert engine_args.spell(ik, "llama-server", {"repack": True, "fused_moe": False})[0] == ["-rtr", "-no-fmoe"]
+    # ik's llama-bench takes a value for each, and flash attention only as 0|1.
+    assert engine_args.spell(ik, "llama-bench", settings)[0] == ["-fa", "1", "-rtr", "0", "-fmoe", "1", "-mla", "3"]
+    assert engine_args.spell(ik, "llama-bench", {"flash_attn": "auto"})[1] == [
+        "flash_attn auto (ik_llama.cpp's llama-bench cannot be given it)"]
+    # llama-sweep-bench parses the server's options; a build whose --help lacks one is said so.
+    assert engine_args.spell(ik, "llama-sweep-bench", {"repack": True}, frozenset({"-t"})) == (
+        [], ["repack on (this llama-sweep-bench has no -rtr)"])
+    assert {"-rtr", "--run-time-repack", "--repack", "-nr", "--no-repack"} <= engine_args.owned_names(ik, "repack") \
+        | engine_args.owned_names(main, "repack")
+
+
+def test_ik_choices_follow_the_model_and_the_box(ik_models):
+    ik, main = build.load_engine(IK), build.load_engine()
+    ds2 = read_model(ik_models["deepseek2"].quantized["q4_k_m"])
+    picked = {c.setting: c for c in engine_args.choose(ik, ds2)}
+    assert list(picked) == ["mla", "flash_attn", "attn_max_batch", "fused_moe", "repack"]
+    assert picked["mla"].args == ("-mla", "3") and "576-wide latent" in picked["mla"].reason
+    assert picked["attn_max_batch"].args == ("-amb", "512")
+    assert picked["fused_moe"].args == () and "8 routed experts" in picked["fused_moe"].reason  # the default
+    assert picked["repack"].args == ("-rtr",) and "Q4_K" in picked["repack"].reason and "not mmap'd" in picked["repack"].reason
+    assert engine_args.loads_into_ram(ik, engine_args.chosen(tuple(picked.values())))
+    # Mainline's tables spell none of these, so it gets no choices.
+    assert engine_args.choose(main, ds2) == ()
+    # A dense model without MLA: only the repack.
+    dense = read_model(ik_models["llama"].quantized["q4_k_m"])
+    assert [c.setting for c in engine_args.choose(ik, dense)] == ["repack"]
+    assert "Q4_K, Q6_K" in engine_args.choose(ik, dense)[0].reason
+    # Free huge pages that hold the file: -thp, and no -rtr (it would turn mmap off).
+    mem = replace(memory_from_topology(discover_topology(Path("/")), "test"),
+                  hugepages=(HugepagePool(None, 2 * MiB, 64, 64),))
+    with_pages = {c.setting: c for c in engine_args.choose(ik, ds2, mem)}
+    assert with_pages["huge_pages"].args == ("-thp",) and "repack" not in with_pages
+    assert "0.1 GiB of 2 MiB huge pages are free" in with_pages["huge_pages"].reason
+    assert "huge_pages" not in {c.setting for c in engine_args.choose(ik, ds2, mem, load_mode="none")}
+    # A locked load keeps mmap: no run-time repack then.
+    assert "repack" not in {c.setting for c in engine_args.choose(ik, ds2, load_mode="mlock")}
+    # llama-bench spells each as a value.
+    assert {c.setting: c.args for c in engine_args.choose(ik, ds2, program="llama-bench")}["repack"] == ("-rtr", "1")
+
+
+def test_ik_refuses_an_mla_model_without_deepseeks_head_sizes(tiny_models, ik_models):
+    old = read_model(tiny_models["deepseek2"].quantized["q8_0"])  # latent 256 + 32 rope
+    with pytest.raises(ConfigError, match="cannot load this MLA model: its KV cache is 288 wide") as e:
+        engine_args.check_model(build.load_engine(IK), old)
+    assert "--engine llama.cpp" in e.value.hint
+    engine_args.check_model(build.load_engine(), old)
+    engine_args.check_model(build.load_engine(IK), read_model(ik_models["deepseek2"].quantized["q8_0"]))
