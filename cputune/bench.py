@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import datetime
 import json
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from cputune import bandwidth, llama_bench
+from cputune import bandwidth, llama_bench, stats
 from cputune.bandwidth import Measurement
 from cputune.fsutil import cache_root
 from cputune.gguf_model import ModelProfile
@@ -23,7 +22,8 @@ from cputune.predictor import Prediction, Settings, at_read_bandwidth, predict
 
 @dataclass(frozen=True, slots=True)
 class BenchResult:
-    """One test (pp or tg) at one thread count: samples, their spread, and the prediction."""
+    """One test (pp or tg) at one thread count: samples, their spread (stats.summarize's, kept
+    flat for the history lines), and the prediction."""
 
     test: str  # "tg32", "pp256", "tg32 @ d4096"
     kind: str  # tg | pp
@@ -31,7 +31,7 @@ class BenchResult:
     depth: int
     median_tokens_per_s: float
     mean_tokens_per_s: float
-    stddev_tokens_per_s: float
+    stddev_tokens_per_s: float | None  # None for one repetition: no σ
     min_tokens_per_s: float
     max_tokens_per_s: float
     samples_tokens_per_s: tuple[float, ...]
@@ -45,6 +45,10 @@ class BenchResult:
     read_gbps: float | None = None
     read_samples_gbps: tuple[float, ...] = ()
     predicted_at_read_tokens_per_s: float | None = None
+
+    @property
+    def summary(self) -> stats.Summary:
+        return stats.summarize(self.samples_tokens_per_s)
 
     @property
     def vs_predicted(self) -> float:
@@ -62,16 +66,15 @@ class BenchResult:
 
 def summarize(row: llama_bench.BenchRow, pred: Prediction, read: Measurement | None = None,
               pred_at_read: Prediction | None = None) -> BenchResult:
-    samples = row.samples_ts or (row.avg_ts,)
+    s = stats.summarize(row.samples_ts or (row.avg_ts,))
     kind = "tg" if row.n_gen else "pp"
 
     def rate(p: Prediction | None) -> float | None:
         return None if p is None else p.tg_tokens_per_s if kind == "tg" else p.pp_tokens_per_s
     return BenchResult(
         test=row.test, kind=kind, threads=row.n_threads, depth=row.n_depth,
-        median_tokens_per_s=statistics.median(samples), mean_tokens_per_s=statistics.fmean(samples),
-        stddev_tokens_per_s=statistics.stdev(samples) if len(samples) > 1 else 0.0,
-        min_tokens_per_s=min(samples), max_tokens_per_s=max(samples), samples_tokens_per_s=tuple(samples),
+        median_tokens_per_s=s.median, mean_tokens_per_s=s.mean, stddev_tokens_per_s=s.stdev,
+        min_tokens_per_s=s.min, max_tokens_per_s=s.max, samples_tokens_per_s=s.samples,
         predicted_tokens_per_s=rate(pred),
         roofline_tokens_per_s=pred.roofline_tg_tokens_per_s if kind == "tg" else None,
         build_commit=row.build_commit, bytes_per_token=pred.bytes_per_token if kind == "tg" else None,

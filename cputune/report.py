@@ -15,7 +15,7 @@ from rich.table import Table
 
 from cputune.bandwidth import combine_bursts, group_bursts
 from cputune.jsonio import document, plain  # noqa: F401  (re-exported for the CLI)
-from cputune.stats import summarize
+from cputune import stats
 from cputune.units import gib_text
 
 # Pipes and CliRunner get 120 columns rather than rich's 80, so tables do not wrap mid-number.
@@ -134,11 +134,6 @@ def _mib(n: int | None) -> str:
     return "?" if n is None else f"{n / (1 << 20):.0f} MiB"
 
 
-def _pm(s) -> str:
-    """hyperfine's `mean ± σ`; no σ from one sample."""
-    return f"{s.mean:.1f}" if s.stdev is None else f"{s.mean:.1f} ± {s.stdev:.1f}"
-
-
 def render_probe(p) -> None:
     from cputune.sysfs import format_cpulist
 
@@ -166,14 +161,14 @@ def render_probe(p) -> None:
             runs.add_column(col, justify="left" if col in ("run", "kernel") else "right")
         for group in group_bursts(p.measurements):
             x, spread = group[0], combine_bursts(group)
-            trials = summarize([v for m in group for v in m.gbps.samples])
+            trials = stats.summarize([v for m in group for v in m.gbps.samples])
             kernel = x.run.kernel + (" (NT stores)" if x.nt_stores else "")
             bursts = "-" if len(group) == 1 else (
-                f"{min(spread.burst_gbps):.1f} … {max(spread.burst_gbps):.1f} x{len(group)} "
+                f"{stats.range_text(stats.summarize(spread.burst_gbps), 1)} x{len(group)} "
                 f"({spread.median_gbps:.1f})")
             runs.add_row(x.run.name, kernel, str(len(x.run.cpus)), _mib(x.elements_per_thread * 8),
-                         f"{spread.gbps:.1f}", _pm(trials), f"{trials.min:.1f} … {trials.max:.1f}",
-                         str(trials.n), bursts)
+                         f"{spread.gbps:.1f}", stats.pm_text(trials, 1), stats.range_text(trials, 1),
+                         stats.count_text(trials), bursts)
         out.print(runs)
 
     fs = Table(title="Findings", title_justify="left", show_header=False, box=None)
@@ -277,9 +272,9 @@ def render_calibration(run, path: Path | None) -> None:
                       ("tg t/s", "right"), ("tg err", "right"), ("pp t/s", "right"), ("pp err", "right")):
         t.add_column(col, justify=just)
     for pt, e_tg, e_pp in run.errors:
-        xs = pt.read_gbps_samples
+        xs = stats.summarize(pt.read_gbps_samples) if pt.read_gbps_samples else None
         read = "-" if not pt.read_gbps else f"{pt.read_gbps:.1f}" + (
-            f" ({min(xs):.1f} … {max(xs):.1f} x{len(xs)})" if len(xs) > 1 else "")
+            f" ({stats.range_text(xs, 1)} x{xs.n})" if xs and xs.n > 1 else "")
         t.add_row(Path(pt.model.path or "?").name, str(pt.threads), read, f"{pt.tg_tokens_per_s:.2f}",
                   f"{e_tg:+.1%}", f"{pt.pp_tokens_per_s:.1f}", f"{e_pp:+.1%}")
     out.print(t)
@@ -316,8 +311,8 @@ def render_bench(results, model, box, history: Path | None) -> None:
         t.add_column(col, justify="left" if col == "test" else "right")
     for r in results:
         at_read = r.vs_predicted_at_read
-        t.add_row(r.test, str(r.threads), f"{r.median_tokens_per_s:.2f} ± {r.stddev_tokens_per_s:.2f}",
-                  f"{r.min_tokens_per_s:.2f} … {r.max_tokens_per_s:.2f}", f"{r.predicted_tokens_per_s:.2f}",
+        t.add_row(r.test, str(r.threads), stats.pm_text(r.summary, 2, center="median"),
+                  stats.range_text(r.summary, 2), f"{r.predicted_tokens_per_s:.2f}",
                   f"{r.vs_predicted:+.1%}", f"{r.read_gbps:.1f}" if r.read_gbps else "-",
                   f"{at_read:+.1%}" if at_read is not None else "-",
                   f"{r.roofline_tokens_per_s:.2f}" if r.roofline_tokens_per_s else "-",
@@ -327,9 +322,14 @@ def render_bench(results, model, box, history: Path | None) -> None:
         info("read GB/s: read bandwidth at these threads just before the run; vs at read: measured "
              "against the prediction at that bandwidth")
     for r in results:
-        if r.median_tokens_per_s and r.stddev_tokens_per_s / r.mean_tokens_per_s > 0.10:
-            warn(f"{r.test} at {r.threads} threads varied by {r.stddev_tokens_per_s / r.mean_tokens_per_s:.0%} "
-                 "between repetitions", "another process may be using the cores; run again on a quiet box")
+        s = r.summary
+        if s.rel_stdev is not None and s.rel_stdev > 0.10:
+            warn(f"{r.test} at {r.threads} threads varied by {s.rel_stdev:.0%} between repetitions",
+                 "another process may be using the cores; run again on a quiet box")
+        outliers = stats.outliers_text(s, 2)
+        if outliers:
+            warn(f"{r.test} at {r.threads} threads: {outliers} t/s",
+                 "the median shown is robust to them; run again on a quiet box, or with more --reps")
     info(f"constants: {box.calibration.source}")
     if history:
         info(f"appended to {history}")

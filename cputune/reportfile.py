@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from cputune import __version__, bench, probe, tune
+from cputune import __version__, bench, probe, stats, tune
 from cputune.errors import ConfigError
 from cputune.fsutil import atomic_write_bytes, atomic_write_text, check_target
 
@@ -170,9 +170,9 @@ def trial_rows(k: tune.KindResult) -> list[tuple[str, ...]]:
     rows = []
     for x in sorted(k.trials, key=lambda x: (STAGE_ORDER.get(x.stage, 9), OUTCOME_ORDER.get(x.outcome, 9),
                                              -(x.median_tokens_per_s or 0))):
-        sd = x.stdev_tokens_per_s
-        rows.append((x.stage, x.knobs.label, _f(x.predicted_tokens_per_s), str(len(x.samples_tokens_per_s)),
-                     _f(x.median_tokens_per_s) + (f" ± {sd:.2f}" if sd is not None else ""),
+        s = x.summary
+        rows.append((x.stage, x.knobs.label, _f(x.predicted_tokens_per_s), stats.count_text(s) if s else "0",
+                     stats.pm_text(s, 2, center="median") if s else "-",
                      x.outcome + (f" ({x.note})" if x.note else "")))
     return rows
 

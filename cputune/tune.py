@@ -22,13 +22,12 @@ from __future__ import annotations
 import datetime
 import math
 import re
-import statistics
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from cputune import checks, llama_bench
+from cputune import checks, llama_bench, stats
 from cputune.errors import ConfigError, ProcessFailed
 from cputune.fsutil import cache_root
 from cputune import numa_policy
@@ -97,13 +96,14 @@ class Tried:
     note: str = ""
 
     @property
-    def median_tokens_per_s(self) -> float | None:
-        return statistics.median(self.samples_tokens_per_s) if self.samples_tokens_per_s else None
+    def summary(self) -> stats.Summary | None:
+        """None for a candidate never measured (pruned, out of budget, failed)."""
+        return stats.summarize(self.samples_tokens_per_s) if self.samples_tokens_per_s else None
 
     @property
-    def stdev_tokens_per_s(self) -> float | None:
-        s = self.samples_tokens_per_s
-        return statistics.stdev(s) if len(s) > 1 else None
+    def median_tokens_per_s(self) -> float | None:
+        s = self.summary
+        return s.median if s else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,6 +298,11 @@ class _Cand:
     rungs: int = 0
     failed: str = ""
 
+    @property
+    def median(self) -> float:
+        """What halving ranks by: the median, which one disturbed run cannot move far."""
+        return stats.summarize(self.samples).median
+
 
 def rung_plan(n: int, eta: int = ETA, reps0: int = 1) -> list[tuple[int, int]]:
     """(candidates, repetitions) per rung until one candidate is left."""
@@ -345,8 +350,7 @@ def halve(cands: Sequence[tuple[Knobs, float | None]], measure: Measure, deadlin
                 continue
             c.samples += samples
             c.rungs += 1
-        ranked = sorted((c for c in alive if c.samples and not c.failed),
-                        key=lambda c: -statistics.median(c.samples))
+        ranked = sorted((c for c in alive if c.samples and not c.failed), key=lambda c: -c.median)
         if not ranked:
             break
         if ran_out:  # rank what was measured; the rest of the rung is not run
@@ -389,7 +393,7 @@ def _stage(job: KindJob, stage: str, cands: list[Knobs], measure: Measure, deadl
         notes.append(f"{stage}: the budget measures {n} of {len(ordered)} candidates "
                      "(the predictor's best, and the defaults)")
     pool = halve(kept, measure, deadline, clock, run_s, seed, tick)
-    ranked = sorted((c for c in pool if c.samples and not c.failed), key=lambda c: -statistics.median(c.samples))
+    ranked = sorted((c for c in pool if c.samples and not c.failed), key=lambda c: -c.median)
     winner = ranked[0].knobs if ranked else keep_default
     rows = []
     best_pred = max((p for _, p in scored if p), default=None)
@@ -420,7 +424,7 @@ def tune_kind(job: KindJob, measure: Measure, budget_s: float, clock: Callable[[
     t0 = clock()
     base_samples, wall = measure(job.default, BASELINE_REPS)
     wall = wall or (clock() - t0)
-    med = statistics.median(base_samples)
+    med = stats.summarize(base_samples).median
     rep_s = job.n_tokens / med if med > 0 else wall / (BASELINE_REPS + 1)
     overhead = max(wall - (BASELINE_REPS + 1) * rep_s, 0.0)
     base_pred = job.predict(job.default)
@@ -499,7 +503,7 @@ def tune_kind(job: KindJob, measure: Measure, budget_s: float, clock: Callable[[
                          "the defaults are kept")
             best, gain, d_med, b_med = job.default, 1.0, med, med
         else:
-            d_med, b_med = statistics.median(d_s), statistics.median(b_s)
+            d_med, b_med = stats.summarize(d_s).median, stats.summarize(b_s).median
             trials.append(Tried(job.kind, "confirm", job.default, base_pred, tuple(d_s), 1, "default"))
             trials.append(Tried(job.kind, "confirm", best, job.predict(best), tuple(b_s), 1,
                                 "best" if b_med > d_med else "dropped"))

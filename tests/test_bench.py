@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -105,3 +106,39 @@ def test_a_result_carries_the_read_of_its_moment_and_the_prediction_at_it(tmp_pa
     with report.out.capture() as cap:
         report.render_bench([r], model, Box(box, cal, "test"), None)
     assert f"{gbps:.1f}" in cap.get() and f"{r.vs_predicted_at_read:+.1%}" in cap.get()
+
+
+def bench_result(samples: tuple[float, ...]) -> tuple[bench.BenchResult, Box]:
+    """The recorded decode row with its samples swapped (hyperfine's MockExecutor: the statistics
+    and the table are what is tested, not llama-bench)."""
+    row = next(r for r in llama_bench.parse_rows(RECORDED.read_text()) if r.n_gen)
+    row = dataclasses.replace(row, samples_ts=samples, avg_ts=sum(samples) / len(samples))
+    model = catalog.catalog_profile("r1-distill-qwen-1.5b", "q8_0")
+    box = MachineBandwidth("vm", 1, 1, 2, 30.0, 18.0, 1.0, 24 << 30)
+    cal = calibrate.default_calibration()
+    return bench.summarize(row, predict(model, box, Settings(threads=row.n_threads), cal)), Box(box, cal, "test")
+
+
+def test_one_repetition_has_no_sigma(monkeypatch):
+    """llama-bench -r 1: σ is None in the JSON (it was 0.0) and the table says one run, not ± 0.00."""
+    r, box = bench_result((6774.53,))
+    assert r.stddev_tokens_per_s is None and r.median_tokens_per_s == r.min_tokens_per_s == 6774.53
+    assert report.plain(r)["stddev_tokens_per_s"] is None
+    model = catalog.catalog_profile("r1-distill-qwen-1.5b", "q8_0")
+    monkeypatch.setattr(report.out, "width", 200)  # each cell on one line
+    with report.out.capture() as out, report.err.capture() as err:
+        report.render_bench([r], model, box, None)
+    assert "6774.53 (1 run)" in out.get() and "± 0.00" not in out.get() and "varied" not in err.get()
+
+
+def test_an_outlying_repetition_is_flagged_on_stderr(monkeypatch):
+    r, box = bench_result((100.0, 98.0, 102.0, 99.0, 101.0, 80.0))
+    model = catalog.catalog_profile("r1-distill-qwen-1.5b", "q8_0")
+    monkeypatch.setattr(report.out, "width", 200)  # each cell on one line
+    with report.out.capture() as out, report.err.capture() as err:
+        report.render_bench([r], model, box, None)
+    assert f"{r.median_tokens_per_s:.2f} ± {r.stddev_tokens_per_s:.2f}" in out.get()
+    assert "80.00 … 102.00" in out.get()
+    warning = " ".join(err.get().split())  # rich wraps stderr at its width
+    assert "1 of 6 runs is a statistical outlier (modified Z > 3.5): 80.00 t/s" in warning
+    assert "--reps" in warning
