@@ -75,17 +75,24 @@ def local(args) -> bool:
         print("training set:", ", ".join(f"{s // MIB} MiB" for s in train_sizes), "f16 sizes; test set:",
               ", ".join(f"{s // MIB} MiB" for s in test_sizes), f"; {', '.join(archs)}; {', '.join(quants)}; "
               f"{args.passes} sweeps x {args.reps} reps")
-        train_models, test_models = [], []
+        train_models, test_models, deep = [], [], []
         for arch in archs:
-            train_models += calibrate.make_models(work, b.bin_dir / "llama-quantize", arch, train_sizes,
-                                                  quants, progress=lambda text: progress(0, 1, text))
-            test_models += calibrate.make_models(work, b.bin_dir / "llama-quantize", arch, test_sizes,
-                                                 quants, progress=lambda text: progress(0, 1, text))
+            made = calibrate.make_models(work, b.bin_dir / "llama-quantize", arch, train_sizes,
+                                         quants, progress=lambda text: progress(0, 1, text))
+            train_models += made
+            test = calibrate.make_models(work, b.bin_dir / "llama-quantize", arch, test_sizes,
+                                         quants, progress=lambda text: progress(0, 1, text))
+            test_models += test
+            # The depth sweep (llama-bench -d): the smallest model of each set and shape, in the
+            # Q4_K_M quant where there is one, trains and tests attention's rates.
+            for ms in (made, test):
+                deep += [next((m for m in ms if "q4_k_m" in m.name), ms[0])] if ms else []
         # One sweep covers both sets, so a noisy stretch of time hits training and test alike;
         # bandwidth is read before each model's runs, at each thread count.
+        depths = tuple(int(d) for d in args.depths.split(","))
         every = calibrate.measure(b.bin_dir / "llama-bench", train_models + test_models, threads,
                                   reps=args.reps, passes=args.passes, progress=progress,
-                                  read_now=probe.moment_reader())
+                                  read_now=probe.moment_reader(), depths=depths, depth_models=deep)
         train_pts = [p for p in every if Path(p.model.path) in train_models]
         points = [p for p in every if Path(p.model.path) in test_models]
         calibrate.save_points(train_pts, train_file)
@@ -102,7 +109,7 @@ def local(args) -> bool:
     spread, med_err = [], []  # every sample kept: how far the median run is from the best
     profile_err = []  # the same fit, predicted at the profile's bandwidth instead of the moment's
     for p in points:
-        settings = Settings(threads=p.threads, n_ubatch=p.n_prompt)
+        settings = p.settings()
         pred = predict(p.model, p.machine(box.machine), settings, cal)
         et, ep = pred.tg_tokens_per_s / p.tg_tokens_per_s - 1, pred.pp_tokens_per_s / p.pp_tokens_per_s - 1
         tg_err.append(et)
@@ -114,11 +121,11 @@ def local(args) -> bool:
             if xs:
                 spread.append(1 - statistics.median(xs) / max(xs))
                 med_err.append(v / statistics.median(xs) - 1)
-        rows.append((Path(p.model.path).name, p.threads, f"{p.read_gbps:.1f}" if p.read_gbps else "-",
+        rows.append((Path(p.model.path).name, p.threads, p.depth, f"{p.read_gbps:.1f}" if p.read_gbps else "-",
                      f"{p.tg_tokens_per_s:.2f}", f"{pred.tg_tokens_per_s:.2f}", f"{et:+.1%}", pred.bottleneck,
                      f"{p.pp_tokens_per_s:.1f}", f"{pred.pp_tokens_per_s:.1f}", f"{ep:+.1%}"))
     print()
-    print(table(rows, ("test model", "thr", "read GB/s", "tg meas", "tg pred", "tg err", "bound",
+    print(table(rows, ("test model", "thr", "depth", "read GB/s", "tg meas", "tg pred", "tg err", "bound",
                        "pp meas", "pp pred", "pp err")))
     print()
     if spread:
@@ -126,6 +133,9 @@ def local(args) -> bool:
               f"(worst point {max(spread):.1%})")
         print(f"against the median runs instead of the best: {stats(med_err)}")
     print(f"at the profile's bandwidth instead of the moment's: {stats(profile_err)}")
+    deep = [e for p, et, ep in zip(points, tg_err, pp_err) if p.depth > 0 for e in (et, ep)]
+    if deep:
+        print("depth sweep (llama-bench -d, depth > 0):", stats(deep))
     print("decode :", stats(tg_err))
     print("prefill:", stats(pp_err))
     both = [abs(e) for e in tg_err + pp_err]
@@ -192,6 +202,8 @@ def main() -> int:
     ap.add_argument("--test-sizes", default=",".join(f"{s // MIB}MiB" for s in TEST_SIZES), help="f16 sizes")
     ap.add_argument("--reps", type=int, default=2, help="llama-bench repetitions per sweep")
     ap.add_argument("--passes", type=int, default=8, help="sweeps over all models; a point is the best run")
+    ap.add_argument("--depths", default="0,1024,4096",
+                    help="KV-cache depths for the depth sweep (one model per set and shape)")
     ap.add_argument("--work-dir")
     ap.add_argument("--reuse", action="store_true", help="fit and predict from the last run's measurements")
     args = ap.parse_args()

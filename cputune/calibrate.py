@@ -44,6 +44,10 @@ class Point:
     pp_samples: tuple[float, ...] = ()
     read_gbps: float | None = None
     read_gbps_samples: tuple[float, ...] = ()
+    depth: int = 0  # tokens in the KV cache before the test (llama-bench -d)
+
+    def settings(self) -> Settings:
+        return Settings(threads=self.threads, n_ubatch=self.n_prompt, depth=self.depth)
 
     def machine(self, m: MachineBandwidth) -> MachineBandwidth:
         """The machine this point ran on: `m` at the read bandwidth measured before it."""
@@ -138,8 +142,11 @@ def measure(llama_bench_bin: Path, models: Sequence[Path], threads: Sequence[int
             n_prompt: int = 64, n_gen: int = 16, reps: int = 3, passes: int = 1,
             progress: Callable[[int, int, str], None] | None = None,
             read_now: Callable[[int], Measurement] | None = None,
-            clock: Callable[[], float] = time.monotonic) -> list[Point]:
-    """Bench every model at every thread count, `passes` sweeps over all of them.
+            clock: Callable[[], float] = time.monotonic,
+            depths: Sequence[int] = (0,), depth_models: Sequence[Path] = ()) -> list[Point]:
+    """Bench every model at every thread count, `passes` sweeps over all of them; the models in
+    `depth_models` also at each of `depths` (llama-bench -d: tokens already in the KV cache),
+    which is what attention's rates are fitted on.
 
     A point is the fastest repetition, not the median: another tenant, a page-cache flush or a
     migrated thread only ever slows a run, so the best run is the nearest to what the box does
@@ -163,23 +170,25 @@ def measure(llama_bench_bin: Path, models: Sequence[Path], threads: Sequence[int
                 for t in threads:
                     at = clock() - t0
                     reads.setdefault((path, t), []).append(replace(read_now(t), burst=k, at_s=at))
+            ds = sorted(set(depths) | {0}) if path in set(depth_models) else [0]
+            extra = ["-d", ",".join(map(str, ds))] if len(ds) > 1 else []
             argv = llama_bench.bench_argv(llama_bench_bin, path, threads=threads, n_prompt=(n_prompt,),
-                                          n_gen=(n_gen,), reps=reps)
+                                          n_gen=(n_gen,), reps=reps, extra=extra)
             for r in llama_bench.run(argv, timeout_s=600):
-                tg, pp = samples.setdefault((path, r.n_threads), ([], []))
+                tg, pp = samples.setdefault((path, r.n_threads, r.n_depth), ([], []))
                 (tg if r.n_gen > 0 else pp).extend(r.samples_ts or (r.avg_ts,))
     if progress:
         progress(steps, steps, "done")
     points = []
     for path in models:
         prof = gguf_model.read_model(path)
-        for t in threads:
-            tg, pp = samples.get((path, t), ([], []))
-            if tg and pp:
-                bw = bandwidth.combine_bursts(reads[(path, t)]) if (path, t) in reads else None
-                s_tg, s_pp = stats.summarize(tg), stats.summarize(pp)
-                points.append(Point(prof, t, n_prompt, s_tg.max, s_pp.max, s_tg.samples, s_pp.samples,
-                                    bw.gbps if bw else None, bw.burst_gbps if bw else ()))
+        for (p_, t, d), (tg, pp) in sorted(samples.items(), key=lambda kv: (kv[0][1], kv[0][2])):
+            if p_ != path or not (tg and pp):
+                continue
+            bw = bandwidth.combine_bursts(reads[(path, t)]) if (path, t) in reads else None
+            s_tg, s_pp = stats.summarize(tg), stats.summarize(pp)
+            points.append(Point(prof, t, n_prompt, s_tg.max, s_pp.max, s_tg.samples, s_pp.samples,
+                                bw.gbps if bw else None, bw.burst_gbps if bw else (), depth=d))
     return points
 
 
@@ -218,17 +227,21 @@ def calibrate_box(machine: MachineBandwidth, bin_dir: Path, work_dir: Path, arch
                   sizes_bytes: Sequence[int], quants: Sequence[str], threads: Sequence[int],
                   reps: int = 3, passes: int = 1, start: Calibration | None = None,
                   progress: Callable[[int, int, str], None] | None = None,
-                  read_now: Callable[[int], Measurement] | None = None) -> CalibrationRun:
+                  read_now: Callable[[int], Measurement] | None = None,
+                  depths: Sequence[int] = (0,)) -> CalibrationRun:
     """Generate and quantize the synthetic models, bench them with llama-bench (reading bandwidth
-    before each model's runs with `read_now`), fit."""
+    before each model's runs with `read_now`; the smallest model of each shape, in its first
+    quant, also at `depths` for attention's rates), fit."""
     start = start or default_calibration()
     work_dir.mkdir(parents=True, exist_ok=True)
-    models = []
+    models, deep = [], []
     for arch in archs:
-        models += make_models(work_dir, bin_dir / "llama-quantize", arch, sizes_bytes, quants,
-                              progress=lambda text: progress(0, 1, text) if progress else None)
+        made = make_models(work_dir, bin_dir / "llama-quantize", arch, sizes_bytes, quants,
+                           progress=lambda text: progress(0, 1, text) if progress else None)
+        models += made
+        deep += made[:1]
     points = measure(bin_dir / "llama-bench", models, threads, reps=reps, passes=passes,
-                     progress=progress, read_now=read_now)
+                     progress=progress, read_now=read_now, depths=depths, depth_models=deep)
     save_points(points, work_dir / "points.json")
     cal = fit(points, machine, start)
     return CalibrationRun(cal, tuple(points), relative_errors(points, machine, cal))
@@ -325,7 +338,7 @@ def log_errors(points: Sequence[Point], machine: MachineBandwidth, cal: Calibrat
     bandwidth measured before its runs where it has one."""
     out = []
     for p in points:
-        pred = predict(p.model, p.machine(machine), Settings(threads=p.threads, n_ubatch=p.n_prompt), cal)
+        pred = predict(p.model, p.machine(machine), p.settings(), cal)
         out.append(math.log(pred.tg_tokens_per_s / p.tg_tokens_per_s))
         out.append(math.log(pred.pp_tokens_per_s / p.pp_tokens_per_s))
     return out
@@ -348,6 +361,11 @@ def fit(points: Sequence[Point], machine: MachineBandwidth, start: Calibration,
     shape = ["ts", "ts_pp", "p"] if len({p.threads for p in points}) > 1 else []
     # The per-width prefill cost needs models of more than one width to tell it from the rates.
     shape += ["elem"] if len({p.model.n_embd for p in points}) > 1 else []
+    # Attention's rates need runs with a filled cache (llama-bench -d); MLA's factor needs both
+    # MLA and GQA models among them.
+    deep = [p for p in points if p.depth > 0]
+    shape += ["attn", "attn_pp"] if deep else []
+    shape += ["mla"] if {p.model.mla for p in deep} == {True, False} else []
     names = (["eff"] if fit_efficiency else []) + ["ovh", "ovh_t"] + moe + shape + \
         [f"tg:{t}" for t in types] + [f"pp:{t}" for t in types]
 
@@ -364,6 +382,9 @@ def fit(points: Sequence[Point], machine: MachineBandwidth, start: Calibration,
             overlap_p=v.get("p", start.overlap_p),
             overhead_s_per_layer=v["ovh"], overhead_s_per_layer_thread=v["ovh_t"],
             elementwise_s=v.get("elem", start.elementwise_s),
+            attn_gflops_per_core=v.get("attn", start.attn_gflops_per_core),
+            attn_prefill_gflops_per_core=v.get("attn_pp", start.attn_prefill_gflops_per_core),
+            mla_attn_factor=v.get("mla", start.mla_attn_factor),
             moe_prefill_efficiency_by_type={
                 **start.moe_prefill_efficiency_by_type,
                 **{n.split(":", 1)[1]: a for n, a in v.items() if n.startswith("moe_pp:")}},
@@ -380,6 +401,8 @@ def fit(points: Sequence[Point], machine: MachineBandwidth, start: Calibration,
                 # Unfitted (0): start where it is a few % of a small model's prompt token, so
                 # LM sees a gradient; a log parameter cannot start at 0.
                 "elem": c.elementwise_s or 2e-8,
+                "attn": c.attn_gflops_per_core, "attn_pp": c.attn_prefill_gflops_per_core,
+                "mla": c.mla_attn_factor,
                 "moe": c.moe_bw_efficiency, "moe_pp": c.moe_prefill_efficiency,
                 **{f"moe_pp:{t}": c.moe_prefill_efficiency_by_type.get(t, c.moe_prefill_efficiency)
                    for t in expert_types},
@@ -446,7 +469,8 @@ def save_points(points: Sequence[Point], path: Path) -> None:
         {"model": p.model.path, "threads": p.threads, "n_prompt": p.n_prompt,
          "tg_tokens_per_s": p.tg_tokens_per_s, "pp_tokens_per_s": p.pp_tokens_per_s,
          "tg_samples": list(p.tg_samples), "pp_samples": list(p.pp_samples),
-         "read_gbps": p.read_gbps, "read_gbps_samples": list(p.read_gbps_samples)} for p in points]))
+         "read_gbps": p.read_gbps, "read_gbps_samples": list(p.read_gbps_samples),
+         "depth": p.depth} for p in points]))
 
 
 def load_points(path: Path) -> list[Point]:
@@ -457,5 +481,5 @@ def load_points(path: Path) -> list[Point]:
         prof = profiles.setdefault(d["model"], gguf_model.read_model(d["model"]))
         out.append(Point(prof, d["threads"], d["n_prompt"], d["tg_tokens_per_s"], d["pp_tokens_per_s"],
                          tuple(d.get("tg_samples", ())), tuple(d.get("pp_samples", ())),
-                         d.get("read_gbps"), tuple(d.get("read_gbps_samples", ()))))
+                         d.get("read_gbps"), tuple(d.get("read_gbps_samples", ())), d.get("depth", 0)))
     return out

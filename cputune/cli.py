@@ -409,10 +409,13 @@ def predict_cmd(model, quant, hardware, threads, numa, depth, cache_type, engine
               help="Sweeps over all models; each point is the best run of all sweeps.")
 @click.option("--work-dir", type=click.Path(path_type=Path, file_okay=False),
               help="Where the synthetic models go (kept for reuse) [default: the cache].")
+@click.option("--depths", default="0,1024,4096", show_default=True, metavar="N,N",
+              help="KV-cache depths (llama-bench -d) the smallest model of each shape also runs at, "
+                   "to fit attention's rates; 0 alone skips them.")
 @json_option
-def calibrate_cmd(archs, sizes, quants, threads, reps, passes, work_dir, as_json):
+def calibrate_cmd(archs, sizes, quants, threads, reps, passes, work_dir, depths, as_json):
     """Fit the predictor's constants to llama-bench runs on synthetic models here; saves them."""
-    from cputune import build, calibrate, hardware, probe
+    from cputune import build, calibrate, hardware, probe, units
     from cputune.fsutil import cache_root
     from cputune.units import parse_size
 
@@ -432,14 +435,14 @@ def calibrate_cmd(archs, sizes, quants, threads, reps, passes, work_dir, as_json
             box.machine, b.bin_dir, work_dir or cache_root() / "calibration-models",
             archs or ("llama", "deepseek2"), size_list, quants or ("f16", "q8_0", "q4_k_m", "q2_k"),
             thread_list, reps=reps, passes=passes, progress=lambda i, k, text: update(i / max(k, 1), text),
-            read_now=probe.moment_reader())
+            read_now=probe.moment_reader(), depths=units.parse_tokens_list(depths, "--depths"))
     path = calibrate.save_calibration(run.calibration)
     if as_json:
         return report.print_json(report.document("cputune.calibration-run/1", calibration=run.calibration,
                                                  saved_to=str(path), points=[
             {"model": pt.model.path, "threads": pt.threads, "tg_tokens_per_s": pt.tg_tokens_per_s,
              "pp_tokens_per_s": pt.pp_tokens_per_s, "tg_error": e_tg, "pp_error": e_pp,
-             "read_gbps": pt.read_gbps, "read_gbps_samples": pt.read_gbps_samples}
+             "read_gbps": pt.read_gbps, "read_gbps_samples": pt.read_gbps_samples, "depth": pt.depth}
             for pt, e_tg, e_pp in run.errors]))
     report.render_calibration(run, path)
 

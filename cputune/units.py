@@ -90,6 +90,13 @@ def parse_threads(text: str, cpus: int | None = None) -> tuple[int, ...]:
                                f"e.g. 1,{cpus}")
 
 
+def parse_tokens_list(text: str, flag: str) -> tuple[int, ...]:
+    """Token counts such as KV-cache depths ('0,1024,4096'), each from 0 to checks.MAX_TOKENS."""
+    from cputune.checks import MAX_TOKENS
+
+    return parse_int_list(text, f"{flag} value", 0, MAX_TOKENS, hint="for example 0,1024,4096")
+
+
 def gib_text(n: float | None) -> str:
     """'12.5 GiB', or '?' when the size is unknown."""
     return "?" if n is None else f"{n / (1 << 30):.1f} GiB"

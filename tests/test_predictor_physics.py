@@ -152,3 +152,25 @@ def test_reference_box_decode_slows_with_depth_as_published():
     far = predict(m, box.machine, dataclasses.replace(s, depth=8192), box.calibration).tg_tokens_per_s
     assert 0.70 < far / near < 0.92
     assert calibrate.default_calibration("published").page_4k_efficiency < 0.95
+
+
+def test_calibrate_fits_attention_rates_from_runs_at_depth():
+    """Points 'measured' by predict() with known attention rates at depths 0, 1024 and 4096 on a
+    GQA llama and an MLA deepseek2 (as `cputune calibrate --depths` runs them): the fit finds the
+    rates and MLA's factor again, and predicts each depth within 3 %."""
+    small = MachineBandwidth(name="vm", sockets=1, nodes=1, cores=2, node_read_gbps=30.0, core_read_gbps=20.0,
+                             remote_ratio=1.0, mem_bytes=24 << 30)
+    truth = dataclasses.replace(CAL, attn_gflops_per_core=9.0, attn_prefill_gflops_per_core=25.0,
+                                mla_attn_factor=2.5, decode_gbps_per_core={"Q8_0": 5.0, "Q4_K": 4.0, "F16": 8.0})
+    models = [catalog_profile("r1-distill-llama-8b", "Q8_0"), catalog_profile("deepseek-r1", "Q8_0")]
+    points = []
+    for m in models:
+        for t in (1, 2):
+            for d in (0, 1024, 4096):
+                p = predict(m, small, Settings(threads=t, n_ubatch=64, depth=d), truth)
+                points.append(calibrate.Point(m, t, 64, p.tg_tokens_per_s, p.pp_tokens_per_s, depth=d))
+    fitted = calibrate.fit(points, small, CAL, fit_efficiency=False)
+    assert fitted.attn_gflops_per_core == pytest.approx(9.0, rel=0.1)
+    assert fitted.attn_prefill_gflops_per_core == pytest.approx(25.0, rel=0.1)
+    assert fitted.mla_attn_factor == pytest.approx(2.5, rel=0.15)
+    assert max(abs(e) for e in calibrate.log_errors(points, small, fitted)) < 0.03
