@@ -6,10 +6,13 @@ sys.path (`pythonpath`). A test module never imports another test module (test_l
 
 from __future__ import annotations
 
+import os
 import posixpath
 import tarfile
 from dataclasses import replace
 from pathlib import Path
+
+import psutil
 
 from cputune import launch
 from cputune.hwloc_xml import load_hwloc_xml
@@ -53,6 +56,39 @@ def extract_tree(tarball: Path, dest: Path) -> Path:
             tf.extractall(dest)
     (top,) = [p for p in dest.iterdir() if p.is_dir()]
     return top
+
+
+# --- live processes: orphan checks ------------------------------------------------------------
+# psutil reads /proc/PID/stat for these; it sees only this box's live processes, so recorded /proc
+# trees (serve.thread_affinities on tests/fixtures/proc_task) stay with cputune.sysfs.SysRoot.
+
+def running(pid: int) -> bool:
+    """The process exists and has not exited: a zombie is only waiting for its parent to reap it."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def children(pid: int) -> list[int]:
+    """Running children of `pid` (none when it has gone)."""
+    try:
+        kids = psutil.Process(pid).children()
+    except psutil.NoSuchProcess:
+        return []
+    return [k.pid for k in kids if running(k.pid)]
+
+
+def process_group(pgid: int) -> list[int]:
+    """Running processes of process group `pgid` (psutil has no pgid: os.getpgid asks the kernel)."""
+    members = []
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) == pgid and running(p.pid):
+                members.append(p.pid)
+        except ProcessLookupError:
+            continue  # exited while we looked
+    return members
 
 
 # --- placement on lstopo XMLs of modern servers ------------------------------------------------

@@ -18,6 +18,7 @@ import pytest
 from cputune import fsutil, synth
 from cputune.errors import ConfigError, WriteError
 from cputune.fsutil import atomic_write_text, clean_stale, scratch_dir, scratch_file
+from helpers import children, running
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -238,15 +239,14 @@ def test_killed_quantize_leaves_no_process_and_its_file_goes_next_time(tmp_path)
         while not (out / "started").exists():
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.05)
-        sleeper = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat")
-                   if _parent(p) == proc.pid]
+        sleeper = children(proc.pid)
         proc.kill()
         proc.wait()
     finally:
         if proc.poll() is None:
             proc.kill()
     deadline = time.monotonic() + 10
-    while any(_alive(pid) for pid in sleeper):
+    while any(running(pid) for pid in sleeper):
         assert time.monotonic() < deadline, "llama-quantize outlived cputune"
         time.sleep(0.05)
     (out / "started").unlink()
@@ -256,21 +256,6 @@ def test_killed_quantize_leaves_no_process_and_its_file_goes_next_time(tmp_path)
     synth.write_model(out / "next-f16.gguf", synth.LlamaShape(n_layer=1, n_embd=256, n_ff=256, n_head=2,
                                                                 n_head_kv=2, n_vocab=300, ctx=64))
     assert entries(out) == ["next-f16.gguf"]
-
-
-def _parent(stat_path: Path) -> int | None:
-    try:
-        return int(stat_path.read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 # --- synth's writers -------------------------------------------------------------------------------

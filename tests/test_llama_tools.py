@@ -18,6 +18,7 @@ from gguf import GGUFReader, LlamaFileType
 
 from cputune import launch, llama_bench, synth
 from cputune.errors import ProcessFailed, describe_exit, exit_message, process_failed
+from helpers import process_group
 
 FIXTURES = Path(__file__).parent / "fixtures"
 HOST = "127.0.0.1"
@@ -243,19 +244,6 @@ def serving(bin_dir: Path, model: Path, log_path: Path, *extra: str) -> Iterator
         yield server
     finally:
         server.stop()
-
-
-def process_group(pgid: int) -> list[int]:
-    """Live pids whose process group is `pgid` (field 5 of /proc/PID/stat, after the ')' of comm)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # exited while we looked
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(stat.parent.name))
-    return members
 
 
 def complete(server: launch.Server, n_predict: int = 4) -> dict:
