@@ -6,9 +6,9 @@ recorded machines without running anything.
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 
+from cputune import stats
 from cputune.bandwidth import BandwidthSummary, Spread
 from cputune.memory import MemoryInfo
 from cputune.peak import Peak
@@ -162,7 +162,7 @@ def bandwidth_findings(t: Topology, bw: BandwidthSummary, peak: Peak | None) -> 
     if s is not None:
         out.append(burst_finding(s, sum(x.varies for x in bw.spreads if x is not s)))
     if len(bw.node_read_gbps) > 1:
-        med = statistics.median(bw.node_read_gbps.values())
+        med = stats.summarize(bw.node_read_gbps.values()).median
         for node, gbps in bw.node_read_gbps.items():
             if gbps < NODE_IMBALANCE * med:
                 out.append(Finding("warn", "node-imbalance", f"node {node} reads {gbps:.1f} GB/s, "
@@ -188,7 +188,8 @@ def bandwidth_findings(t: Topology, bw: BandwidthSummary, peak: Peak | None) -> 
 def burst_finding(s: Spread, others_varying: int = 0) -> Finding:
     """Whether the read's bursts agree (issue 18): a host whose bandwidth swings between bursts
     is shared or throttling, and a figure from it says which burst it is."""
-    lo, hi = min(s.burst_gbps), max(s.burst_gbps)
+    bursts = stats.summarize(s.burst_gbps)
+    lo, hi = bursts.min, bursts.max
     over = f"{len(s.burst_gbps)} bursts over {max(s.at_s) - min(s.at_s):.0f} s"
     if not s.varies:
         return Finding("ok", "bursts", f"read bandwidth steady over {over}: {lo:.1f}–{hi:.1f} GB/s "

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from cputune import bandwidth, findings
+from cputune import bandwidth, findings, stats
 from cputune.bandwidth import BandwidthSummary, Layout, Measurement, Plan
 from cputune.errors import ConfigError
 from cputune.findings import Finding
@@ -219,7 +219,7 @@ def summary_rows(p: MachineProfile) -> list[tuple[str, str]]:
     if bw:
         share = f" ({bw.read_gbps / peak.total_gbps:.0%} of peak)" if peak and peak.total_gbps else ""
         s = bw.read_spread
-        bursts = (f"; best of {len(s.burst_gbps)} bursts, {min(s.burst_gbps):.1f} … {max(s.burst_gbps):.1f}"
+        bursts = (f"; best of {len(s.burst_gbps)} bursts, {stats.range_text(stats.summarize(s.burst_gbps), 1)}"
                   f" (median {s.median_gbps:.1f})" if s else "")
         rows.append(("read bandwidth", f"{bw.read_gbps:.1f} GB/s{share}, {bw.isa} kernels{bursts}"))
     return rows
