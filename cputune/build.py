@@ -29,7 +29,7 @@ from pathlib import Path
 
 from cputune import __version__
 from cputune.data import load_toml
-from cputune.errors import BuildError, ConfigError, ProcessFailed
+from cputune.errors import BuildError, ConfigError, EngineError, ProcessFailed
 from cputune.fsutil import atomic_write_text, cache_root
 from cputune.launch import help_flags
 
@@ -105,7 +105,7 @@ def engine_names() -> list[str]:
 def load_engine(name: str = DEFAULT_ENGINE) -> Engine:
     engines = load_toml("engines.toml")["engines"]
     if name not in engines:
-        raise ConfigError(f"unknown engine {name!r}", hint="choose one of: " + ", ".join(engines))
+        raise EngineError(f"unknown engine {name!r}", hint="choose one of: " + ", ".join(engines))
     d = dict(engines[name])
     for k in ("binaries", "reported_features", "snapshot_sha256", "repack_types"):
         d[k] = tuple(d.get(k, ()))
@@ -257,8 +257,8 @@ def fetch_pinned_source(root: Path | None = None) -> Source:
                   "--require-hashes", "-d", tmp, "-r", str(req)])
             sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
             if not sdists:
-                raise ConfigError(f"pip did not download the llama-cpp-python {version} sdist",
-                                 hint="check that PyPI is reachable")
+                raise EngineError(f"pip did not download the llama-cpp-python {version} sdist",
+                                  hint="check that PyPI is reachable")
             unpacked = extract_tarball(sdists[0], Path(tmp) / "unpack")
             if top.exists():
                 shutil.rmtree(top)
@@ -434,7 +434,7 @@ def clone_pinned_source(engine: Engine | str, root: Path | None = None) -> Sourc
 
 def _clone(eng: Engine, dest: Path) -> None:
     if not shutil.which("git"):
-        raise ConfigError(f"git is not installed; it is needed to fetch {eng.title}",
+        raise EngineError(f"git is not installed; it is needed to fetch {eng.title}",
                           hint=f"sudo apt-get install -y git, or pass --source with a checkout or "
                                f"tarball of {eng.title} {eng.commit}")
     hint = (f"check that {eng.git_url} can be reached from here, or pass --source with a "
@@ -455,7 +455,7 @@ def _clone(eng: Engine, dest: Path) -> None:
              f"{eng.git_url} has no commit {eng.commit}", hint)
         head = _git(["-C", str(tree), "rev-parse", "HEAD"], "git rev-parse failed", hint)
         if head != eng.commit:
-            raise ConfigError(f"the checkout of {eng.git_url} is at {head}, not {eng.commit}", hint=hint)
+            raise EngineError(f"the checkout of {eng.git_url} is at {head}, not {eng.commit}", hint=hint)
         _check_tree(tree, f"{eng.git_url} at {eng.commit[:9]}")
         _install_tree(tree, dest, {"from": eng.git_url, "commit": eng.commit})
 
@@ -685,7 +685,7 @@ def build(spec: BuildSpec, root: Path | None = None, jobs: int | None = None,
         return b
     for tool in ("cmake", "make") if not shutil.which("ninja") else ("cmake",):
         if not shutil.which(tool):
-            raise ConfigError(f"{tool} is not installed; it is needed to build llama.cpp",
+            raise EngineError(f"{tool} is not installed; it is needed to build llama.cpp",
                               hint="sudo apt-get install -y cmake build-essential")
     bdir.mkdir(parents=True, exist_ok=True)
     with open(root / "builds" / f"{spec.key}.lock", "w") as lockf:
@@ -774,7 +774,7 @@ def require_build(target_cpu: str | None = None, engine: str = DEFAULT_ENGINE) -
     if b is None:
         eng = load_engine(engine)
         flag = "" if engine == DEFAULT_ENGINE else f" --engine {engine}"
-        raise ConfigError(f"{eng.title} has not been built yet",
+        raise EngineError(f"{eng.title} has not been built yet",
                           hint=f"run `cputune build{flag}` (about 15 minutes on 2 cores; "
                                "cached afterwards)")
     return b

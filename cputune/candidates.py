@@ -35,7 +35,7 @@ def _from_file(f: ModelFile) -> Candidate:
 
 def catalog_choice(model_id: str, presets: Sequence[str] = CATALOG_PRESETS,
                    notes: Sequence[str] = ()) -> ModelChoice:
-    """A catalog model at llama-quantize presets (ConfigError listing what exists for unknown names)."""
+    """A catalog model at llama-quantize presets (ModelError listing what exists for unknown names)."""
     m = catalog_model(model_id)
     names = [preset_types(p).name for p in presets]
     return ModelChoice(m.name, m.id, tuple(Candidate(n, catalog_profile(m.id, n)) for n in names),

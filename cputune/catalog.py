@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 
 from cputune.data import load_toml
-from cputune.errors import ConfigError
+from cputune.errors import ConfigError, ModelError
 from cputune.gguf_model import ModelProfile, TensorInfo, profile_from, tensor_bytes, type_id
 from cputune.quant_rules import preset_types, quant_model, tensor_types
 
@@ -101,16 +101,16 @@ def load_catalog() -> dict[str, CatalogModel]:
 
 
 def catalog_model(model_id: str) -> CatalogModel:
-    """The catalog model with this id or alias (case-insensitive); ConfigError listing the ids if none."""
+    """The catalog model with this id or alias (case-insensitive); ModelError listing the ids if none."""
     catalog = load_catalog()
     key = model_id.lower()
     for m in catalog.values():
         if key == m.id or key in m.aliases:
             return m
-    raise ConfigError(f"no model {model_id!r} in the catalog",
-                      hint="catalog models: " + ", ".join(
-                          m.id + (f" (also {', '.join(m.aliases)})" if m.aliases else "")
-                          for m in catalog.values()) + "; or pass a GGUF file")
+    raise ModelError(f"no model {model_id!r} in the catalog",
+                     hint="catalog models: " + ", ".join(
+                         m.id + (f" (also {', '.join(m.aliases)})" if m.aliases else "")
+                         for m in catalog.values()) + "; or pass a GGUF file")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from cputune.build import Engine
-from cputune.errors import ConfigError
+from cputune.errors import EngineError
 from cputune.gguf_model import ModelProfile
 from cputune.memory import MemoryInfo
 
@@ -151,14 +151,14 @@ def loads_into_ram(engine: Engine, settings: Mapping[str, object]) -> bool:
 
 
 def check_model(engine: Engine, model: ModelProfile) -> None:
-    """A ConfigError before the start when the engine's loader would abort on the model:
+    """An EngineError before the start when the engine's loader would abort on the model:
     ik_llama.cpp takes a mainline-written MLA file only with DeepSeek's own head sizes
     (mla_kv_width in configs/engines.toml)."""
     if not (engine.mla_kv_width and model.mla and model.n_layer):
         return
     width = model.kv_k_elems_per_token // model.n_layer  # one latent KV head per layer
     if width != engine.mla_kv_width or model.n_head % engine.mla_head_multiple:
-        raise ConfigError(
+        raise EngineError(
             f"{engine.title} cannot load this MLA model: its KV cache is {width} wide with "
             f"{model.n_head} heads, and {engine.title}'s DeepSeek loader takes only "
             f"{engine.mla_kv_width} (512 latent + 64 rope) with heads a multiple of {engine.mla_head_multiple}",

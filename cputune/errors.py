@@ -40,7 +40,20 @@ class ProbeError(CputuneError):
 
 
 class ConfigError(CputuneError):
-    """Bad user input: an unknown name, a malformed spec, a missing file."""
+    """Bad user input: an unknown name, a malformed spec, a missing or damaged file of settings
+    (a TOML, a saved profile)."""
+
+
+class EngineError(CputuneError):
+    """The engine cannot do what was asked: unknown, not built yet, or its build lacks a program
+    or a feature (llama-server, the RPC backend), or cannot load this model; or a program needed
+    to fetch, build or run it (git, cmake, numactl) is missing. BuildError is the same kind for a
+    build that ran and failed."""
+
+
+class NetworkError(CputuneError):
+    """The network refused: a port in use or not bindable, an RPC worker that cannot be reached
+    or speaks another protocol, an HTTP request that failed."""
 
 
 class ProcessFailed(CputuneError):
@@ -69,8 +82,10 @@ class ProcessFailed(CputuneError):
         return "\n".join(lines)
 
 
-class BuildError(ProcessFailed):
-    pass
+class BuildError(ProcessFailed, EngineError):
+    """A build step (CMake, the compiler, the built library) failed: a ProcessFailed, so the CLI
+    shows its command and output, and an EngineError, so `except EngineError` means "no usable
+    engine" whether it was never built or its build failed."""
 
 
 class WriteError(ConfigError):

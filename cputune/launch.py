@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from cputune.errors import ConfigError, ProcessFailed, process_failed
+from cputune.errors import EngineError, NetworkError, ProcessFailed, process_failed
 from cputune.fsutil import cache_root
 
 LOGS_KEPT = 20  # per program: the newest logs of llama-server (or ggml-rpc-server) runs
@@ -126,23 +126,23 @@ def port_in_use(host: str, port: int) -> bool:
 
 
 def check_can_listen(host: str, port: int, option: str = "--port") -> None:
-    """A ConfigError with the real cause when nothing could listen on host:port."""
+    """A NetworkError with the real cause when nothing could listen on host:port."""
     e = bind_error(host, port)
     if e is None:
         return
     if e.errno == errno.EADDRINUSE:
-        raise ConfigError(f"port {port} on {host} is already in use",
-                          hint=f"pick another with {option}, or stop what is listening there")
+        raise NetworkError(f"port {port} on {host} is already in use",
+                           hint=f"pick another with {option}, or stop what is listening there")
     if e.errno == errno.EADDRNOTAVAIL:
-        raise ConfigError(f"cannot listen on {host}: it is not an address of this machine",
-                          hint="use 127.0.0.1, 0.0.0.0 (every interface) or an address `ip -brief address` lists")
+        raise NetworkError(f"cannot listen on {host}: it is not an address of this machine",
+                           hint="use 127.0.0.1, 0.0.0.0 (every interface) or an address `ip -brief address` lists")
     if e.errno == errno.EACCES:
-        raise ConfigError(f"cannot listen on port {port}: ports below 1024 need root "
-                          "(or CAP_NET_BIND_SERVICE)", hint=f"pick a port from 1024 up with {option}")
+        raise NetworkError(f"cannot listen on port {port}: ports below 1024 need root "
+                           "(or CAP_NET_BIND_SERVICE)", hint=f"pick a port from 1024 up with {option}")
     if isinstance(e, socket.gaierror):
-        raise ConfigError(f"cannot listen on {host!r}: {e.strerror or e}",
-                          hint="give an IP address or a host name this machine resolves")
-    raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}")
+        raise NetworkError(f"cannot listen on {host!r}: {e.strerror or e}",
+                           hint="give an IP address or a host name this machine resolves")
+    raise NetworkError(f"cannot listen on {host}:{port}: {e.strerror or e}")
 
 
 def http_json(url: str, payload: dict | None = None, timeout: float = 60.0) -> tuple[int, dict]:
@@ -279,7 +279,7 @@ def start_server(argv: Sequence[str], host: str, port: int, env: dict | None = N
     except OSError as e:
         hint = ("install numactl (apt install numactl)" if Path(argv[0]).name == "numactl"
                 else "run `cputune build` to (re)build llama.cpp")
-        raise ConfigError(f"cannot start {argv[0]}: {e.strerror}", hint=hint) from e
+        raise EngineError(f"cannot start {argv[0]}: {e.strerror}", hint=hint) from e
     finally:
         log.close()
     return Server(list(argv), host, port, proc, Path(log_path))

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from cputune import numa_policy
-from cputune.errors import ConfigError
+from cputune.errors import ConfigError, EngineError
 from cputune.sysfs import format_cpulist
 from cputune.topology import Topology
 
@@ -172,7 +172,7 @@ def plan_placement(topology: Topology, numa: NumaChoice | str = "auto", *, threa
         used, mem_nodes = (nid,), (nid,)
         if multi:
             if not numactl_available:
-                raise ConfigError(f"--numa node:{nid} needs numactl, which is not installed",
+                raise EngineError(f"--numa node:{nid} needs numactl, which is not installed",
                                   hint="apt install numactl (or dnf install numactl)")
             numactl = ("numactl", f"--cpunodebind={nid}", f"--membind={nid}")
     elif mode == "interleave":
@@ -181,7 +181,7 @@ def plan_placement(topology: Topology, numa: NumaChoice | str = "auto", *, threa
             mode = "off"
             notes.append("one NUMA node: --numa interleave changes nothing here")
         elif not numactl_available:
-            raise ConfigError("--numa interleave needs numactl, which is not installed",
+            raise EngineError("--numa interleave needs numactl, which is not installed",
                               hint="apt install numactl, or use --numa distribute")
         else:
             numactl = ("numactl", "--interleave=all")

@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 from gguf.constants import LlamaFileType
 
 from cputune.data import load_csv
-from cputune.errors import ConfigError
+from cputune.errors import ConfigError, ModelError
 from cputune.gguf_model import type_sizes
 
 # tensor_category in llama-quant.cpp
@@ -214,7 +214,7 @@ def _layer_info(m: QuantModel, counter: int, name: str) -> tuple[int, int]:
     if max(1, m.n_expert) > 1:
         layer = layer_of(name)
         if layer is None or not 0 <= layer < m.n_layer:
-            raise ConfigError(f"llama-quantize cannot place tensor {name} in a layer of {m.n_layer}")
+            raise ModelError(f"llama-quantize cannot place tensor {name} in a layer of {m.n_layer}")
         return layer, m.n_layer
     return counter, m.n_layer
 

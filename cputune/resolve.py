@@ -129,7 +129,7 @@ def resolve(model: str | None, quant: str | None = None, models_dir_option: Path
     if model is not None:
         try:
             cat = catalog_model(model)
-        except ConfigError:
+        except ModelError:
             cat = None
     folder = models_dir(models_dir_option)
     files: list[ModelFile] = []

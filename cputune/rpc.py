@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 from typing import Sequence
 
-from cputune.errors import ConfigError
+from cputune.errors import ConfigError, NetworkError
 
 RPC_CMD_GET_DEVICE_MEMORY = 11
 RPC_CMD_HELLO = 14  # static_assert'ed "must be always 14" in ggml-rpc.cpp
@@ -137,9 +137,9 @@ def query_memory(endpoint: Endpoint, timeout_s: float = 5.0) -> WorkerMemory:
             hello = _call(s, RPC_CMD_HELLO, bytes(RPC_CONN_CAPS_SIZE))
             major, minor, patch = hello[0], hello[1], hello[2]
             if major != RPC_PROTO_MAJOR:
-                raise ConfigError(f"RPC worker {where} speaks protocol {major}.{minor}.{patch}, "
-                                  f"this llama.cpp speaks {RPC_PROTO_MAJOR}.x",
-                                  hint="run the worker from the same llama.cpp version (cputune worker)")
+                raise NetworkError(f"RPC worker {where} speaks protocol {major}.{minor}.{patch}, "
+                                   f"this llama.cpp speaks {RPC_PROTO_MAJOR}.x",
+                                   hint="run the worker from the same llama.cpp version (cputune worker)")
             (count,) = struct.unpack("<I", _call(s, RPC_CMD_DEVICE_COUNT, b""))
             free = total = 0
             for dev in range(count):
@@ -148,9 +148,9 @@ def query_memory(endpoint: Endpoint, timeout_s: float = 5.0) -> WorkerMemory:
     except (OSError, ConnectionError, struct.error, IndexError) as e:
         why = "it did not answer in time (is another llama-server connected to it?)" \
             if isinstance(e, TimeoutError) else str(e) or type(e).__name__
-        raise ConfigError(f"cannot reach RPC worker {where}: {why}",
-                          hint=f"start it there with `cputune worker --host 0.0.0.0 --port {endpoint.port}`"
-                          ) from None
+        raise NetworkError(f"cannot reach RPC worker {where}: {why}",
+                           hint=f"start it there with `cputune worker --host 0.0.0.0 --port {endpoint.port}`"
+                           ) from None
     return WorkerMemory(endpoint, f"{major}.{minor}.{patch}", count, free, total)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cputune.data import load_csv
-from cputune.errors import ConfigError
+from cputune.errors import ConfigError, ModelError
 from cputune.gguf_model import ModelProfile, kv_bytes_per_token
 from cputune import numa_policy
 from cputune.hardware import ESTIMATED_READ_FRACTION
@@ -563,7 +563,7 @@ def select(model: str, candidates: Sequence[Candidate], machine: MachineBandwidt
     """Every candidate's fit, speed and quality; the best quality that fits and meets s.min_tps;
     when none does, the smallest changes that would give one."""
     if not candidates:
-        raise ConfigError(f"no quant of {model} to choose from")
+        raise ModelError(f"no quant of {model} to choose from")
     pairs = sorted(((evaluate(c, machine, cal, capacity, s), c) for c in candidates),
                    key=lambda oc: quality_key(oc[0]))
     opts = tuple(o for o, _ in pairs)

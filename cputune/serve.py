@@ -18,7 +18,7 @@ from typing import Callable, Mapping, Sequence
 
 from cputune import launch, pagecache, rpc, tune
 from cputune.build import Build, require_build
-from cputune.errors import ConfigError, InsufficientMemory, Terminated, process_failed
+from cputune.errors import ConfigError, EngineError, InsufficientMemory, NetworkError, Terminated, process_failed
 from cputune.gguf_model import shard_paths
 from cputune.memory import MemoryInfo, discover_memory
 from cputune.modelfiles import ModelFile
@@ -351,12 +351,12 @@ def server_argv(binary: Path, flags: frozenset[str], model_path: Path, placement
         argv.append("--metrics")
     if req.api_key_file is not None:
         if "--api-key-file" not in flags:
-            raise ConfigError("this llama-server has no --api-key-file, so it cannot be protected "
+            raise EngineError("this llama-server has no --api-key-file, so it cannot be protected "
                               "by a key", hint="run `cputune build --force` to build a current llama.cpp")
         argv += ["--api-key-file", str(req.api_key_file)]
     if req.rpc:
         if "--rpc" not in flags:
-            raise ConfigError("this llama-server was built without the RPC backend",
+            raise EngineError("this llama-server was built without the RPC backend",
                               hint="run `cputune build --force` (the build turns GGML_RPC on)")
         argv += ["--rpc", ",".join(str(e) for e in req.rpc)]
         if split is not None:
@@ -377,7 +377,7 @@ def find_binary(build: Build, names: Sequence[str]) -> Path:
     for name in names:
         if build.binary(name).exists():
             return build.binary(name)
-    raise ConfigError(f"the llama.cpp build in {build.bin_dir} has no {names[0]}",
+    raise EngineError(f"the llama.cpp build in {build.bin_dir} has no {names[0]}",
                       hint="run `cputune build --force` to rebuild it")
 
 
@@ -529,7 +529,7 @@ def start_worker(plan: WorkerPlan, timeout_s: float | None = 60.0,
     def probe() -> str | None:
         try:
             seen.append(rpc.query_memory(plan.endpoint, timeout_s=2.0))
-        except ConfigError:
+        except NetworkError:
             return "starting"
         return None
 

@@ -13,7 +13,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from cputune.cli import cli
+from cputune.cli import CputuneGroup, cli
+from cputune.errors import ConfigError, EngineError, ModelError, NetworkError
 
 
 def all_commands():
@@ -50,6 +51,30 @@ def test_bad_argument_is_one_line_without_traceback():
     assert r.output.splitlines()[0] == "Error: unknown --target-cpu 'zen9'"
     assert "hint: choose one of: native" in r.output
     assert "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("error", [
+    ConfigError("unknown --target-cpu 'zen9'", hint="choose one of: native"),
+    ModelError("no model 'm' in the catalog", hint="pass a GGUF file"),
+    EngineError("llama.cpp has not been built yet", hint="run `cputune build`"),
+    NetworkError("port 8080 on 127.0.0.1 is already in use", hint="pick another with --port"),
+], ids=lambda e: type(e).__name__)
+def test_every_error_kind_is_one_line_and_exit_1(error):
+    @click.group(cls=CputuneGroup)
+    def group():
+        pass
+
+    @group.command()
+    def go():
+        raise error
+    r = CliRunner().invoke(group, ["go"])
+    assert (r.exit_code, r.output) == (1, f"Error: {error.message}\nhint: {error.hint}\n")
+
+
+def test_an_engine_error_from_a_command_is_one_line():
+    r = CliRunner().invoke(cli, ["build", "--engine", "ik"])
+    assert r.exit_code == 1 and r.output.splitlines()[0] == "Error: unknown engine 'ik'"
+    assert "hint: choose one of: llama.cpp" in r.output and "Traceback" not in r.output
 
 
 def test_unknown_command_is_a_usage_error():

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from cputune import build, engine_args, launch
 from cputune.cli import cli
-from cputune.errors import ConfigError, ProcessFailed
+from cputune.errors import ConfigError, EngineError, ProcessFailed
 from cputune.gguf_model import read_model
 from cputune.memory import HugepagePool
 from cputune.probe import memory_from_topology
@@ -50,7 +50,7 @@ def test_every_engine_loads_and_pins_a_full_commit():
             assert eng.fetch == "sdist" and re.fullmatch(r"[0-9a-f]{64}", eng.sdist_sha256)
     # The mainline pin as manifests have always carried it, and the sdist that holds it.
     assert build.pinned_commit() == "0c1e57098" and build.pinned_version() == "0.3.36"
-    with pytest.raises(ConfigError, match="unknown engine 'ik'") as e:
+    with pytest.raises(EngineError, match="unknown engine 'ik'") as e:
         build.load_engine("ik")
     assert IK in e.value.hint
 
@@ -260,7 +260,7 @@ def test_clone_errors_name_the_command_and_what_to_do(tmp_path, fake_ik_repo, mo
         build.fetch_source(unknown, root=tmp_path / "cache")
     assert not (tmp_path / "cache" / "src" / unknown.label).exists()
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    with pytest.raises(ConfigError, match="git is not installed") as e:
+    with pytest.raises(EngineError, match="git is not installed") as e:
         build.fetch_source(replace(ik, git_url=f"file://{repo}", commit=pinned), root=tmp_path / "cache")
     assert "--source" in e.value.hint
 
@@ -415,7 +415,7 @@ def test_ik_choices_follow_the_model_and_the_box(ik_models):
 
 def test_ik_refuses_an_mla_model_without_deepseeks_head_sizes(tiny_models, ik_models):
     old = read_model(tiny_models["deepseek2"].quantized["q8_0"])  # latent 256 + 32 rope
-    with pytest.raises(ConfigError, match="cannot load this MLA model: its KV cache is 288 wide") as e:
+    with pytest.raises(EngineError, match="cannot load this MLA model: its KV cache is 288 wide") as e:
         engine_args.check_model(build.load_engine(IK), old)
     assert "--engine llama.cpp" in e.value.hint
     engine_args.check_model(build.load_engine(), old)

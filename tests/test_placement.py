@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cputune import serve
-from cputune.errors import ConfigError
+from cputune.errors import ConfigError, EngineError
 from cputune.hwloc_xml import load_hwloc_xml
 from cputune.placement import NumaChoice, llama_visible_nodes, parse_numa, plan_placement
 from cputune.sysfs import format_cpulist
@@ -189,7 +189,7 @@ def test_missing_node_names_the_existing_ones():
 
 
 def test_node_plan_needs_numactl_on_a_multi_node_box():
-    with pytest.raises(ConfigError, match="needs numactl") as e:
+    with pytest.raises(EngineError, match="needs numactl") as e:
         plan_placement(xml_box(EPYC_9654, 768), "node:0", numactl_available=False)
     assert "apt install numactl" in e.value.hint
 

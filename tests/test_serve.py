@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from cputune import launch, pagecache, rpc, serve
 from cputune.cli import cli
-from cputune.errors import ConfigError
+from cputune.errors import ConfigError, EngineError, NetworkError
 from cputune.placement import plan_placement
 from cputune.rpc import Endpoint, LayerSplit
 from cputune.selector import RamNeed
@@ -122,9 +122,9 @@ def test_argv_on_an_old_build_leaves_out_what_it_lacks():
     assert argv == ["llama-server", "-m", "m.gguf", "--host", HOST, "--port", "8080", "-c", "8192",
                     "-t", "8", "--numa", "distribute", "--no-mmap"]
     assert len(warnings) == 1 and "no --threads-batch" in warnings[0]
-    with pytest.raises(ConfigError, match="no --api-key-file"):
+    with pytest.raises(EngineError, match="no --api-key-file"):
         serve.server_argv(Path("llama-server"), OLD_FLAGS, Path("m.gguf"), p, req(api_key_file=Path("k")))
-    with pytest.raises(ConfigError, match="without the RPC backend"):
+    with pytest.raises(EngineError, match="without the RPC backend"):
         serve.server_argv(Path("llama-server"), OLD_FLAGS, Path("m.gguf"), p, req(rpc=(Endpoint("h", 1),)))
 
 
@@ -204,7 +204,7 @@ def test_bad_endpoints(text):
 
 def test_unreachable_worker_is_one_clear_error():
     port = launch.free_port(HOST)  # nothing listens there
-    with pytest.raises(ConfigError, match=f"cannot reach RPC worker 127.0.0.1:{port}") as e:
+    with pytest.raises(NetworkError, match=f"cannot reach RPC worker 127.0.0.1:{port}") as e:
         rpc.query_memory(Endpoint(HOST, port), timeout_s=1.0)
     assert f"cputune worker --host 0.0.0.0 --port {port}" in e.value.hint
 
@@ -676,16 +676,16 @@ def test_a_host_that_is_not_an_address_is_said_so_not_port_in_use():
 
 
 def test_a_bind_failure_says_its_real_cause():
-    with pytest.raises(ConfigError, match="cannot listen on 192.0.2.1: it is not an address of this machine"):
+    with pytest.raises(NetworkError, match="cannot listen on 192.0.2.1: it is not an address of this machine"):
         launch.check_can_listen("192.0.2.1", 8080)  # TEST-NET-1 (RFC 5737): on no interface here
     with socket.socket() as s:
         s.bind((HOST, 0))
         s.listen()
         port = s.getsockname()[1]
-        with pytest.raises(ConfigError, match=f"port {port} on {HOST} is already in use"):
+        with pytest.raises(NetworkError, match=f"port {port} on {HOST} is already in use"):
             launch.check_can_listen(HOST, port)
         assert launch.port_in_use(HOST, port) and not launch.port_in_use("192.0.2.1", port)
-    with pytest.raises(ConfigError, match="cannot listen on 'bad host'"):
+    with pytest.raises(NetworkError, match="cannot listen on 'bad host'"):
         launch.start_server(["llama-server"], "bad host", 8080)
 
 
