@@ -80,7 +80,7 @@ class Deepseek2Shape:
     n_layer: int
     n_embd: int
     n_ff: int
-    n_leading_dense: int
+    n_dense_lead: int
     n_expert: int
     n_expert_used: int
     n_expert_shared: int
@@ -98,8 +98,8 @@ class Deepseek2Shape:
 
     def __post_init__(self) -> None:
         _check_positive(self)
-        if not self.n_leading_dense < self.n_layer:
-            raise ConfigError(f"n_leading_dense {self.n_leading_dense} leaves no MoE block in {self.n_layer}")
+        if not self.n_dense_lead < self.n_layer:
+            raise ConfigError(f"n_dense_lead {self.n_dense_lead} leaves no MoE block in {self.n_layer}")
         if self.n_layer in _DEEPSEEK2_LITE_LAYERS:
             raise ConfigError(f"llama.cpp reads a {self.n_layer}-block deepseek2 as a 'lite' model without q_lora",
                               hint="use another n_layer")
@@ -124,7 +124,7 @@ class Deepseek2Shape:
 def _check_positive(shape) -> None:
     for name in shape.__slots__:
         value = getattr(shape, name)
-        if value < 0 or (value == 0 and name != "n_leading_dense"):
+        if value < 0 or (value == 0 and name != "n_dense_lead"):
             raise ConfigError(f"{type(shape).__name__}.{name} must be positive, got {value}")
 
 
@@ -202,7 +202,7 @@ def _deepseek2_specs(s: Deepseek2Shape) -> tuple[TensorSpec, ...]:
             TensorSpec(b + "attn_output.weight", (s.n_head * s.v_head_dim, s.n_embd), WEIGHT),
             TensorSpec(b + "ffn_norm.weight", (s.n_embd,), NORM),
         ]
-        if i < s.n_leading_dense:
+        if i < s.n_dense_lead:
             specs += [
                 TensorSpec(b + "ffn_gate.weight", (s.n_embd, s.n_ff), WEIGHT),
                 TensorSpec(b + "ffn_up.weight", (s.n_embd, s.n_ff), WEIGHT),
@@ -310,7 +310,7 @@ def _deepseek2_at_width(n_embd: int, n_layer: int, n_expert: int, n_vocab: int) 
     return Deepseek2Shape(
         n_layer=n_layer, n_embd=n_embd,
         n_ff=_round_to(n_embd * 18432 / 7168, QK_K, QK_K),
-        n_leading_dense=1,
+        n_dense_lead=1,
         n_expert=n_expert, n_expert_used=max(2, n_expert // 8), n_expert_shared=1,  # R1: 256, 8, 1
         n_ff_exp=_round_to(n_embd * 2048 / 7168, QK_K, QK_K),
         n_head=max(4, n_embd // 128 // 4 * 4),
@@ -486,7 +486,7 @@ def _add_deepseek2_keys(w: GGUFWriter, s: Deepseek2Shape) -> None:
     w.add_q_lora_rank(s.q_lora_rank)
     w.add_kv_lora_rank(s.kv_lora_rank)
     w.add_rope_dimension_count(s.qk_rope_dim)
-    w.add_leading_dense_block_count(s.n_leading_dense)
+    w.add_leading_dense_block_count(s.n_dense_lead)
     w.add_expert_count(s.n_expert)
     w.add_expert_used_count(s.n_expert_used)
     w.add_expert_shared_count(s.n_expert_shared)

@@ -39,7 +39,7 @@ def llama_bin_dir() -> Path:
 TINY_LLAMA = synth.LlamaShape(n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_vocab=512, ctx=2048)
 # One leading dense block, then one MoE block: 8 routed experts (top 2) and 1 shared, MLA attention.
 TINY_DS2 = synth.Deepseek2Shape(
-    n_layer=2, n_embd=256, n_ff=512, n_leading_dense=1, n_expert=8, n_expert_used=2, n_expert_shared=1,
+    n_layer=2, n_embd=256, n_ff=512, n_dense_lead=1, n_expert=8, n_expert_used=2, n_expert_shared=1,
     n_ff_exp=256, n_head=4, q_lora_rank=256, kv_lora_rank=256, qk_nope_dim=64, qk_rope_dim=32, v_head_dim=64,
     n_vocab=512, ctx=2048)
 TINY_QTYPES = ("q8_0", "q4_k_m")

@@ -270,13 +270,13 @@ SYNTH = {
     # R1 in miniature: 1 dense + 7 MoE blocks (8 layers give use_more_bits both values), 16 experts
     # (not 8: the Mixtral rules stay off, as for R1's 256), attn_k_b rows of 64 -> fallbacks.
     "deepseek2": synth.Deepseek2Shape(
-        n_layer=8, n_embd=256, n_ff=512, n_leading_dense=1, n_expert=16, n_expert_used=2, n_expert_shared=1,
+        n_layer=8, n_embd=256, n_ff=512, n_dense_lead=1, n_expert=16, n_expert_used=2, n_expert_shared=1,
         n_ff_exp=256, n_head=4, q_lora_rank=256, kv_lora_rank=256, qk_nope_dim=64, qk_rope_dim=32,
         v_head_dim=64, n_vocab=512),
     # 8 experts switch on llama.cpp's "8-expert model" rules (attn_output Q5_K, attn_v Q8_0);
     # attn_k_b rows of 48 are not a multiple of 32 -> F16.
     "deepseek2-8x": synth.Deepseek2Shape(
-        n_layer=2, n_embd=256, n_ff=512, n_leading_dense=1, n_expert=8, n_expert_used=2, n_expert_shared=1,
+        n_layer=2, n_embd=256, n_ff=512, n_dense_lead=1, n_expert=8, n_expert_used=2, n_expert_shared=1,
         n_ff_exp=256, n_head=4, q_lora_rank=256, kv_lora_rank=256, qk_nope_dim=48, qk_rope_dim=32,
         v_head_dim=64, n_vocab=512),
     # GQA 4:1 and every row a multiple of 256
@@ -335,7 +335,7 @@ def test_catalog_builds_the_file_llama_quantize_writes(synthetic, model):
     common = dict(id=model, name=model, hf_repo="", arch=s.arch, n_layer=s.n_layer, n_embd=s.n_embd,
                   n_ff=s.n_ff, n_head=s.n_head, n_vocab=s.n_vocab, ctx=s.ctx, source="test")
     if isinstance(s, synth.Deepseek2Shape):
-        m = CatalogModel(**common, n_head_kv=s.n_head, n_dense_lead=s.n_leading_dense, n_expert=s.n_expert,
+        m = CatalogModel(**common, n_head_kv=s.n_head, n_dense_lead=s.n_dense_lead, n_expert=s.n_expert,
                          n_expert_used=s.n_expert_used, n_expert_shared=s.n_expert_shared, n_ff_exp=s.n_ff_exp,
                          q_lora_rank=s.q_lora_rank, kv_lora_rank=s.kv_lora_rank, qk_nope_dim=s.qk_nope_dim,
                          qk_rope_dim=s.qk_rope_dim, v_head_dim=s.v_head_dim)

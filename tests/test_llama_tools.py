@@ -282,7 +282,7 @@ def test_server_completes_and_stops_cleanly(tiny_models, llama_bin_dir, tmp_path
     assert info["n_layer"] == str(m.shape.n_layer)
     if arch == "deepseek2":
         expected = {"n_expert": m.shape.n_expert, "n_expert_used": m.shape.n_expert_used,
-                    "n_expert_shared": m.shape.n_expert_shared, "n_layer_dense_lead": m.shape.n_leading_dense,
+                    "n_expert_shared": m.shape.n_expert_shared, "n_layer_dense_lead": m.shape.n_dense_lead,
                     "n_lora_q": m.shape.q_lora_rank, "n_lora_kv": m.shape.kv_lora_rank}
         assert {k: int(info[k]) for k in expected} == expected
 

@@ -15,7 +15,7 @@ from cputune.errors import ConfigError, ProcessFailed
 
 TINY_LLAMA = synth.LlamaShape(n_layer=2, n_embd=256, n_ff=768, n_head=4, n_head_kv=2, n_vocab=512, ctx=2048)
 TINY_DS2 = synth.Deepseek2Shape(
-    n_layer=3, n_embd=256, n_ff=768, n_leading_dense=1, n_expert=8, n_expert_used=2, n_expert_shared=1,
+    n_layer=3, n_embd=256, n_ff=768, n_dense_lead=1, n_expert=8, n_expert_used=2, n_expert_shared=1,
     n_ff_exp=256, n_head=4, q_lora_rank=256, kv_lora_rank=256, qk_nope_dim=64, qk_rope_dim=32, v_head_dim=64,
     n_vocab=512, ctx=4096)
 
@@ -170,7 +170,7 @@ def test_shape_for_size_is_close_and_proportioned(arch, target):
         assert s.n_head_kv < s.n_head and s.n_head % s.n_head_kv == 0
     else:
         assert 4 <= s.n_expert <= 64 and 2 <= s.n_expert_used <= 8 and s.n_expert_used < s.n_expert
-        assert (s.n_expert_shared, s.n_leading_dense) == (1, 1)
+        assert (s.n_expert_shared, s.n_dense_lead) == (1, 1)
         assert s.n_ff_exp % 256 == 0 and s.kv_lora_rank % 256 == 0 and s.q_lora_rank % 256 == 0
         assert (s.n_head * s.v_head_dim) % 256 == 0
         # DeepSeek's own latent (K 576 = 512 + 64 rope, V 512), which ik_llama.cpp requires.
