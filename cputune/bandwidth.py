@@ -110,7 +110,7 @@ class Step:
 
 
 @dataclass(frozen=True, slots=True)
-class Plan:
+class BandwidthPlan:
     runs: tuple[Run, ...]  # each distinct run once, in plan order
     notes: tuple[str, ...] = field(default_factory=tuple)
     steps: tuple[Step, ...] = ()  # the order they are measured in; empty: each run once, in order
@@ -169,7 +169,7 @@ def is_burst_sampled(run: Run) -> bool:
 
 def plan_probe(layout: Layout, quick: bool = False, matrix: bool = True, sweep: bool = True,
                kernels: Iterable[str] = KERNELS, bursts: int | None = None,
-               span_s: float | None = None) -> Plan:
+               span_s: float | None = None) -> BandwidthPlan:
     ntimes = QUICK_NTIMES if quick else NTIMES
     bursts = bursts or (QUICK_BURSTS if quick else BURSTS)
     span_s = (QUICK_SPAN_S if quick else SPAN_S) if span_s is None else span_s
@@ -219,7 +219,7 @@ def plan_probe(layout: Layout, quick: bool = False, matrix: bool = True, sweep: 
         for c in counts:  # the full node is the "node" read run already
             add(f"{c} core" + ("" if c == 1 else "s"), "sweep", "read", cores[:c], [node] * c,
                 layout.node_llc_bytes.get(node, layout.llc_bytes), node, node, SWEEP_NTIMES)
-    return Plan(tuple(runs), tuple(notes), burst_schedule(runs, bursts, span_s))
+    return BandwidthPlan(tuple(runs), tuple(notes), burst_schedule(runs, bursts, span_s))
 
 
 def burst_schedule(runs: Sequence[Run], bursts: int, span_s: float) -> tuple[Step, ...]:
@@ -290,7 +290,7 @@ def checked(m: Measurement) -> Measurement:
     return m
 
 
-def run_plan(plan: Plan, progress: Callable[[int, int, str], None] | None = None,
+def run_plan(plan: BandwidthPlan, progress: Callable[[int, int, str], None] | None = None,
              isa: str | None = None, measure_fn: Callable[[Run], Measurement] | None = None,
              clock: Callable[[], float] = time.monotonic,
              sleep: Callable[[float], None] = time.sleep) -> list[Measurement]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from cputune import bandwidth, findings, stats
-from cputune.bandwidth import BandwidthSummary, Layout, Measurement, Plan
+from cputune.bandwidth import BandwidthPlan, BandwidthSummary, Layout, Measurement
 from cputune.errors import ConfigError
 from cputune.findings import Finding
 from cputune.fsutil import cache_root
@@ -121,7 +121,7 @@ def make_layout(t: Topology, m: MemoryInfo, numa: bool = True) -> Layout:
                   node_free_bytes=node_free, mem_available_bytes=available, numa=numa)
 
 
-def plan(inv: Inventory, root: Path | str = Path("/"), quick: bool = False) -> Plan:
+def plan(inv: Inventory, root: Path | str = Path("/"), quick: bool = False) -> BandwidthPlan:
     numa = SysRoot(Path(root)).exists("sys/devices/system/node/node0")
     return bandwidth.plan_probe(make_layout(inv.topology, inv.memory, numa), quick=quick)
 
