@@ -91,7 +91,7 @@ def load_published_runs() -> list[PublishedRun]:
             model=profiles[key], machine=machines[r["hardware"]], depth=r.get("depth", 0),
             pp_tokens=r.get("pp_tokens", 512), cache_type=r.get("cache_type", "f16"),
             hugepages=r.get("hugepages", "unknown"), threads_batch=r.get("threads_batch"),
-            source=r.get("source", "shared/reference/published_measurements.md")))
+            source=r.get("source") or f"configs/published_runs.toml row {r.get('row')} (its header names the thread)"))
     return out
 
 
@@ -202,7 +202,9 @@ def fit_published(runs: Sequence[PublishedRun], start: Calibration,
              for n in names for v in [getattr(c, TERMS[n][0])]]
         for f in fams:
             fr = c.family_rates.get(f)
-            if fr:
+            # Only a table of this fit's own form (every base type) warm-starts a family's scale;
+            # a box's measured table (cputune calibrate, fewer types) does not.
+            if fr and set(base_d) <= set(fr["decode"]) and set(base_p) <= set(fr["prefill"]):
                 x += [math.log(statistics.median(fr["decode"][t] / base_d[t] for t in base_d)),
                       math.log(statistics.median(fr["prefill"][t] / base_p[t] for t in base_p))]
             else:

@@ -84,12 +84,13 @@ def test_calibrate_needs_a_probe_first(own_cache):
 def test_calibrate_fits_and_saves_beside_the_profile(own_cache, tmp_path):
     assert run(["probe", "--quick"], catch_exceptions=False).exit_code == 0
     r = run(["calibrate", "--arch", "llama", "--size", "24MiB", "--quant", "q8_0", "--threads", "1",
-             "--reps", "1", "--passes", "1", "--work-dir", str(tmp_path / "models"), "--json"],
-            catch_exceptions=False)
+             "--reps", "1", "--passes", "1", "--depths", "0,256", "--work-dir", str(tmp_path / "models"),
+             "--json"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert Path(doc["saved_to"]) == own_cache / "calibration.json"
-    assert len(doc["points"]) == 1 and doc["points"][0]["tg_tokens_per_s"] > 0
+    # One model, one thread count, two depths (llama-bench -d): a point each.
+    assert [p["depth"] for p in doc["points"]] == [0, 256] and doc["points"][0]["tg_tokens_per_s"] > 0
     assert doc["points"][0]["read_gbps"] == max(doc["points"][0]["read_gbps_samples"]) > 0  # issue 18
     cal = calibrate.load_calibration(own_cache / "calibration.json")
     assert "llama-bench runs" in cal.source
