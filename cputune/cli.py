@@ -551,18 +551,18 @@ def tune_cmd(model, quant, models_dir, twin_size, budget, kinds, depth, n_prompt
 def report_cmd(out_path, fmt, charts, as_json):
     """Write one HTML (or Markdown) report of what probe, bench and tune saved: the machine, its
     bandwidth per node and thread scaling, decode against the roofline, the tuning table."""
-    from cputune import reportfile
+    from cputune import report_file
 
-    data = reportfile.collect()
+    data = report_file.collect()
     with report.progress("writing the report", total=None) as update:
         update(0, "drawing charts" if charts else "tables")
-        blocks = reportfile.build_blocks(data, charts)
-        paths = reportfile.write_report(blocks, out_path, fmt)
+        blocks = report_file.build_blocks(data, charts)
+        paths = report_file.write_report(blocks, out_path, fmt)
     if as_json:
         return report.print_json(report.document(
             "cputune.report/1", files=paths, sources=data.sources,
-            sections=[b.text for b in blocks if isinstance(b, reportfile.Heading)],
-            charts=[b.name for b in blocks if isinstance(b, reportfile.Chart)]))
+            sections=[b.text for b in blocks if isinstance(b, report_file.Heading)],
+            charts=[b.name for b in blocks if isinstance(b, report_file.Chart)]))
     report.info(f"wrote {paths[0]}" + (f" and {len(paths) - 1} charts beside it" if len(paths) > 1 else ""))
 
 

@@ -337,7 +337,7 @@ def render_bench(results, model, box, history: Path | None) -> None:
 # ---- tune --------------------------------------------------------------------------------------
 
 def render_tune(result, saved: Path | None) -> None:
-    from cputune.reportfile import TRIAL_HEADERS, trial_rows
+    from cputune.report_file import TRIAL_HEADERS, trial_rows
 
     for r in result.results:
         t = Table(title=f"{r.test}: {r.best.label}  —  {r.best_tokens_per_s:.2f} t/s, "

@@ -12,7 +12,7 @@ import stat
 import pytest
 from click.testing import CliRunner
 
-from cputune import reportfile, tune
+from cputune import report_file, tune
 from cputune.cli import cli
 from cputune.fsutil import atomic_write_text
 
@@ -90,9 +90,9 @@ def test_report_into_a_folder_is_refused_and_nothing_is_written(own_cache, tmp_p
 
 
 def test_tables_escape_what_they_show():
-    blocks = [reportfile.Heading("a <b>"), reportfile.TableBlock(("x|y",), (("<td>|",),))]
-    assert "&lt;td&gt;|" in reportfile.to_html(blocks) and "a &lt;b&gt;" in reportfile.to_html(blocks)
-    assert "<td>\\|" in reportfile.to_markdown(blocks, "img")
+    blocks = [report_file.Heading("a <b>"), report_file.TableBlock(("x|y",), (("<td>|",),))]
+    assert "&lt;td&gt;|" in report_file.to_html(blocks) and "a &lt;b&gt;" in report_file.to_html(blocks)
+    assert "<td>\\|" in report_file.to_markdown(blocks, "img")
 
 
 def current_umask() -> int:
