@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import TINY_DS2, TINY_LLAMA
+from shapes import TINY_DS2, TINY_LLAMA
 from gguf import GGUFReader
 
 from cputune import calibrate, modelfiles, synth
