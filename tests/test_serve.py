@@ -24,6 +24,7 @@ from cputune.placement import plan_placement
 from cputune.rpc import Endpoint, LayerSplit
 from cputune.selector import RamNeed
 from cputune.topology import discover_topology
+from helpers import children
 
 ROOT = Path(__file__).parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -511,19 +512,6 @@ def cputune_process(*args: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, env=env)
     proc.seen = []  # stdout read before the end
     return proc
-
-
-def children(pid: int) -> list[int]:
-    """Live pids whose parent is `pid` (field 4 of /proc/PID/stat)."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            out.append(int(stat.parent.name))
-    return out
 
 
 def alive(pid: int) -> bool:
