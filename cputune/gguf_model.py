@@ -76,6 +76,16 @@ def type_sizes() -> dict[int, tuple[str, int, int]]:
 
 
 @functools.lru_cache(maxsize=None)
+def meta_bytes() -> dict[int, tuple[int, int]]:
+    """type id -> (bytes per row, bytes per tensor) a type stores beside its blocks: ik_llama.cpp's
+    per-row scales (type_traits row_meta_size: IQ4_KS 4, IQ2_KS 2) and I2_S's 32-byte tail."""
+    sizes = {int(t) for t in GGML_QUANT_SIZES}
+    return {int(r["id"]): (int(r["row_meta_bytes"]), int(r["tensor_meta_bytes"]))
+            for r in load_csv("ggml_types_extra.csv")
+            if int(r["id"]) not in sizes and (int(r["row_meta_bytes"]) or int(r["tensor_meta_bytes"]))}
+
+
+@functools.lru_cache(maxsize=None)
 def bits_per_weight() -> dict[str, float]:
     """type name -> bits per weight (bytes per block x 8 / elements per block)."""
     return {name: size * 8 / block for name, block, size in type_sizes().values()}
@@ -90,12 +100,14 @@ def type_id(name: str) -> int:
 
 
 def tensor_bytes(shape: tuple[int, ...], tid: int) -> int | None:
-    """(ne[0] / block) * bytes_per_block * ne[1] * ...; None for an unknown type id."""
+    """(row meta + ne[0] / block * bytes_per_block) * ne[1] * ... + tensor meta (ggml.c
+    ggml_nbytes); None for an unknown type id."""
     t = type_sizes().get(tid)
     if t is None:
         return None
     _, block, size = t
-    return shape[0] // block * size * math.prod(shape[1:])
+    row, tail = meta_bytes().get(tid, (0, 0))
+    return (row + shape[0] // block * size) * math.prod(shape[1:]) + tail
 
 
 @dataclass(frozen=True, slots=True)
