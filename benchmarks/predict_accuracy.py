@@ -22,9 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-from cputune import build, calibrate, hardware, probe
+from cputune import build, calibrate, probe
+from cputune.box import resolve_box
 from cputune.fsutil import cache_root
-from cputune.predictor import Settings, predict
+from cputune.predictor import predict
 from cputune.units import parse_size
 
 MIB = 1 << 20
@@ -52,7 +53,7 @@ def read_ranges(points) -> str:
 
 
 def local(args) -> bool:
-    box = hardware.resolve_box(None)
+    box = resolve_box(None)
     b = build.require_build()
     work = Path(args.work_dir or cache_root() / "bench-models")
     threads = tuple(int(t) for t in args.threads.split(","))

@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from cputune import build, gguf_model, hardware, selector, synth, tune, units
+from cputune import build, gguf_model, selector, synth, tune, units
+from cputune.box import resolve_box
 from cputune.fsutil import cache_root
 from cputune.topology import discover_topology
 
@@ -58,7 +59,7 @@ def main() -> int:
     ap.add_argument("--work-dir", type=Path, help="where synthetic models go [default: cache/bench-models]")
     args = ap.parse_args()
 
-    box = hardware.resolve_box(None)
+    box = resolve_box(None)
     b = build.require_build()
     bench_bin = b.bin_dir / "llama-bench"
     topo = discover_topology()

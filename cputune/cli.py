@@ -302,9 +302,9 @@ def fit_options(f):
 def select_cmd(model, min_tps, hardware_spec, models_dir, ctx_tokens, cache_type, numa, threads, mmap,
                flash_attn, as_json):
     """Which quant of a model fits this box (or PROFILE), how fast, at what quality; the best one."""
-    from cputune import candidates, hardware, selector
+    from cputune import box as box_, candidates, selector
 
-    box = hardware.resolve_box(hardware_spec)
+    box = box_.resolve_box(hardware_spec)
     s = selector.fit_settings(box.machine, ctx_tokens, cache_type, numa, threads, mmap, flash_attn,
                               min_tps=min_tps)
     choice = candidates.resolve_model(model, models_dir)
@@ -329,9 +329,9 @@ def select_cmd(model, min_tps, hardware_spec, models_dir, ctx_tokens, cache_type
 def plan_cmd(hardware_spec, model, quant, target_tps, ctx_tokens, cache_type, numa, threads, mmap,
              flash_attn, as_json):
     """Fit and speed of every catalog model and quant on a box not built yet; what box a speed needs."""
-    from cputune import candidates, hardware, selector
+    from cputune import box as box_, candidates, selector
 
-    box = hardware.resolve_box(hardware_spec)
+    box = box_.resolve_box(hardware_spec)
     s = selector.fit_settings(box.machine, ctx_tokens, cache_type, numa, threads, mmap, flash_attn)
     models = [(c.catalog_id or c.label, c.label, c.candidates) for c in candidates.plan_models(model, quant)]
     mts = box.hardware.mts if box.hardware else selector.DEFAULT_CHANNEL_MTS
@@ -366,16 +366,16 @@ def predict_cmd(model, quant, hardware, threads, numa, depth, cache_type, engine
     range held-out runs fell in, and the best thread counts."""
     import shutil
 
-    from cputune import hardware as hw
+    from cputune import box as box_
     from dataclasses import replace
 
     from cputune.predictor import best_threads, predict
     from cputune.resolve import resolve
 
     prof = resolve(model, quant).profile(quant)
-    box = hw.resolve_box(hardware)
-    page_size = hw.page_size_of(box) if pages == "auto" else pages
-    settings, decision = hw.plan_settings(box.machine, prof, numa, threads, depth, cache_type,
+    box = box_.resolve_box(hardware)
+    page_size = box_.page_size_of(box) if pages == "auto" else pages
+    settings, decision = box_.plan_settings(box.machine, prof, numa, threads, depth, cache_type,
                                           numactl=box.hardware is not None or bool(shutil.which("numactl")),
                                           engine=engine, page_size=page_size)
     p = predict(prof, box.machine, settings, box.calibration)
@@ -415,11 +415,11 @@ def predict_cmd(model, quant, hardware, threads, numa, depth, cache_type, engine
 @json_option
 def calibrate_cmd(archs, sizes, quants, threads, reps, passes, work_dir, depths, as_json):
     """Fit the predictor's constants to llama-bench runs on synthetic models here; saves them."""
-    from cputune import build, calibrate, hardware, probe, units
+    from cputune import box as box_, build, calibrate, probe, units
     from cputune.fsutil import cache_root
     from cputune.units import parse_size
 
-    box = hardware.resolve_box(None)
+    box = box_.resolve_box(None)
     b = build.require_build()
     profile = probe.load_profile()
     t = profile.inventory.topology
@@ -512,12 +512,12 @@ def tune_cmd(model, quant, models_dir, twin_size, budget, kinds, depth, n_prompt
     prefill separately; keep the best for `serve` and report the gain over llama.cpp's defaults."""
     import shutil
 
-    from cputune import build, gguf_model, hardware, resolve, selector, tune, units
+    from cputune import box as box_, build, gguf_model, resolve, selector, tune, units
     from cputune.topology import discover_topology
 
     budget_s = units.parse_duration(budget)
     kind_list = tune.kinds_from(kinds)
-    box = hardware.resolve_box(None)
+    box = box_.resolve_box(None)
     b = build.require_build()
     path = resolve.bench_target(model, quant, models_dir, twin_size, b.bin_dir / "llama-quantize")
     prof = gguf_model.read_model(path)
@@ -581,9 +581,9 @@ def report_cmd(out_path, fmt, charts, as_json):
 @json_option
 def bench_cmd(model, quant, models_dir, twin_size, threads, depth, n_prompt, n_gen, reps, as_json):
     """Measure tokens/s with llama-bench beside the prediction and the roofline; keeps a history."""
-    from cputune import bench, build, gguf_model, hardware, probe, resolve
+    from cputune import bench, box as box_, build, gguf_model, probe, resolve
 
-    box = hardware.resolve_box(None)
+    box = box_.resolve_box(None)
     b = build.require_build()
     path = resolve.bench_target(model, quant, models_dir, twin_size, b.bin_dir / "llama-quantize")
     prof = gguf_model.read_model(path)

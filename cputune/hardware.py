@@ -11,13 +11,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cputune import checks, numa_policy
+from cputune import checks
 from cputune.cores import core_family
 from cputune.data import config_path
-from cputune.numa_policy import NumaDecision
 from cputune.errors import ConfigError
 from cputune.memory import MEMORY_MTS, check_mts, theoretical_peak_gbps
-from cputune.predictor import Calibration, MachineBandwidth, Settings, cache_type_name, check_context
+from cputune.predictor import Calibration, MachineBandwidth
 from cputune.topology import ISA_FLAGS
 
 if sys.version_info >= (3, 11):
@@ -209,90 +208,6 @@ def machine_from_hardware(hw: HardwareProfile) -> MachineBandwidth:
         threads_per_core=hw.threads_per_core, core_family=core_family(hw.cpu_model))
 
 
-def numa_decision(m: MachineBandwidth, need_bytes: int | None, numa: str = "auto",
-                  threads: int | None = None, numactl: bool = True) -> NumaDecision:
-    """The one NUMA rule (numa_policy.decide) on a predictor machine: a node offers its share of
-    the box's memory."""
-    return numa_policy.decide(nodes=m.nodes, cores_per_node=m.cores_per_node, need_bytes=need_bytes,
-                              node_bytes=numa_policy.node_bytes_of_box(m.mem_bytes, m.nodes),
-                              numactl=numactl, requested=numa, threads=threads,
-                              threads_per_core=m.threads_per_core)
-
-
-def plan_settings(m: MachineBandwidth, model, numa: str = "auto", threads: int | None = None,
-                  depth: int = 0, cache_type: str = "f16", ctx_tokens: int = 4096, *,
-                  numactl: bool = True, engine: str = "llama.cpp",
-                  page_size: str = "2M") -> tuple[Settings, NumaDecision]:
-    """The settings a prediction assumes when the user gives only some of them, and the NUMA
-    decision behind them; the model is sized as serve will load it (mmap, repack copy, KV cache
-    at ctx_tokens)."""
-    from cputune.selector import ram_needed
-
-    cache_type = cache_type_name(cache_type)
-    check_context(model, depth, f"a depth of {depth} tokens")
-    need = ram_needed(model, max(ctx_tokens, depth), cache_type, isa=m.isa).total_bytes
-    d = numa_decision(m, need, numa, threads, numactl)
-    return Settings(threads=d.threads, numa=d.policy, depth=depth, cache_type=cache_type,
-                    engine=engine, page_size=page_size), d
-
-
-def page_size_of(box: "Box") -> str:
-    """The page size predictions assume: huge pages for a described box (what the published runs
-    used), this box's own THP setting otherwise ("always" backs the weights with 2 MiB pages once
-    llama.cpp copies or repacks them; madvise/never leave 4 KiB ones)."""
-    if box.hardware is not None:
-        return "2M"
-    from cputune import probe
-
-    try:
-        thp = probe.load_profile().inventory.memory.thp_enabled
-    except Exception:  # an unreadable profile was reported when the box was resolved
-        thp = None
-    return "2M" if thp == "always" else "4K"
-
-
-def default_settings(m: MachineBandwidth, model, numa: str = "auto", threads: int | None = None,
-                     depth: int = 0, cache_type: str = "f16", ctx_tokens: int = 4096) -> Settings:
-    """plan_settings' Settings alone."""
-    return plan_settings(m, model, numa, threads, depth, cache_type, ctx_tokens)[0]
-
-
-def machine_from_profile(profile) -> MachineBandwidth:
-    """The predictor's view of a saved probe (cputune.probe.MachineProfile). Its figures are
-    checked as a hardware profile's are: a ConfigError names the field (the caller adds the file)."""
-    t, bw = profile.inventory.topology, profile.bandwidth
-
-    def gbps(value, field: str) -> float:
-        return checks.number(value, f"field profile.bandwidth.{field}", 0, MAX_GBPS, lo_open=True)
-
-    cpu_nodes = [n for n in t.nodes if n.cpus]
-    cores = len(t.first_thread_per_core())
-    for name, n, hi in (("inventory.topology.packages", len(t.packages), MAX_SOCKETS),
-                        ("inventory.topology.nodes (with CPUs)", len(cpu_nodes), MAX_SOCKETS * MAX_NODES_PER_SOCKET),
-                        ("inventory.topology.cores", cores, MAX_SOCKETS * MAX_CORES_PER_SOCKET)):
-        if not 1 <= n <= hi:
-            raise ConfigError(f"field profile.{name} must list from 1 to {hi}, not {n}")
-    if not bw.node_read_gbps:
-        raise ConfigError("field profile.bandwidth.node_read_gbps is empty")
-    node_read = {i: gbps(g, f"node_read_gbps[{i}]") for i, g in bw.node_read_gbps.items()}
-    node_bw = max(node_read.values())
-    cores_per_node = max(cores // len(cpu_nodes), 1)
-    one_core = gbps(bw.sweep_read_gbps[0][1], "sweep_read_gbps[0]") \
-        if bw.sweep_read_gbps and bw.sweep_read_gbps[0][0] == 1 else node_bw / cores_per_node
-    remote = [gbps(g, f"matrix_read_gbps[{k}]") / node_read[i]
-              for k, (i, _, g) in enumerate(bw.matrix_read_gbps) if i in node_read]
-    mem = profile.inventory.memory.mem_total_bytes or 0
-    checks.number(mem, "field profile.inventory.memory.mem_total_bytes", 0, MAX_SOCKETS * MAX_CHANNELS_PER_SOCKET
-                  * MAX_DIMMS_PER_CHANNEL * (MAX_DIMM_GIB * GIB), integer=True)
-    return MachineBandwidth(
-        name=profile.hostname, sockets=len(t.packages), nodes=len(cpu_nodes),
-        cores=cores, node_read_gbps=node_bw, core_read_gbps=min(one_core, node_bw),
-        # A remote read measured a little above the local one is noise: the ratio is at most 1.
-        remote_ratio=min(min(remote), 1.0) if remote else 1.0,
-        mem_bytes=mem, isa=t.isa_flags, threads_per_core=max(t.threads_per_core, 1),
-        core_family=core_family(t.cpu_model, t.cpu_vendor, t.cpu_family_id, t.cpu_model_id))
-
-
 @dataclass(frozen=True, slots=True)
 class Box:
     """A machine to predict for, the constants that go with it, and where both came from."""
@@ -301,33 +216,3 @@ class Box:
     calibration: Calibration
     source: str
     hardware: HardwareProfile | None = None
-
-
-def resolve_box(spec: str | Path | None) -> Box:
-    """--hardware: a shipped name or TOML path; none means this box's saved probe profile.
-
-    A hardware profile gets the constants fitted to published big-server runs; this box gets
-    its own `cputune calibrate` fit when there is one, else the shipped starting values.
-    """
-    from cputune import calibrate, probe
-
-    if spec is not None:
-        hw = load_hardware(spec)
-        return Box(machine_from_hardware(hw), calibrate.default_calibration("published"),
-                   f"hardware profile {hw.path}", hw)
-    path = probe.profile_path()
-    if not path.exists():
-        raise ConfigError("no machine profile: this box has not been probed",
-                          hint="run `cputune probe` first, or pass --hardware NAME "
-                          f"(one of {', '.join(list_hardware())})")
-    profile = probe.load_profile(path)
-    if profile.bandwidth is None:
-        raise ConfigError(f"{path} has no bandwidth measurement",
-                          hint="run `cputune probe` without --no-bandwidth")
-    try:
-        machine = machine_from_profile(profile)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e.message}", hint=probe.REPROBE) from None
-    cal = calibrate.load_calibration()
-    return Box(machine, cal or calibrate.default_calibration(),
-               f"probe profile {path}" + ("" if cal else " (not calibrated: run `cputune calibrate`)"))

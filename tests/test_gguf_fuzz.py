@@ -30,7 +30,7 @@ from gguf import GGUFReader
 from cputune import calibrate, modelfiles, synth
 from cputune import gguf_model as gm
 from cputune.errors import CputuneError, GGUFError
-from cputune.hardware import default_settings
+from cputune.box import default_settings
 from cputune.predictor import MachineBandwidth, predict
 
 U8, I32, U32, F32, BOOL, STRING, ARRAY, U64, F64 = 0, 5, 4, 6, 7, 8, 9, 10, 12

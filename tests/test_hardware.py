@@ -7,6 +7,7 @@ import statistics
 import pytest
 
 from cputune import calibrate, hardware, published
+from cputune.box import numa_decision, resolve_box
 from cputune.errors import ConfigError
 from cputune.predictor import Settings, predict
 
@@ -63,12 +64,12 @@ def test_unknown_profile_lists_the_shipped_ones():
 def test_no_probe_profile_says_what_to_run(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     with pytest.raises(ConfigError, match="has not been probed") as e:
-        hardware.resolve_box(None)
+        resolve_box(None)
     assert "cputune probe" in e.value.hint and "--hardware" in e.value.hint
 
 
 def test_a_hardware_box_gets_the_published_constants():
-    box = hardware.resolve_box("epyc-9655-2s")
+    box = resolve_box("epyc-9655-2s")
     assert box.calibration == calibrate.default_calibration("published")
     assert "published" in box.calibration.source
 
@@ -76,14 +77,14 @@ def test_a_hardware_box_gets_the_published_constants():
 def test_auto_numa_and_default_threads():
     m = hardware.machine_from_hardware(hardware.load_hardware("epyc-9655-2s"))
     per_node = m.mem_bytes // m.nodes
-    assert hardware.numa_decision(m, per_node).policy == "one-node"
-    assert hardware.numa_decision(m, per_node + 1).policy == "interleave"
-    assert hardware.numa_decision(m, per_node + 1, numactl=False).policy == "distribute"
-    assert hardware.numa_decision(m, per_node).threads == 96
-    assert hardware.numa_decision(m, per_node + 1).threads == 192
+    assert numa_decision(m, per_node).policy == "one-node"
+    assert numa_decision(m, per_node + 1).policy == "interleave"
+    assert numa_decision(m, per_node + 1, numactl=False).policy == "distribute"
+    assert numa_decision(m, per_node).threads == 96
+    assert numa_decision(m, per_node + 1).threads == 192
     # --numa one-node --threads 192 on a 96-core node: its SMT siblings, said so; 400 is capped.
-    assert "SMT siblings" in hardware.numa_decision(m, 1, "one-node", 192).notes[0]
-    d = hardware.numa_decision(m, 1, "one-node", 400)
+    assert "SMT siblings" in numa_decision(m, 1, "one-node", 192).notes[0]
+    d = numa_decision(m, 1, "one-node", 400)
     assert d.threads == 192 and "capped at 192" in d.notes[0]
 
 
@@ -135,7 +136,7 @@ def test_error_band_is_the_central_quantiles_of_measured_over_predicted():
 
 def test_reference_box_r1_prediction_is_in_the_published_range():
     """R1 Q4_K on one 12-channel socket: the published single-socket runs are 8.5-10 t/s."""
-    box = hardware.resolve_box("epyc-9655-2s")
+    box = resolve_box("epyc-9655-2s")
     from cputune.catalog import catalog_profile
     m = catalog_profile("deepseek-r1", "Q4_K_M")
     p = predict(m, box.machine, Settings(threads=96), box.calibration)

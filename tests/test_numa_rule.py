@@ -8,7 +8,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from cputune import hardware, numa_policy, selector, tune
+from cputune import numa_policy, selector, tune
+from cputune.box import plan_settings, resolve_box
 from cputune.catalog import catalog_profile
 from cputune.cli import cli
 from cputune.placement import plan_placement
@@ -25,11 +26,11 @@ def run_json(*args):
 @pytest.mark.parametrize("model,quant,policy", [("deepseek-r1", "Q4_K_M", "interleave"),
                                                  ("r1-distill-llama-70b", "Q4_K_M", "one-node")])
 def test_predict_select_and_plan_agree(model, quant, policy):
-    box = hardware.resolve_box("epyc-9655-2s")
+    box = resolve_box("epyc-9655-2s")
     prof = catalog_profile(model, quant)
     ctx = 8192
     # predict (the library call predict_cmd makes), at the same context as select's
-    settings, decision = hardware.plan_settings(box.machine, prof, depth=ctx, ctx_tokens=ctx)
+    settings, decision = plan_settings(box.machine, prof, depth=ctx, ctx_tokens=ctx)
     assert decision.policy == policy and settings.numa == policy
     assert settings.threads == (96 if policy == "one-node" else 192)
     pred = run_json("predict", "-m", model, "-q", quant, "--hardware", "epyc-9655-2s", "--depth", str(ctx))
@@ -74,7 +75,7 @@ def test_serve_placement_and_tune_ask_the_same_rule(sysfs_tree):
 
 
 def test_select_settles_the_policy_per_quant():
-    box = hardware.resolve_box("epyc-9655-2s")
+    box = resolve_box("epyc-9655-2s")
     s = selector.fit_settings(box.machine, 8192)
     assert s.numa == "auto" and s.threads is None  # decided per model on a two-node box
     small, d = selector.settle(catalog_profile("r1-distill-qwen-7b", "Q8_0"), s, box.machine)

@@ -7,10 +7,18 @@ import dataclasses
 
 import pytest
 
-from cputune import calibrate, hardware
+from cputune import calibrate
+from cputune.box import resolve_box
 from cputune.catalog import catalog_profile
-from cputune.predictor import (Calibration, MachineBandwidth, Settings, best_threads, predict,
-                               rates_for, workers)
+from cputune.predictor import (
+    Calibration,
+    MachineBandwidth,
+    Settings,
+    best_threads,
+    predict,
+    rates_for,
+    workers,
+)
 
 GB = 1e9
 BOX = MachineBandwidth(name="2-node", sockets=2, nodes=2, cores=64, node_read_gbps=400.0,
@@ -145,7 +153,7 @@ def test_best_threads_for_decode_and_prefill_separately(r1):
 
 def test_reference_box_decode_slows_with_depth_as_published():
     """ik_llama.cpp on one 6980P socket (PR #287): 9.1 t/s at depth 512 -> 7.5 at 8192 (-18 %)."""
-    box = hardware.resolve_box("xeon-6980p-2s")
+    box = resolve_box("xeon-6980p-2s")
     m = catalog_profile("deepseek-r1", "Q4_K_M")
     s = Settings(threads=64, numa="one-node", engine="ik_llama", cache_type="q8_0")
     near = predict(m, box.machine, dataclasses.replace(s, depth=512), box.calibration).tg_tokens_per_s

@@ -13,12 +13,19 @@ import pytest
 from click.testing import CliRunner
 
 from cputune import candidates, hardware, selector
+from cputune.box import resolve_box
 from cputune.catalog import catalog_profile, load_catalog
 from cputune.cli import cli
 from cputune.errors import ConfigError
 from cputune.gguf_model import read_model
 from cputune.memory import HugepagePool, MemoryInfo, NodeMemory
-from cputune.predictor import Calibration, MachineBandwidth, Settings, predict, read_bandwidth_gbps
+from cputune.predictor import (
+    Calibration,
+    MachineBandwidth,
+    Settings,
+    predict,
+    read_bandwidth_gbps,
+)
 from cputune.selector import Candidate, Capacity, FitSettings, ram_needed
 
 GIB = 1 << 30
@@ -115,7 +122,7 @@ def test_capacity_counts_hugepage_pools_as_used_per_node():
 
 
 def test_hardware_capacity_splits_dimms_over_nodes():
-    box = hardware.resolve_box("epyc-9655-2s")
+    box = resolve_box("epyc-9655-2s")
     cap = candidates.box_capacity(box)
     # 24 DIMMs x 32 GiB, two sockets in NPS1.
     assert cap.total_bytes == 24 * 32 * GIB and cap.node_bytes == {0: 12 * 32 * GIB, 1: 12 * 32 * GIB}
@@ -250,7 +257,7 @@ def test_every_catalog_model_and_preset_gets_a_quality_row():
 
 @pytest.mark.parametrize("numa", ["distribute", "one-node", "interleave"])
 def test_requirement_round_trips_through_the_predictor(numa):
-    box = hardware.resolve_box("epyc-9655-2s")
+    box = resolve_box("epyc-9655-2s")
     m = catalog_profile("deepseek-r1", "Q4_K_M")
     s = selector.fit_settings(box.machine, 8192, numa=numa)
     ps = Settings(s.threads, numa, 8192, s.n_ubatch, s.cache_type)
@@ -468,7 +475,7 @@ def test_r1_q4_k_m_on_one_node_needs_no_mmap_and_a_q8_0_cache_together():
     # The repack trap (llama_cpp_cpu.md A5) on the reference box: Q4_K_M's repacked Q4_K matrices
     # are held twice with mmap on, so one 384 GiB node cannot hold it; --no-mmap alone leaves it
     # just over, and only --no-mmap with a q8_0 cache (flash attention drops the scores) fits.
-    box = hardware.resolve_box("epyc-9655-2s")
+    box = resolve_box("epyc-9655-2s")
     c = Candidate("Q4_K_M", catalog_profile("deepseek-r1", "Q4_K_M"))
     s = selector.fit_settings(box.machine, 16384, numa="one-node")
     cap = candidates.box_capacity(box)
