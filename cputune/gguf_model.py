@@ -19,6 +19,7 @@ import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
@@ -142,21 +143,29 @@ def _sizes_text(want: int, have: int) -> tuple[str, str]:
     return (a, b) if a != b else (f"{want:,} B", f"{have:,} B")
 
 
+def _where(path) -> str:
+    """Where a file's bytes are, for a truncation message: a Path is on disk; a URL (remote.Url) on
+    its server."""
+    return "on disk" if isinstance(path, Path) else "on the server"
+
+
 def _truncated_data(path: Path, need: int, size: int) -> GGUFError:
     want, have = _sizes_text(need, size)
-    return GGUFError(f"{path} is truncated: {want} expected, {have} on disk", hint=TRUNCATED_HINT)
+    return GGUFError(f"{path} is truncated: {want} expected, {have} {_where(path)}", hint=TRUNCATED_HINT)
 
 
 class _Reader:
-    """Walks a GGUF header straight from the file, one chunk at a time.
+    """Walks a GGUF header straight from a binary file object (seek and read: a local file, or
+    remote.RangeFile over HTTP), one chunk at a time.
 
     Memory stays at one chunk plus what is kept (scalars, short arrays, short strings) whatever the
     file's size, and every length the header claims is checked against the bytes left before it
-    is read or skipped.
+    is read or skipped; nothing is read at or past MAX_HEADER_BYTES, and skipped bytes are never
+    read at all.
     """
 
-    def __init__(self, fd: int, size: int, path: Path):
-        self.fd, self.size, self.path = fd, size, path
+    def __init__(self, f: BinaryIO, size: int, path: Path):
+        self.f, self.size, self.path = f, size, path
         self.end = min(size, MAX_HEADER_BYTES)  # nothing past this is ever read
         self.buf, self.base, self.p = b"", 0, 0  # buf holds file bytes [base, base + len(buf))
         self.kept = 0
@@ -176,7 +185,7 @@ class _Reader:
                              hint=CORRUPT_HINT)
         if pos + n > self.size:
             return GGUFError(f"{self.path} is truncated: its header runs past the end of the file "
-                             f"({_size_text(self.size)} on disk)", hint=TRUNCATED_HINT)
+                             f"({_size_text(self.size)} {_where(self.path)})", hint=TRUNCATED_HINT)
         return GGUFError(f"{self.path}: {what} at byte {pos} would make the header larger than "
                          f"{MAX_HEADER_BYTES >> 20} MiB: corrupt header", hint=CORRUPT_HINT)
 
@@ -190,7 +199,8 @@ class _Reader:
         rest = self.buf[self.p:]
         want = min(max(n, CHUNK_BYTES), self.end - pos) - len(rest)
         try:
-            chunk = os.pread(self.fd, want, pos + len(rest))
+            self.f.seek(pos + len(rest))
+            chunk = self.f.read(want)
         except OSError as e:
             raise GGUFError(f"{self.path} cannot be read ({e.strerror})") from None
         self.buf, self.base, self.p = rest + chunk, pos, 0
@@ -348,18 +358,22 @@ def read_raw(path: Path | str) -> RawGGUF:
     """The header of one GGUF file, every claim in it checked against the file (see _Reader)."""
     path = Path(path)
     fd, size = _open_model_file(path)
-    try:
-        r = _Reader(fd, size, path)
-        magic = r.take(min(4, size))
-        if len(magic) < 4 and GGUF_MAGIC.startswith(magic):
-            raise GGUFError(f"{path} is truncated: {size} B on disk", hint=TRUNCATED_HINT)
-        if magic != GGUF_MAGIC:
-            raise GGUFError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')",
-                            hint="cputune reads llama.cpp's GGUF models; convert others with "
-                                 "llama.cpp's convert_hf_to_gguf.py")
-        return _parse(r, path, size)
-    finally:
-        os.close(fd)
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        return read_raw_from(f, size, path)
+
+
+def read_raw_from(f: BinaryIO, size: int, path) -> RawGGUF:
+    """The header of one GGUF file of `size` bytes read from `f` (seek/read), named `path` in
+    errors and in the result: the one parser for a local file and a remote one."""
+    r = _Reader(f, size, path)
+    magic = r.take(min(4, size))
+    if len(magic) < 4 and GGUF_MAGIC.startswith(magic):
+        raise GGUFError(f"{path} is truncated: {size} B {_where(path)}", hint=TRUNCATED_HINT)
+    if magic != GGUF_MAGIC:
+        raise GGUFError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')",
+                        hint="cputune reads llama.cpp's GGUF models; convert others with "
+                             "llama.cpp's convert_hf_to_gguf.py")
+    return _parse(r, path, size)
 
 
 def _parse(r: _Reader, path: Path, size: int) -> RawGGUF:
@@ -449,17 +463,26 @@ def _parse(r: _Reader, path: Path, size: int) -> RawGGUF:
     return RawGGUF(path, version, meta, tuple(t for t, _ in infos), size)
 
 
+def shard_names(name: str) -> list[str]:
+    """The file names of every shard of a split model given any one's name; [name] for one file."""
+    m = SPLIT_RE.match(name)
+    if not m:
+        return [name]
+    no, count = int(m.group("no")), int(m.group("count"))
+    if not 1 <= no <= count:
+        raise GGUFError(f"{name} names shard {no} of {count}, which cannot exist",
+                        hint="split models are named NAME-00001-of-0000N.gguf, counting from 1")
+    return [f"{m.group('stem')}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+
+
 def shard_paths(path: Path | str) -> list[Path]:
     """All shards of a split model given any one of them; [path] for a single file."""
     path = Path(path)
-    m = SPLIT_RE.match(path.name)
-    if not m:
+    names = shard_names(path.name)
+    if len(names) == 1:
         return [path]
-    no, count = int(m.group("no")), int(m.group("count"))
-    if not 1 <= no <= count:
-        raise GGUFError(f"{path.name} names shard {no} of {count}, which cannot exist",
-                        hint="split models are named NAME-00001-of-0000N.gguf, counting from 1")
-    paths = [path.with_name(f"{m.group('stem')}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    count = len(names)
+    paths = [path.with_name(n) for n in names]
     missing = [p.name for p in paths if not p.exists()]
     if missing:
         raise GGUFError(f"split model {path.name} is missing {len(missing)} of {count} shards "
@@ -470,8 +493,12 @@ def shard_paths(path: Path | str) -> list[Path]:
 
 def read_model_files(path: Path | str) -> tuple[RawGGUF, int]:
     """One model from any shard: metadata of the first, tensors of all; and the shard count."""
-    paths = shard_paths(path)
-    raws = [read_raw(p) for p in paths]
+    return merge_shards([read_raw(p) for p in shard_paths(path)])
+
+
+def merge_shards(raws: list[RawGGUF]) -> tuple[RawGGUF, int]:
+    """The shards of one split model (first to last) as one: metadata of the first, tensors of
+    all, each shard's split.no checked; and the shard count."""
     # llama-model-loader.cpp: split.count in the first file (0 or 1 after llama-gguf-split --merge),
     # split.no in each shard, counted from 0.
     count = raws[0].metadata.get("split.count")
@@ -490,7 +517,7 @@ def read_model_files(path: Path | str) -> tuple[RawGGUF, int]:
         raise GGUFError(f"split model {first.path.name}: a tensor appears in two shards",
                         hint="the shards come from different downloads: download them again")
     return RawGGUF(first.path, first.version, first.metadata, tensors,
-                   sum(r.file_bytes for r in raws)), len(paths)
+                   sum(r.file_bytes for r in raws)), len(raws)
 
 
 # --------------------------------------------------------------------------------------------
@@ -791,6 +818,10 @@ def _file_type_name(ftype: int | None) -> str | None:
 
 def read_model(path: Path | str) -> ModelProfile:
     """The ModelProfile of a GGUF file (any shard of a split model names the whole model)."""
-    raw, n = read_model_files(path)
+    return profile_of(*read_model_files(path))
+
+
+def profile_of(raw: RawGGUF, n_shards: int = 1) -> ModelProfile:
+    """The ModelProfile of a header read (merge_shards' result, for a split model)."""
     return profile_from(raw.metadata, raw.tensors, file_bytes=raw.file_bytes, path=str(raw.path),
-                        n_shards=n)
+                        n_shards=n_shards)
