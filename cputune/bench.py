@@ -14,6 +14,8 @@ from typing import Callable, Sequence
 
 from cputune import bandwidth, llama_bench, stats
 from cputune.bandwidth import Measurement
+from cputune.build import DEFAULT_ENGINE
+from cputune.errors import ConfigError
 from cputune.fsutil import cache_root
 from cputune.gguf_model import ModelProfile
 from cputune.hardware import Box
@@ -45,6 +47,8 @@ class BenchResult:
     read_gbps: float | None = None
     read_samples_gbps: tuple[float, ...] = ()
     predicted_at_read_tokens_per_s: float | None = None
+    engine: str = DEFAULT_ENGINE
+    args: tuple[str, ...] = ()  # the engine's own options the test ran with (engine_args.choose)
 
     @property
     def summary(self) -> stats.Summary:
@@ -65,7 +69,10 @@ class BenchResult:
 
 
 def summarize(row: llama_bench.BenchRow, pred: Prediction, read: Measurement | None = None,
-              pred_at_read: Prediction | None = None) -> BenchResult:
+              pred_at_read: Prediction | None = None, engine: str = DEFAULT_ENGINE,
+              args: Sequence[str] = (), build_commit: str = "") -> BenchResult:
+    """`build_commit` stands in for a row's own when the build could not stamp it (ik_llama.cpp's
+    rows say "unknown")."""
     s = stats.summarize(row.samples_ts or (row.avg_ts,))
     kind = "tg" if row.n_gen else "pp"
 
@@ -77,35 +84,51 @@ def summarize(row: llama_bench.BenchRow, pred: Prediction, read: Measurement | N
         min_tokens_per_s=s.min, max_tokens_per_s=s.max, samples_tokens_per_s=s.samples,
         predicted_tokens_per_s=rate(pred),
         roofline_tokens_per_s=pred.roofline_tg_tokens_per_s if kind == "tg" else None,
-        build_commit=row.build_commit, bytes_per_token=pred.bytes_per_token if kind == "tg" else None,
+        build_commit=row.build_commit if row.build_commit not in ("", "unknown") else build_commit,
+        bytes_per_token=pred.bytes_per_token if kind == "tg" else None,
         effective_bw_gbps=pred.effective_bw_gbps,
         read_gbps=bandwidth.combine_bursts([read]).gbps if read else None,
-        read_samples_gbps=read.gbps.samples if read else (), predicted_at_read_tokens_per_s=rate(pred_at_read))
+        read_samples_gbps=read.gbps.samples if read else (), predicted_at_read_tokens_per_s=rate(pred_at_read),
+        engine=engine, args=tuple(args))
 
 
 def run_bench(bench_bin: Path, model_path: Path, model: ModelProfile, box: Box, threads: Sequence[int],
               n_prompt: int = 256, n_gen: int = 32, depth: int = 0, reps: int = 5,
               progress: Callable[[int, int, str], None] | None = None,
-              read_now: Callable[[int], Measurement] | None = None) -> list[BenchResult]:
+              read_now: Callable[[int], Measurement] | None = None, *, engine: str = DEFAULT_ENGINE,
+              extra: Sequence[str] = (), sweep_bin: Path | None = None, sweep_extra: Sequence[str] = (),
+              build_commit: str = "") -> list[BenchResult]:
     """One llama-bench call per thread count (so progress can move), each predicted the same way;
     `read_now(threads)` (probe.moment_reader) reads bandwidth just before each call, and each
-    result is predicted at that bandwidth too."""
+    result is predicted at that bandwidth too. `extra` goes to llama-bench (the engine's own
+    options); at depth, a llama-bench without -d (ik_llama.cpp's) runs decode with -gp and leaves
+    prefill to `sweep_bin` (llama-sweep-bench, given `sweep_extra`)."""
+    sweeps = bool(depth and n_prompt and not llama_bench.takes_depth(bench_bin))
+    if sweeps and sweep_bin is None:
+        raise ConfigError("this llama-bench cannot measure prefill at depth, and the build has no "
+                          f"{llama_bench.SWEEP_BENCH}", hint="pass --n-prompt 0 to bench decode only")
     out = []
     for i, t in enumerate(threads):
         if progress:
             progress(i, len(threads), f"{t} threads")
-        extra = ["-d", str(depth)] if depth else []
-        argv = llama_bench.bench_argv(bench_bin, model_path, threads=(t,), n_prompt=(n_prompt,),
-                                      n_gen=(n_gen,), reps=reps, extra=extra)
         read = read_now(t) if read_now else None
-        rows = llama_bench.run(argv, timeout_s=3600)
-        settings = Settings(threads=t, depth=depth, n_ubatch=min(n_prompt, 512) or 512)
+        rows = []
+        if sweeps:
+            rows.append(llama_bench.run_sweep(
+                llama_bench.sweep_argv(sweep_bin, model_path, t, n_prompt, depth, extra=sweep_extra),
+                depth, reps, model_path, timeout_s=3600))
+        if n_gen or not sweeps:
+            argv = llama_bench.bench_argv(bench_bin, model_path, threads=(t,), n_prompt=(0 if sweeps else n_prompt,),
+                                          n_gen=(n_gen,), reps=reps, extra=extra, depth=depth)
+            rows += llama_bench.run(argv, timeout_s=3600)
+        settings = Settings(threads=t, depth=depth, n_ubatch=min(n_prompt, 512) or 512, engine=engine)
         pred = predict(model, box.machine, settings, box.calibration)
         pred_at_read = None
         if read:
             now = at_read_bandwidth(box.machine, t, bandwidth.combine_bursts([read]).gbps, settings.numa)
             pred_at_read = predict(model, now, settings, box.calibration)
-        out += [summarize(row, pred, read, pred_at_read) for row in rows]
+        out += [summarize(row, pred, read, pred_at_read, engine, sweep_extra if row.n_prompt and sweeps else extra,
+                          build_commit) for row in rows]
     if progress:
         progress(len(threads), len(threads), "done")
     return out

@@ -135,6 +135,22 @@ class Parsed(click.ParamType):
         return value if self.keep_text else out
 
 
+def _engine_name(text: str) -> str:
+    from cputune.build import load_engine
+
+    return load_engine(text.strip()).name
+
+
+def _engine_names(text: str) -> tuple[str, ...]:
+    """NAME,NAME, or `built` (every engine that is built: ())."""
+    if text.strip() == "built":
+        return ()
+    names = tuple(dict.fromkeys(_engine_name(t) for t in text.split(",") if t.strip()))
+    if not names:
+        raise ConfigError(f"no engine in {text!r}", hint="e.g. llama.cpp,ik_llama or built")
+    return names
+
+
 def _cache_types(text: str) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(cache_type_name(x.strip()) for x in text.split(",") if x.strip()))
     if not names:
@@ -149,6 +165,8 @@ CTX_TOKENS = click.IntRange(1, checks.MAX_TOKENS)
 TOKENS = click.IntRange(0, checks.MAX_TOKENS)
 TOKENS_PER_S = FiniteFloat(0, 1e6, min_open=True)
 CACHE_TYPE = Parsed("TYPE", cache_type_name, named=True)
+ENGINE = Parsed("NAME", _engine_name, named=True)
+ENGINES = Parsed("NAME,NAME", _engine_names, named=True)
 CACHE_TYPES = Parsed("T,T", _cache_types, named=True)
 SIZE = Parsed("SIZE", units.parse_size, keep_text=True)
 BUDGET = Parsed("DURATION", lambda text: units.parse_duration(text, MAX_BUDGET_S), keep_text=True)
@@ -503,35 +521,41 @@ def bench_target_options(f):
               help="Tokens generated in each decode test.")
 @click.option("--cache-types", type=CACHE_TYPES, default="f16", show_default=True,
               help="KV cache types tune may choose; f16,q8_0 allows a quantized cache (costs quality).")
+@click.option("--engine", "engines", type=ENGINES, default="built", show_default=True, metavar="NAME,NAME",
+              help="Engines to search, each from its own defaults: llama.cpp, ik_llama, or built (llama.cpp "
+                   "and every other engine that is built).")
 @click.option("--save/--no-save", default=True, show_default=True,
               help="Keep the best settings as the profile `cputune serve` starts this model with.")
 @json_option
-def tune_cmd(model, quant, models_dir, twin_size, budget, kinds, depth, n_prompt, n_gen, cache_types, save,
-             as_json):
-    """Search threads, NUMA mode, ubatch, flash attention, repacking and KV type for decode and
-    prefill separately; keep the best for `serve` and report the gain over llama.cpp's defaults."""
+def tune_cmd(model, quant, models_dir, twin_size, budget, kinds, depth, n_prompt, n_gen, cache_types, engines,
+             save, as_json):
+    """Search the engine, threads, NUMA mode, ubatch, flash attention, repacking and KV type (and
+    ik_llama.cpp's fused MoE and MLA mode) for decode and prefill separately; keep the best for
+    `serve` and report the gain over llama.cpp's defaults."""
     import shutil
 
-    from cputune import box as box_, build, gguf_model, resolve, selector, tune, units
+    from cputune import box as box_, build, engine_args, gguf_model, resolve, selector, tune, units
     from cputune.topology import discover_topology
 
     budget_s = units.parse_duration(budget)
     kind_list = tune.kinds_from(kinds)
     box = box_.resolve_box(None)
-    b = build.require_build()
+    benches = tune.engine_benches(engines)
+    b = build.find_build() or build.require_build(engine=benches[0].engine.name)  # the twin's llama-quantize
     path = resolve.bench_target(model, quant, models_dir, twin_size, b.bin_dir / "llama-quantize")
     prof = gguf_model.read_model(path)
+    for eb in benches:
+        engine_args.check_model(eb.engine, prof)
     check_test_context(prof, depth, n_prompt=n_prompt if "pp" in kind_list else 0,
                        n_gen=n_gen if "tg" in kind_list else 0)
     topo = discover_topology()
     need = selector.ram_needed(prof, max(depth + max(n_prompt, n_gen), 512), isa=topo.isa_flags).total_bytes
     with report.progress(f"tuning {path.name}", total=1) as update:
-        result = tune.run_tune(b.bin_dir / "llama-bench", path, prof, box.machine, box.calibration, topo,
+        result = tune.run_tune(None, path, prof, box.machine, box.calibration, topo,
                                kinds=kind_list, budget_s=budget_s, depth=depth, n_prompt=n_prompt,
                                n_gen=n_gen, cache_types=list(cache_types),
                                numactl=shutil.which("numactl") is not None, need_bytes=need,
-                               build_commit=b.source_commit or b.source_label,
-                               progress=lambda frac, text: update(frac, text))
+                               progress=lambda frac, text: update(frac, text), engines=benches)
     report.warn_all(result.notes)
     saved = tune.save(result) if save else None
     if as_json:
@@ -578,21 +602,32 @@ def report_cmd(out_path, fmt, charts, as_json):
               help="Tokens generated in the decode (tg) test; 0 skips it.")
 @click.option("--reps", type=REPS, default=5, show_default=True,
               help="Repetitions of each test (median and spread are reported).")
+@click.option("--engine", type=ENGINE, default="llama.cpp", show_default=True, metavar="NAME",
+              help="llama.cpp, or ik_llama (ik_llama.cpp) with the options serve would give it.")
 @json_option
-def bench_cmd(model, quant, models_dir, twin_size, threads, depth, n_prompt, n_gen, reps, as_json):
-    """Measure tokens/s with llama-bench beside the prediction and the roofline; keeps a history."""
-    from cputune import bench, box as box_, build, gguf_model, probe, resolve
+def bench_cmd(model, quant, models_dir, twin_size, threads, depth, n_prompt, n_gen, reps, engine, as_json):
+    """Measure tokens/s with llama-bench beside the prediction and the roofline; keeps a history.
+    At --depth, an engine whose llama-bench has no -d measures prefill with llama-sweep-bench."""
+    from cputune import bench, box as box_, build, engine_args, gguf_model, llama_bench, probe, resolve
 
     box = box_.resolve_box(None)
-    b = build.require_build()
-    path = resolve.bench_target(model, quant, models_dir, twin_size, b.bin_dir / "llama-quantize")
+    b = build.require_build(engine=engine)
+    quantize = (build.find_build() or b).bin_dir / "llama-quantize"  # twins are mainline files
+    path = resolve.bench_target(model, quant, models_dir, twin_size, quantize)
     prof = gguf_model.read_model(path)
     check_test_context(prof, depth, n_prompt=n_prompt, n_gen=n_gen)
+    eng = build.load_engine(engine)
+    engine_args.check_model(eng, prof)
+    extra, sweep_extra, choices = engine_args.bench_args(eng, prof)
     thread_list = list(threads) if threads else [box.machine.cores]
+    sweep = b.binary(llama_bench.SWEEP_BENCH) if llama_bench.SWEEP_BENCH in b.binaries else None
     with report.progress(f"llama-bench {path.name}", total=1) as update:
         results = bench.run_bench(b.bin_dir / "llama-bench", path, prof, box, thread_list, n_prompt, n_gen,
                                   depth, reps, progress=lambda i, k, text: update(i / max(k, 1), text),
-                                  read_now=probe.moment_reader())
+                                  read_now=probe.moment_reader(), engine=engine, extra=extra,
+                                  sweep_bin=sweep, sweep_extra=sweep_extra,
+                                  build_commit=b.source_commit or b.source_label)
+    report.render_choices(choices)
     hist = bench.append_history(results, prof, box.machine.name)
     if as_json:
         return report.print_json(report.document("cputune.bench/1", model=str(path), machine=box.machine.name,
@@ -662,14 +697,18 @@ def dry_run_option(f):
 @click.option("--force", is_flag=True, help="Start even when the memory check says it does not fit.")
 @click.option("--tuned/--no-tuned", default=True, show_default=True,
               help="Start with the settings `cputune tune` saved for this file, where you set none.")
+@click.option("--engine", type=ENGINE, default=None, metavar="NAME",
+              help="llama.cpp or ik_llama (ik_llama.cpp, given its DeepSeek options where the model has "
+                   "MLA or experts) [default: the engine `cputune tune` found fastest for this file, "
+                   "else llama.cpp].")
 @dry_run_option
 @root_option
 @json_option
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED, metavar="[-- LLAMA-SERVER ARGS]")
 @click.pass_context
 def serve_cmd(ctx, quant, model, models_dir, ctx_tokens, host, port, numa, threads, threads_batch,
-              load_mode, api_key_file, rpc_workers, drop_caches, force, tuned, dry_run, sysfs_root, as_json,
-              extra):
+              load_mode, api_key_file, rpc_workers, drop_caches, force, tuned, engine, dry_run, sysfs_root,
+              as_json, extra):
     """Start llama.cpp's server tuned and pinned to NUMA nodes: the quant's file, a memory check,
     threads and NUMA policy, verified after start. Arguments after `--` go to llama-server."""
     import time
@@ -681,7 +720,7 @@ def serve_cmd(ctx, quant, model, models_dir, ctx_tokens, host, port, numa, threa
         quant=quant, model=model, models_dir=models_dir, ctx_tokens=ctx_tokens, host=host, port=port,
         numa=numa, threads=threads, threads_batch=threads_batch, api_key_file=api_key_file,
         load_mode=load_mode, rpc=rpc.parse_endpoints(rpc_workers) if rpc_workers else (),
-        extra_args=tuple(extra), drop_caches=drop_caches, tuned=tuned)
+        extra_args=tuple(extra), drop_caches=drop_caches, tuned=tuned, engine=engine)
     plan = serve.plan_serve(req, sysfs_root)
     report.warn_all(plan.warnings)
     serve.require_fit(plan, force)
@@ -709,18 +748,21 @@ def serve_cmd(ctx, quant, model, models_dir, ctx_tokens, host, port, numa, threa
               help="Port to listen on.")
 @numa_option("auto, off, interleave or node:N")
 @threads_option
+@click.option("--engine", type=ENGINE, default="llama.cpp", show_default=True, metavar="NAME",
+              help="Whose RPC worker: llama.cpp (cputune builds ik_llama.cpp without one).")
 @dry_run_option
 @root_option
 @json_option
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED, metavar="[-- RPC-SERVER ARGS]")
 @click.pass_context
-def worker_cmd(ctx, host, port, numa, threads, dry_run, sysfs_root, as_json, extra):
+def worker_cmd(ctx, host, port, numa, threads, engine, dry_run, sysfs_root, as_json, extra):
     """Start a pinned llama.cpp RPC worker (ggml-rpc-server) that `cputune serve --rpc` spreads
     a model onto when one box is not enough."""
     from cputune import placement, serve
 
     placement.parse_numa(numa, worker=True)
-    req = serve.WorkerRequest(host=host, port=port, numa=numa, threads=threads, extra_args=tuple(extra))
+    req = serve.WorkerRequest(host=host, port=port, numa=numa, threads=threads, extra_args=tuple(extra),
+                              engine=engine)
     plan = serve.plan_worker(req, sysfs_root)
     report.warn_all(plan.warnings)
     if dry_run:

@@ -163,3 +163,11 @@ def check_model(engine: Engine, model: ModelProfile) -> None:
             f"{model.n_head} heads, and {engine.title}'s DeepSeek loader takes only "
             f"{engine.mla_kv_width} (512 latent + 64 rope) with heads a multiple of {engine.mla_head_multiple}",
             hint="use --engine llama.cpp, or a model converted with DeepSeek's own dimensions")
+
+
+def bench_args(engine: Engine, model: ModelProfile) -> tuple[list[str], list[str], tuple[Choice, ...]]:
+    """What `cputune bench` gives the engine's llama-bench and llama-sweep-bench for this model
+    (the choices serve would make, in each program's spelling), and the choices themselves."""
+    bench = choose(engine, model, program="llama-bench")
+    sweep = choose(engine, model, program="llama-sweep-bench")
+    return ([w for c in bench for w in c.args], [w for c in sweep for w in c.args], bench)

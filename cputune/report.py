@@ -14,6 +14,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from cputune.bandwidth import combine_bursts, group_bursts
+from cputune.build import load_engine
 from cputune.jsonio import document, plain  # noqa: F401  (re-exported for the CLI)
 from cputune import stats
 from cputune.units import gib_text
@@ -340,8 +341,9 @@ def render_tune(result, saved: Path | None) -> None:
     from cputune.report_file import TRIAL_HEADERS, trial_rows
 
     for r in result.results:
-        t = Table(title=f"{r.test}: {r.best.label}  —  {r.best_tokens_per_s:.2f} t/s, "
-                        f"{r.gain:.2f}x llama.cpp's defaults ({r.default_tokens_per_s:.2f} t/s)",
+        title = _engine_title(r.engine)
+        t = Table(title=f"{r.test} on {title}: {r.best.label}  —  {r.best_tokens_per_s:.2f} t/s, "
+                        f"{r.gain:.2f}x {title}'s defaults ({r.default_tokens_per_s:.2f} t/s)",
                   title_justify="left")
         for col in TRIAL_HEADERS:
             t.add_column(col, justify="left" if col in ("stage", "settings", "outcome") else "right")
@@ -350,9 +352,24 @@ def render_tune(result, saved: Path | None) -> None:
         out.print(t)
         for n in r.notes:
             info(n)
+    if len(result.engines) > 1:
+        _render_engines(result)
     info(f"tuned in {result.seconds:.0f} s of a {result.budget_s:.0f} s budget")
     if saved:
         info(f"saved to {saved}: `cputune serve` starts {result.model_path.name} with these settings")
+
+
+def _render_engines(result) -> None:
+    """Each engine's best beside llama.cpp's defaults (the engines round), per kind."""
+    t = Table(title="Engines: each one's best, run alternately with llama.cpp's defaults", title_justify="left")
+    for col, just in (("test", "left"), ("engine", "left"), ("best settings", "left"), ("t/s", "right"),
+                      ("vs its defaults", "right"), ("vs llama.cpp defaults", "right"), ("", "left")):
+        t.add_column(col, justify=just)
+    for r in result.results:
+        vs = "-" if r.vs_baseline is None else f"{r.vs_baseline:.2f}x"
+        t.add_row(r.test, _engine_title(r.engine), r.best.label, f"{r.best_tokens_per_s:.2f}", f"{r.gain:.2f}x",
+                  vs, "fastest" if r.overall else "")
+    out.print(t)
 
 
 # --- select / plan ---------------------------------------------------------------------------
@@ -521,7 +538,8 @@ def _placement_rows(p) -> list[tuple[str, Any]]:
 def render_serve_plan(plan) -> None:
     """The placement plan, the memory check and the exact command (what --dry-run shows)."""
     m = plan.memory
-    rows = [("model", f"{plan.model_label} [{plan.quant}]"), ("url", plan.url)]
+    rows = [("model", f"{plan.model_label} [{plan.quant}]"), ("engine", _engine_title(plan.engine)),
+            ("url", plan.url)]
     rows += _placement_rows(plan.placement)
     n = m.need
     rows.append(("memory need", f"{_gib_or_unknown(n.total_bytes)}: weights {_bytes(n.weights_bytes)}, "
@@ -549,6 +567,28 @@ def render_serve_plan(plan) -> None:
               markup=False, soft_wrap=True)
     out.print("command:", markup=False)
     out.print(plan.command, markup=False, soft_wrap=True)
+    _render_choices(plan)
+
+
+def _engine_title(name: str) -> str:
+    return load_engine(name).title
+
+
+def _choice_lines(choices) -> list[str]:
+    """Why each of the engine's own options in a command is there."""
+    return [f"why {' '.join(c.args) if c.args else f'{c.setting} {c.value} (the default, nothing written)'}: "
+            f"{c.reason}" for c in choices]
+
+
+def _render_choices(plan, indent: str = "") -> None:
+    for line in _choice_lines(plan.choices):
+        out.print(indent + line, markup=False, soft_wrap=True)
+
+
+def render_choices(choices) -> None:
+    """The engine's own options a bench ran with, and why (on stderr, beside the progress)."""
+    for line in _choice_lines(choices):
+        info(line)
 
 
 def render_serve_started(plan, server, seconds: float) -> None:
@@ -556,6 +596,7 @@ def render_serve_started(plan, server, seconds: float) -> None:
               markup=False)
     out.print(f"  metrics: {plan.url}/metrics   log: {server.log_path}", markup=False, soft_wrap=True)
     out.print(f"  command: {plan.command}", markup=False, soft_wrap=True)
+    _render_choices(plan, "  ")
     out.print("  Ctrl-C stops the server.", markup=False)
 
 

@@ -16,8 +16,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from cputune import launch, pagecache, rpc, tune
-from cputune.build import Build, require_build
+from cputune import engine_args, launch, pagecache, rpc, tune
+from cputune.build import DEFAULT_ENGINE, Build, Engine, find_build, load_engine, require_build
+from cputune.engine_args import Choice
 from cputune.errors import ConfigError, EngineError, InsufficientMemory, NetworkError, Terminated, process_failed
 from cputune.gguf_model import shard_paths
 from cputune.memory import MemoryInfo, discover_memory
@@ -70,7 +71,9 @@ class ServeRequest:
     extra_args: tuple[str, ...] = ()
     drop_caches: bool = False
     tuned: bool = True  # start with `cputune tune`'s saved settings for this file, when there are some
+    engine: str | None = None  # None: the engine tune found fastest for this file, else llama.cpp
     tuned_args: tuple[str, ...] = ()  # filled by apply_tuned
+    chosen_args: tuple[str, ...] = ()  # the engine's own settings (engine_args.choose), filled by plan_serve
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +97,7 @@ class MemoryCheck:
 
 @dataclass(frozen=True, slots=True)
 class ServePlan:
+    engine: str
     binary: Path
     model_path: Path
     model_label: str
@@ -111,6 +115,7 @@ class ServePlan:
     url: str
     warnings: tuple[str, ...]
     notes: tuple[str, ...]
+    choices: tuple[Choice, ...] = ()  # the engine's own settings in argv, each with why
 
     @property
     def command(self) -> str:
@@ -124,6 +129,7 @@ class WorkerRequest:
     numa: str = "auto"
     threads: int | None = None
     extra_args: tuple[str, ...] = ()
+    engine: str = DEFAULT_ENGINE
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,14 +168,23 @@ def resolve_model(req: ServeRequest) -> ModelFile:
 
 # The user's own `--` arguments win over the tuned value of the same setting.
 TUNED_FLAGS = {"n_ubatch": ("-ub", "--ubatch-size"), "n_batch": ("-b", "--batch-size"),
-               "flash_attn": ("-fa", "--flash-attn"), "repack": ("-nr", "--no-repack", "--repack"),
                "cache_type": ("-ctk", "--cache-type-k", "-ctv", "--cache-type-v")}
+# Settings each engine spells its own way (configs/engines.toml [args.server]): -fa on, --no-repack
+# or -rtr, -no-fmoe, -mla 3.
+SPELLED_SETTINGS = ("flash_attn", "repack", "fused_moe", "mla")
+PROGRAM = "llama-server"
 
 
-def apply_tuned(req: ServeRequest, settings: dict, flags: frozenset[str]) -> tuple[ServeRequest, list[str]]:
+def given_options(req: ServeRequest) -> set[str]:
+    return {a.split("=", 1)[0] for a in req.extra_args}
+
+
+def apply_tuned(req: ServeRequest, settings: dict, flags: frozenset[str],
+                engine: Engine | None = None) -> tuple[ServeRequest, list[str]]:
     """The request with tune's settings where the user left the choice to cputune, and notes on
     what was left out (an option the user set, a flag this build lacks)."""
-    given = {a.split("=", 1)[0] for a in req.extra_args}
+    engine = engine or load_engine()
+    given = given_options(req)
     skipped = []
     args: list[str] = []
 
@@ -187,10 +202,15 @@ def apply_tuned(req: ServeRequest, settings: dict, flags: frozenset[str]) -> tup
         args += ["-b", str(settings["n_batch"])]
     if want("n_ubatch"):
         args += ["-ub", str(settings["n_ubatch"])]
-    if want("flash_attn"):
-        args += ["-fa", settings["flash_attn"]]
-    if not settings["repack"] and want("repack"):
-        args.append("--no-repack")
+    for key in SPELLED_SETTINGS:
+        if settings.get(key) is None:
+            continue
+        if given & engine_args.owned_names(engine, key):
+            skipped.append(f"{key} (set after `--`)")
+            continue
+        spelled, missing = engine_args.spell(engine, PROGRAM, {key: settings[key]}, flags)
+        skipped += missing
+        args += spelled
     cache_type = req.cache_type
     if settings["cache_type"] != "f16" and want("cache_type"):
         cache_type = settings["cache_type"]
@@ -284,11 +304,13 @@ def require_fit(plan: ServePlan, force: bool = False) -> None:
         f"(GiB: {parts})", hint="; ".join(hints))
 
 
-def memory_notes(memory: MemoryInfo, load_mode: str, weights_bytes: int) -> tuple[list[str], list[str]]:
-    """(warnings, notes) about hugepages, THP and mlock for this load mode."""
+def memory_notes(memory: MemoryInfo, load_mode: str, weights_bytes: int,
+                 huge_pages: bool = False) -> tuple[list[str], list[str]]:
+    """(warnings, notes) about hugepages, THP and mlock for this load mode; `huge_pages`: the
+    engine reads the weights into the reserved pages (ik_llama.cpp's -thp)."""
     warnings, notes = [], []
     reserved = sum(p.page_bytes * (p.total_pages or 0) for p in memory.hugepages if p.node_id is None)
-    if reserved:
+    if reserved and not huge_pages:
         notes.append(f"{reserved / GIB:.1f} GiB is reserved as hugetlb pages, which llama.cpp cannot "
                      "put weights in (no hugetlbfs option in mainline: PRs #12552, #21821) and which "
                      "MemAvailable leaves out; release it if nothing else uses it "
@@ -361,7 +383,7 @@ def server_argv(binary: Path, flags: frozenset[str], model_path: Path, placement
         argv += ["--rpc", ",".join(str(e) for e in req.rpc)]
         if split is not None:
             argv += split.llama_args()
-    argv += list(req.tuned_args) + list(req.extra_args)
+    argv += list(req.chosen_args) + list(req.tuned_args) + list(req.extra_args)
     return argv, warnings
 
 
@@ -383,6 +405,44 @@ def find_binary(build: Build, names: Sequence[str]) -> Path:
 
 # ---- plan ----------------------------------------------------------------------------------
 
+def check_rpc(engine: Engine, what: str) -> None:
+    """A clear refusal when the engine's build has no RPC backend (configs/engines.toml rpc_server)."""
+    if not engine.rpc_server:
+        raise ConfigError(f"{what}: {engine.title} has no RPC backend here (cputune builds it without "
+                          "GGML_RPC, so there is no rpc-server and its llama-server cannot reach workers)",
+                          hint="run the workers and the server with --engine llama.cpp")
+
+
+def tuned_build(tuned: tune.TuneResult, fallback: Build) -> tuple[Build, str | None]:
+    """The build of the engine `cputune tune` found fastest for this file, when it is built."""
+    name = tune.tuned_engine(tuned)
+    if name == fallback.engine:
+        return fallback, None
+    b = find_build(engine=name)
+    if b is None:
+        return fallback, (f"`cputune tune` found {load_engine(name).title} fastest for this file, but it "
+                          f"is not built: serving with {load_engine(fallback.engine).title} "
+                          f"(`cputune build --engine {name}`)")
+    return b, f"{load_engine(name).title}: `cputune tune` found it fastest for this file (--engine chooses another)"
+
+
+def engine_choices(req: ServeRequest, engine: Engine, model, memory: MemoryInfo, flags: frozenset[str],
+                   tuned: Mapping[str, object]) -> tuple[ServeRequest, tuple[Choice, ...], list[str]]:
+    """The engine's own settings for this model and box (engine_args.choose), less what the user
+    gave after `--` or tune measured, in this llama-server's spelling; warnings for what it lacks."""
+    given = given_options(req)
+    kept, args, warnings = [], [], []
+    for c in engine_args.choose(engine, model, memory, req.load_mode, PROGRAM):
+        if given & engine_args.owned_names(engine, c.setting) or tuned.get(c.setting) is not None:
+            continue
+        if c.args and c.args[0] not in flags:
+            warnings.append(f"this llama-server has no {c.args[0]}: {c.setting} {c.value} left out ({c.reason})")
+            continue
+        kept.append(c)
+        args += c.args
+    return replace(req, chosen_args=tuple(args)), tuple(kept), warnings
+
+
 def _numactl_available(numactl: bool | None) -> bool:
     return shutil.which("numactl") is not None if numactl is None else numactl
 
@@ -395,30 +455,52 @@ def plan_serve(req: ServeRequest, root: Path | str = Path("/"), build: Build | N
         raise ConfigError(f"--ctx {req.ctx_tokens}: must be at least 1")
     rpc.check_host(req.host)
     check_extra_args(req.extra_args)
-    b = build or require_build()
-    binary = find_binary(b, ["llama-server"])
-    flags = launch.help_flags(binary)
+    if req.engine is not None and req.rpc:
+        check_rpc(load_engine(req.engine), "serve --rpc")
+    b = build or require_build(engine=req.engine or DEFAULT_ENGINE)
     mf = resolve_model(req)
     tuned_notes, tuned_warnings = [], []
     tuned = tune.tuned_for(mf.path) if req.tuned else None
-    if tuned is not None:
-        req, skipped = apply_tuned(req, tune.serve_settings(tuned), flags)
-        gains = ", ".join(f"{r.kind} {r.gain:.2f}x" for r in tuned.results)
-        tuned_notes.append(f"settings from `cputune tune` ({tuned.created_at}: {gains} llama.cpp's defaults)"
+    if build is None and req.engine is None and tuned is not None:
+        b, note = tuned_build(tuned, b)
+        tuned_notes += [note] if note else []
+    eng = load_engine(b.engine)
+    if req.rpc:
+        check_rpc(eng, "serve --rpc")
+    engine_args.check_model(eng, mf.profile)
+    binary = find_binary(b, ["llama-server"])
+    flags = launch.help_flags(binary)
+    settings = tune.serve_settings(tuned, eng.name) if tuned is not None else None
+    if settings is not None:
+        req, skipped = apply_tuned(req, settings, flags, eng)
+        gains = ", ".join(f"{r.kind} {r.gain:.2f}x" + (f" ({r.vs_baseline:.2f}x llama.cpp's)"
+                                                        if r.vs_baseline and r.engine != DEFAULT_ENGINE else "")
+                          for r in tuned.results if r.engine == eng.name)
+        tuned_notes.append(f"{eng.title} settings from `cputune tune` ({tuned.created_at}: {gains} its defaults)"
                            + (f"; kept yours for {', '.join(skipped)}" if skipped else "")
                            + "; --no-tuned starts without them")
         commit = b.source_commit or b.source_label
-        if tuned.build_commit and commit and tuned.build_commit != commit:
-            tuned_warnings.append(f"the tuned settings were measured with llama.cpp {tuned.build_commit}, "
+        measured = tune.build_commit_of(tuned, eng.name)
+        if measured and commit and measured != commit:
+            tuned_warnings.append(f"the tuned settings were measured with {eng.title} {measured}, "
                                   f"this build is {commit}: run `cputune tune` again")
+    elif tuned is not None:
+        tuned_notes.append(f"`cputune tune` measured other engines on this file, not {eng.title}: "
+                           "its defaults are used")
     shards = tuple(shard_paths(mf.path))
     topo = discover_topology(root)
     mem = discover_memory(root, dmidecode_text="", udev_text="")  # no dmidecode: DIMMs are not needed
     node_avail = node_available_bytes(root)
     box_avail = box_available_bytes(mem, topo)
-    need = ram_needed(mf.profile, req.ctx_tokens, req.cache_type, mmap=req.load_mode != "none",
-                      isa=topo.isa_flags)
-    warnings: list[str] = []
+    req, choices, choice_warnings = engine_choices(req, eng, mf.profile, mem, flags, settings or {})
+    effective = {**engine_args.chosen(choices), **{k: (settings or {}).get(k) for k in SPELLED_SETTINGS
+                                                    if (settings or {}).get(k) is not None}}
+    need = ram_needed(mf.profile, req.ctx_tokens, req.cache_type,
+                      mmap=req.load_mode != "none" and not engine_args.loads_into_ram(eng, effective),
+                      isa=topo.isa_flags,
+                      # Only an engine that repacks by ISA on its own keeps the file's copy beside it.
+                      repack=not eng.repack_types and effective.get("repack") not in (False, "off"))
+    warnings: list[str] = list(choice_warnings)
 
     workers = tuple(query_worker(e) for e in req.rpc)
     split = None
@@ -459,7 +541,8 @@ def plan_serve(req: ServeRequest, root: Path | str = Path("/"), build: Build | N
 
     argv, flag_warnings = server_argv(binary, flags, mf.path, placement, req, split)
     env, env_warnings = relevant_env(os.environ)
-    mem_warnings, mem_notes = memory_notes(mem, req.load_mode, need.weights_bytes)
+    mem_warnings, mem_notes = memory_notes(mem, req.load_mode, need.weights_bytes,
+                                           huge_pages="huge_pages" in effective)
     if mf.profile.n_ctx_train and req.ctx_tokens > mf.profile.n_ctx_train:
         warnings.append(f"--ctx {req.ctx_tokens} is beyond the {mf.profile.n_ctx_train} tokens the "
                         "model was trained on")
@@ -470,16 +553,17 @@ def plan_serve(req: ServeRequest, root: Path | str = Path("/"), build: Build | N
     notes = tuned_notes + list(placement.notes) + mem_notes
     host = "127.0.0.1" if req.host in ("0.0.0.0", "") else req.host
     return ServePlan(
-        binary=binary, model_path=mf.path, model_label=mf.label, quant=mf.quant, shards=shards,
-        argv=tuple(argv), environment=env, placement=placement, memory=memory, workers=workers,
-        split=split, page_cache=verdict, host=req.host, port=req.port,
-        url=f"http://{host}:{req.port}", warnings=tuple(warnings), notes=tuple(notes))
+        engine=eng.name, binary=binary, model_path=mf.path, model_label=mf.label, quant=mf.quant,
+        shards=shards, argv=tuple(argv), environment=env, placement=placement, memory=memory,
+        workers=workers, split=split, page_cache=verdict, host=req.host, port=req.port,
+        url=f"http://{host}:{req.port}", warnings=tuple(warnings), notes=tuple(notes), choices=choices)
 
 
 def plan_worker(req: WorkerRequest, root: Path | str = Path("/"), build: Build | None = None,
                 numactl: bool | None = None) -> WorkerPlan:
     rpc.check_host(req.host)
-    b = build or require_build()
+    check_rpc(load_engine(build.engine if build else req.engine), "worker")
+    b = build or require_build(engine=req.engine)
     binary = find_binary(b, RPC_SERVER_NAMES)
     topo = discover_topology(root)
     mem = discover_memory(root, dmidecode_text="", udev_text="")

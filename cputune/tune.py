@@ -4,6 +4,11 @@ time budget, and keep the best as the profile `cputune serve` starts with.
 Why two searches: decode streams the weights once per token and usually peaks below the core
 count; prefill is compute-bound and wants every core and a large ubatch.
 
+Why engines are searched apart: llama.cpp and ik_llama.cpp have different defaults and options
+(configs/engines.toml), so each engine's search starts from its own defaults; then each engine's
+winner runs in alternating rounds (ABBA) against llama.cpp's defaults ("engines"), which gives the
+gain over the same baseline and the fastest engine, for tg and pp separately.
+
 Why stages rather than one grid: thread count and NUMA placement interact and dominate, so they
 are searched together first ("placement"); ubatch, flash attention, repacking and the KV cache
 type hardly depend on them, so they are searched next with the placement fixed ("kernels").
@@ -27,7 +32,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from cputune import checks, llama_bench, stats
+from cputune import checks, engine_args, llama_bench, stats
+from cputune.build import DEFAULT_ENGINE, Engine, engine_names, find_build, load_engine, require_build
 from cputune.errors import ConfigError, ProcessFailed
 from cputune.fsutil import cache_root
 from cputune import numa_policy
@@ -47,27 +53,46 @@ UBATCHES = (128, 256, 512, 1024, 2048)
 SCHEMA = "cputune.tuned/1"
 
 
+# Knobs each engine spells its own way (configs/engines.toml [args.bench] / [args.server]).
+SPELLED = ("flash_attn", "repack", "fused_moe", "mla")
+
+
 @dataclass(frozen=True, slots=True)
 class Knobs:
-    """One setting of everything tune searches. numa is a placement mode (placement.py)."""
+    """One setting of everything tune searches. numa is a placement mode (placement.py); the
+    engine's own switches are None where it has none (fused MoE and MLA mode: ik_llama.cpp's)."""
 
     threads: int
     numa: str = "off"
     n_batch: int = 2048
     n_ubatch: int = 512
     flash_attn: str = "auto"  # on | off | auto
-    repack: bool = True
+    repack: bool = True  # mainline: its repack by ISA (on by default); ik_llama.cpp: -rtr
     cache_type: str = "f16"  # K and V alike
+    engine: str = DEFAULT_ENGINE
+    fused_moe: bool | None = None
+    mla: int | None = None
 
     @property
     def label(self) -> str:
-        return (f"t{self.threads} numa={self.numa} ub{self.n_ubatch} fa={self.flash_attn} "
-                f"repack={'on' if self.repack else 'off'} kv={self.cache_type}")
+        own = "".join(f" {name}={engine_args.value_text(v)}" for name, v in
+                      (("fmoe", self.fused_moe), ("mla", self.mla)) if v is not None)
+        head = "" if self.engine == DEFAULT_ENGINE else f"{self.engine} "
+        return (f"{head}t{self.threads} numa={self.numa} ub{self.n_ubatch} fa={self.flash_attn} "
+                f"repack={'on' if self.repack else 'off'} kv={self.cache_type}{own}")
 
-    def bench_args(self) -> list[str]:
-        """llama-bench options besides -t (numa goes through the placement's prefix)."""
-        return ["-b", str(self.n_batch), "-ub", str(self.n_ubatch), "-fa", self.flash_attn,
-                "-ctk", self.cache_type, "-ctv", self.cache_type, "--repack", "1" if self.repack else "0"]
+    def spelled(self) -> dict[str, object]:
+        return {name: getattr(self, name) for name in SPELLED}
+
+    def bench_args(self, engine: Engine | None = None, program: str = "llama-bench") -> list[str]:
+        """The program's options besides -t (numa goes through the placement's prefix), in the
+        engine's spelling."""
+        engine = engine or load_engine(self.engine)
+        own, missing = engine_args.spell(engine, program, self.spelled())
+        if missing:  # the search space holds only what the engine can be given
+            raise ConfigError(f"{self.label}: {'; '.join(missing)}")
+        sizes = [] if program == llama_bench.SWEEP_BENCH else ["-b", str(self.n_batch), "-ub", str(self.n_ubatch)]
+        return sizes + ["-ctk", self.cache_type, "-ctv", self.cache_type] + own
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +105,8 @@ class Space:
     repack: tuple[bool, ...]
     cache_types: tuple[str, ...]
     notes: tuple[str, ...]
+    fused_moe: tuple[bool | None, ...] = (None,)
+    mla: tuple[int | None, ...] = (None,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +114,7 @@ class Tried:
     """One candidate of one stage: every sample it got, and how it ended."""
 
     kind: str
-    stage: str  # baseline | placement | kernels | confirm
+    stage: str  # baseline | placement | kernels | confirm | engines
     knobs: Knobs
     predicted_tokens_per_s: float | None
     samples_tokens_per_s: tuple[float, ...]
@@ -120,6 +147,12 @@ class KindResult:
     trials: tuple[Tried, ...]
     seconds: float
     notes: tuple[str, ...]
+    engine: str = DEFAULT_ENGINE  # whose search this is; `default` is that engine's defaults
+    build_commit: str = ""
+    # best / llama.cpp's defaults, alternating in the engines round (None: not run there; for
+    # llama.cpp alone it is `gain`), and whether this engine was the fastest of its kind there.
+    vs_baseline: float | None = None
+    overall: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,8 +168,14 @@ class TuneResult:
     created_at: str = ""
     notes: tuple[str, ...] = ()  # what the budget left out (a kind not tuned)
 
-    def for_kind(self, kind: str) -> KindResult | None:
-        return next((r for r in self.results if r.kind == kind), None)
+    def for_kind(self, kind: str, engine: str | None = None) -> KindResult | None:
+        """The fastest engine's result for `kind` (or the named engine's)."""
+        mine = [r for r in self.results if r.kind == kind and (engine is None or r.engine == engine)]
+        return next((r for r in mine if r.overall or engine is not None), mine[0] if mine else None)
+
+    @property
+    def engines(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(r.engine for r in self.results))
 
 
 # ---- llama.cpp's defaults ---------------------------------------------------------------------
@@ -149,19 +188,29 @@ def _default_of(text: str, *names: str) -> str | None:
     return None
 
 
-def defaults_from_help(text: str, cores: int) -> Knobs:
-    """llama.cpp's defaults as this llama-bench prints them, so 'default' means this build's."""
+def defaults_from_help(text: str, cores: int, engine: Engine | None = None) -> Knobs:
+    """The engine's defaults as this llama-bench prints them, so 'default' means this build's;
+    its own switches (ik_llama.cpp's -fmoe, -mla) are read under the names it spells them with."""
+    engine = engine or load_engine()
+
     def num(v: str | None, fallback: int) -> int:
         return int(v) if v and v.strip().isdigit() else fallback
 
+    def own(setting: str) -> str | None:
+        names = sorted(engine_args.owned_names(engine, setting), key=lambda n: (not n.startswith("--"), n))
+        return _default_of(text, *names) if names else None
+
     fa = (_default_of(text, "--flash-attn") or "auto").split()[0]
     fa = {"0": "off", "1": "on", "-1": "auto"}.get(fa, fa)
+    fused, mla = own("fused_moe"), own("mla")
     return Knobs(threads=num(_default_of(text, "--threads"), cores), numa="off",
                  n_batch=num(_default_of(text, "--batch-size"), 2048),
                  n_ubatch=num(_default_of(text, "--ubatch-size"), 512),
                  flash_attn=fa if fa in ("on", "off", "auto") else "auto",
-                 repack=_default_of(text, "--repack") != "0",
-                 cache_type=_default_of(text, "--cache-type-k") or "f16")
+                 repack=(own("repack") or "1") not in ("0", "false"),
+                 cache_type=_default_of(text, "--cache-type-k") or "f16", engine=engine.name,
+                 fused_moe=None if fused is None else fused not in ("0", "false"),
+                 mla=num(mla, 0) if mla is not None else None)
 
 
 # ---- the search space -------------------------------------------------------------------------
@@ -203,7 +252,10 @@ def numa_modes(topology: Topology, need_bytes: int | None, numactl: bool) -> tup
 
 def search_space(kind: str, topology: Topology, model: ModelProfile, default: Knobs, *,
                  n_prompt: int, cache_types: Sequence[str] = ("f16",), need_bytes: int | None = None,
-                 numactl: bool = True) -> Space:
+                 numactl: bool = True, engine: Engine | None = None, sweep: bool = False) -> Space:
+    """`sweep`: prefill is measured by llama-sweep-bench (ik_llama.cpp at depth), one ubatch of
+    n_prompt tokens, so the ubatch is not searched."""
+    engine = engine or load_engine(default.engine)
     modes, notes = numa_modes(topology, need_bytes, numactl)
     groups = [g for g in topology.l3_groups if g.cpus]
     placements = []
@@ -219,12 +271,18 @@ def search_space(kind: str, topology: Topology, model: ModelProfile, default: Kn
     if (default.threads, default.numa) not in placements:
         placements.insert(0, (default.threads, default.numa))
 
-    if kind == "pp":
+    if kind == "pp" and sweep:
+        ubatches = (default.n_ubatch,)
+        notes.append(f"ubatch: {llama_bench.SWEEP_BENCH} measures prefill at depth as one ubatch of the prompt")
+    elif kind == "pp":
         ubatches = tuple(sorted({u for u in UBATCHES if u <= max(n_prompt, UBATCHES[0])} | {default.n_ubatch}))
     else:
         ubatches = (default.n_ubatch,)
         notes.append("ubatch: only splits prompts, so decode keeps the default")
-    repackable = sorted(t for t in model.matmul_bytes_by_type if X86_REPACK.get(t) in set(topology.isa_flags))
+    if engine.repack_types:  # run-time repacking of the types the engine lists (ik_llama.cpp's -rtr)
+        repackable = engine_args.repackable_share(engine, model)[1]
+    else:  # mainline repacks by ISA on its own
+        repackable = sorted(t for t in model.matmul_bytes_by_type if X86_REPACK.get(t) in set(topology.isa_flags))
     if repackable:
         repack = (True, False)
     else:
@@ -233,21 +291,30 @@ def search_space(kind: str, topology: Topology, model: ModelProfile, default: Kn
     cts = tuple(dict.fromkeys([default.cache_type, *cache_types]))
     if len(cts) == 1:
         notes.append("KV cache type: f16 only (quantizing it costs quality: allow with --cache-types f16,q8_0)")
-    return Space(tuple(placements), ubatches, ("on", "off"), repack, cts, tuple(notes))
+    program = llama_bench.SWEEP_BENCH if kind == "pp" and sweep else "llama-bench"
+    fa = tuple(v for v in ("on", "off") if engine_args.offers(engine, program, "flash_attn", v))
+    fused = (True, False) if model.is_moe and default.fused_moe is not None else (default.fused_moe,)
+    mla = tuple(dict.fromkeys([default.mla, engine_args.MLA_MODE])) if model.mla and default.mla is not None \
+        else (default.mla,)
+    return Space(tuple(placements), ubatches, fa or (default.flash_attn,), repack, cts, tuple(notes),
+                 fused_moe=fused, mla=mla)
 
 
 def kernel_candidates(space: Space, base: Knobs, full: bool = True) -> list[Knobs]:
-    """ubatch x flash attention x repack x KV type around the placement winner (which keeps its
-    own flash-attention value, auto by default). With full=False, one setting changed at a time:
-    the grid's few dozen runs shrink to about ten when the budget is short. A quantized V cache
-    needs flash attention on (llama.cpp refuses it otherwise)."""
-    def knobs(ub: int, fa: str, rp: bool, ct: str) -> Knobs:
+    """ubatch x flash attention x repack x KV type (x fused MoE x MLA mode, where the engine has
+    them) around the placement winner (which keeps its own flash-attention value, auto by
+    default). With full=False, one setting changed at a time: the grid's few dozen runs shrink to
+    about ten when the budget is short. A quantized V cache needs flash attention on (llama.cpp
+    refuses it otherwise)."""
+    def knobs(ub: int, fa: str, rp: bool, ct: str, fm: bool | None = base.fused_moe,
+              mla: int | None = base.mla) -> Knobs:
         return replace(base, n_ubatch=ub, n_batch=max(base.n_batch, ub), flash_attn=fa, repack=rp,
-                       cache_type=ct)
+                       cache_type=ct, fused_moe=fm, mla=mla)
 
     if full:
-        out = [knobs(ub, fa, rp, ct) for ub in space.n_ubatch for fa in space.flash_attn
-               for rp in space.repack for ct in space.cache_types if ct == "f16" or fa != "off"]
+        out = [knobs(ub, fa, rp, ct, fm, mla) for ub in space.n_ubatch for fa in space.flash_attn
+               for rp in space.repack for ct in space.cache_types if ct == "f16" or fa != "off"
+               for fm in space.fused_moe for mla in space.mla]
     else:
         b = base
         out = ([knobs(ub, b.flash_attn, b.repack, b.cache_type) for ub in space.n_ubatch]
@@ -255,7 +322,9 @@ def kernel_candidates(space: Space, base: Knobs, full: bool = True) -> list[Knob
                   if b.cache_type == "f16" or fa != "off"]
                + [knobs(b.n_ubatch, b.flash_attn, rp, b.cache_type) for rp in space.repack]
                + [knobs(b.n_ubatch, "on" if ct != "f16" and b.flash_attn == "off" else b.flash_attn,
-                        b.repack, ct) for ct in space.cache_types])
+                        b.repack, ct) for ct in space.cache_types]
+               + [knobs(b.n_ubatch, b.flash_attn, b.repack, b.cache_type, fm) for fm in space.fused_moe]
+               + [knobs(b.n_ubatch, b.flash_attn, b.repack, b.cache_type, mla=m) for m in space.mla])
     return list(dict.fromkeys([base, *out]))
 
 
@@ -268,7 +337,8 @@ def predicted(kind: str, knobs: Knobs, model: ModelProfile, machine: MachineBand
               calibration: Calibration, depth: int = 0) -> float:
     numa = "one-node" if knobs.numa.startswith("node:") or machine.nodes < 2 else PREDICTOR_NUMA[knobs.numa]
     p = predict(model, machine, Settings(threads=knobs.threads, numa=numa, depth=depth,
-                                         n_ubatch=knobs.n_ubatch, cache_type=knobs.cache_type), calibration)
+                                         n_ubatch=knobs.n_ubatch, cache_type=knobs.cache_type,
+                                         engine=knobs.engine), calibration)
     return p.tg_tokens_per_s if kind == "tg" else p.pp_tokens_per_s
 
 
@@ -371,10 +441,16 @@ class KindJob:
     default: Knobs
     space: Space
     predict: Callable[[Knobs], float | None]
+    engine: str = DEFAULT_ENGINE
+    build_commit: str = ""
 
     @property
     def test(self) -> str:
         return f"{self.kind}{self.n_tokens}" + (f" @ d{self.depth}" if self.depth else "")
+
+    @property
+    def title(self) -> str:
+        return load_engine(self.engine).title
 
 
 def _tried(kind: str, stage: str, c: _Cand, outcome: str, note: str = "") -> Tried:
@@ -420,7 +496,7 @@ def tune_kind(job: KindJob, measure: Measure, budget_s: float, clock: Callable[[
         if progress:
             progress(min((clock() - start) / budget_s, 1.0), f"{job.kind}: {text}")
 
-    tick(f"llama.cpp defaults ({job.default.label})")
+    tick(f"{job.title} defaults ({job.default.label})")
     t0 = clock()
     base_samples, wall = measure(job.default, BASELINE_REPS)
     wall = wall or (clock() - t0)
@@ -456,7 +532,7 @@ def tune_kind(job: KindJob, measure: Measure, budget_s: float, clock: Callable[[
         if progress:
             progress(1.0, f"{job.kind}: done")
         return KindResult(job.kind, job.test, job.default, job.default, med, med, 1.0, tuple(trials),
-                          clock() - start, tuple(notes))
+                          clock() - start, tuple(notes), job.engine, job.build_commit)
     seed = {job.default: list(base_samples)}
     confirm_s = CONFIRM_ROUNDS * 2 * run_s(job.default, CONFIRM_REPS)
 
@@ -485,7 +561,7 @@ def tune_kind(job: KindJob, measure: Measure, budget_s: float, clock: Callable[[
         trials += rows
 
     if best == job.default:
-        notes.append("llama.cpp's defaults were the fastest setting tried")
+        notes.append(f"{job.title}'s defaults were the fastest setting tried")
         gain, d_med, b_med = 1.0, med, med
     else:
         d_s, b_s = [], []
@@ -515,14 +591,15 @@ def tune_kind(job: KindJob, measure: Measure, budget_s: float, clock: Callable[[
     if progress:
         progress(1.0, f"{job.kind}: done")
     return KindResult(job.kind, job.test, job.default, best, d_med, b_med, gain, tuple(trials),
-                      clock() - start, tuple(notes))
+                      clock() - start, tuple(notes), job.engine, job.build_commit)
 
 
 # ---- the real measuring function --------------------------------------------------------------
 
 @dataclass
 class BenchRunner:
-    """Runs one llama-bench per (settings, repetitions) under the placement's numactl prefix."""
+    """Runs one llama-bench per (settings, repetitions) under the placement's numactl prefix; for
+    prefill at depth where llama-bench has no -d (ik_llama.cpp), llama-sweep-bench instead."""
 
     binary: Path
     model: Path
@@ -532,50 +609,176 @@ class BenchRunner:
     depth: int = 0
     numactl: bool = True
     timeout_s: float = 3600
+    engine: Engine | None = None  # None: the knobs' own engine
+    sweep_binary: Path | None = None
+
+    @property
+    def sweeps(self) -> bool:
+        return bool(self.kind == "pp" and self.depth and not llama_bench.takes_depth(self.binary))
 
     def argv(self, k: Knobs, reps: int) -> list[str]:
         pl = plan_placement(self.topology, k.numa, threads=k.threads, threads_batch=k.threads,
                             numactl_available=self.numactl)
-        extra = k.bench_args() + (["-d", str(self.depth)] if self.depth else [])
-        if pl.llama_numa:
-            extra += ["--numa", pl.llama_numa]
-        argv = llama_bench.bench_argv(
-            self.binary, self.model, threads=(k.threads,),
-            n_prompt=(self.n_tokens if self.kind == "pp" else 0,),
-            n_gen=(self.n_tokens if self.kind == "tg" else 0,), reps=reps, extra=extra)
+        engine = self.engine or load_engine(k.engine)
+        numa = ["--numa", pl.llama_numa] if pl.llama_numa else []
+        if self.sweeps:
+            if self.sweep_binary is None:
+                raise ConfigError(f"{engine.title}'s llama-bench cannot measure prefill at depth, and "
+                                  f"its build has no {llama_bench.SWEEP_BENCH}", hint="tune with --for tg")
+            argv = llama_bench.sweep_argv(self.sweep_binary, self.model, k.threads, self.n_tokens, self.depth,
+                                          extra=k.bench_args(engine, llama_bench.SWEEP_BENCH) + numa)
+        else:
+            argv = llama_bench.bench_argv(
+                self.binary, self.model, threads=(k.threads,),
+                n_prompt=(self.n_tokens if self.kind == "pp" else 0,),
+                n_gen=(self.n_tokens if self.kind == "tg" else 0,), reps=reps,
+                extra=k.bench_args(engine) + numa, depth=self.depth)
         return [*pl.numactl_argv, *argv]
 
     def __call__(self, k: Knobs, reps: int) -> tuple[list[float], float]:
         t0 = time.monotonic()
-        rows = llama_bench.run(self.argv(k, reps), timeout_s=self.timeout_s)
+        argv = self.argv(k, reps)
+        if self.sweeps:
+            rows = [llama_bench.run_sweep(argv, self.depth, reps, self.model, timeout_s=self.timeout_s)]
+        else:
+            rows = llama_bench.run(argv, timeout_s=self.timeout_s)
         samples = [s for r in rows for s in (r.samples_ts or (r.avg_ts,))]
         if not samples:
-            raise ProcessFailed("llama-bench returned no samples", self.argv(k, reps), 0)
+            raise ProcessFailed("llama-bench returned no samples", argv, 0)
         return samples, time.monotonic() - t0
 
 
-def run_tune(bench_bin: Path, model_path: Path, model: ModelProfile, machine: MachineBandwidth,
+@dataclass(frozen=True, slots=True)
+class EngineBench:
+    """One engine's build as tune runs it: its llama-bench (and llama-sweep-bench, if built)."""
+
+    engine: Engine
+    bench: Path
+    sweep: Path | None = None
+    commit: str = ""
+
+
+def engine_benches(names: Sequence[str] = ()) -> tuple[EngineBench, ...]:
+    """The engines to tune: `names`, each of which must be built; by default llama.cpp (which must
+    be built: its defaults are the baseline) and every other engine that is."""
+    if names:
+        builds = [require_build(engine=n) for n in dict.fromkeys(names)]
+    else:
+        builds = [require_build()] + [b for n in engine_names() if n != DEFAULT_ENGINE
+                                      if (b := find_build(engine=n)) is not None]
+    return tuple(EngineBench(load_engine(b.engine), b.binary("llama-bench"),
+                             b.binary(llama_bench.SWEEP_BENCH) if llama_bench.SWEEP_BENCH in b.binaries else None,
+                             b.source_commit or b.source_label) for b in builds)
+
+
+def run_tune(bench_bin: Path | None, model_path: Path, model: ModelProfile, machine: MachineBandwidth,
              calibration: Calibration, topology: Topology, *, kinds: Sequence[str] = KINDS,
              budget_s: float = 600, depth: int = 0, n_prompt: int = 256, n_gen: int = 32,
              cache_types: Sequence[str] = ("f16",), numactl: bool = True, need_bytes: int | None = None,
-             build_commit: str = "", progress: Callable[[float, str], None] | None = None) -> TuneResult:
-    """Both searches on the real llama-bench, the budget split evenly between them."""
+             build_commit: str = "", progress: Callable[[float, str], None] | None = None,
+             engines: Sequence[EngineBench] = ()) -> TuneResult:
+    """Every kind on every engine (`engines`; default llama.cpp's `bench_bin`) on the real
+    llama-bench, each search with an even share of the budget, then the engines round of each
+    kind with the same share."""
     t0 = time.monotonic()
-    default = defaults_from_help(llama_bench.help_text(bench_bin), machine.cores)
-    jobs = []
+    engines = tuple(engines) or (EngineBench(load_engine(), Path(bench_bin), None, build_commit),)
+    jobs, runners = [], {}
     for kind in kinds:
         n_tokens = n_gen if kind == "tg" else n_prompt
-        space = search_space(kind, topology, model, default, n_prompt=n_prompt, cache_types=cache_types,
-                             need_bytes=need_bytes, numactl=numactl)
-        jobs.append(KindJob(kind, n_tokens, depth, default, space,
-                            lambda k, kind=kind: predicted(kind, k, model, machine, calibration, depth)))
-    results, notes = tune_kinds(
-        jobs, lambda job: BenchRunner(bench_bin, model_path, topology, job.kind, job.n_tokens, depth, numactl),
-        budget_s - (time.monotonic() - t0), progress=progress)
+        for eb in engines:
+            default = defaults_from_help(llama_bench.help_text(eb.bench), machine.cores, eb.engine)
+            sweep = bool(kind == "pp" and depth and not llama_bench.takes_depth(eb.bench))
+            if sweep:  # one window of the prompt, as llama-sweep-bench measures it
+                default = replace(default, n_ubatch=n_tokens, n_batch=max(default.n_batch, n_tokens))
+            space = search_space(kind, topology, model, default, n_prompt=n_prompt, cache_types=cache_types,
+                                 need_bytes=need_bytes, numactl=numactl, engine=eb.engine, sweep=sweep)
+            jobs.append(KindJob(kind, n_tokens, depth, default, space,
+                                lambda k, kind=kind: predicted(kind, k, model, machine, calibration, depth),
+                                engine=eb.engine.name, build_commit=eb.commit))
+            runners[(eb.engine.name, kind)] = BenchRunner(eb.bench, model_path, topology, kind, n_tokens, depth,
+                                                          numactl, engine=eb.engine, sweep_binary=eb.sweep)
+    rounds = len(kinds) if len(engines) > 1 else 0
+    left = budget_s - (time.monotonic() - t0)
+    results, notes = tune_kinds(jobs, lambda job: runners[(job.engine, job.kind)],
+                                left * len(jobs) / (len(jobs) + rounds), progress=progress)
+    final: list[KindResult] = []
+    for i, kind in enumerate(kinds):
+        mine = [r for r in results if r.kind == kind]
+        if rounds and len(mine) > 1:
+            share = (budget_s - (time.monotonic() - t0)) / (len(kinds) - i)
+            mine, round_notes = compare_engines(mine, lambda k, kind=kind: runners[(k.engine, kind)], share,
+                                                progress=progress and (lambda f, text: progress(1.0, text)))
+            notes += round_notes
+        else:
+            mine = [replace(r, vs_baseline=r.gain if r.engine == DEFAULT_ENGINE else None) for r in mine]
+        final += mine
     return TuneResult(model_path=Path(model_path), model_size_bytes=Path(model_path).stat().st_size,
-                      machine=machine.name, build_commit=build_commit, budget_s=budget_s,
-                      seconds=time.monotonic() - t0, depth=depth, results=tuple(results),
+                      machine=machine.name, build_commit=next(
+                          (eb.commit for eb in engines if eb.engine.name == DEFAULT_ENGINE), build_commit),
+                      budget_s=budget_s,
+                      seconds=time.monotonic() - t0, depth=depth, results=tuple(final),
                       created_at=now_iso(), notes=tuple(notes))
+
+
+def _n_tokens(test: str) -> int:
+    m = re.match(r"[a-z]+(\d+)", test)
+    return int(m.group(1)) if m else 0
+
+
+def compare_engines(results: Sequence[KindResult], measure_for: Callable[[Knobs], Measure], budget_s: float,
+                    clock: Callable[[], float] = time.monotonic,
+                    progress: Callable[[float, str], None] | None = None) -> tuple[list[KindResult], list[str]]:
+    """The engines round of one kind: llama.cpp's defaults and each engine's winner, CONFIRM_ROUNDS
+    rounds whose order turns every round (ABBA, so a box that drifts favours no one), while the
+    budget holds a whole round. Each result gets its gain over llama.cpp's defaults measured
+    there (vs_baseline), and the fastest engine is marked overall."""
+    base_r = next((r for r in results if r.engine == DEFAULT_ENGINE), None)
+    if base_r is None:
+        return [replace(r, vs_baseline=None, overall=i == 0) for i, r in enumerate(results)], []
+    base = base_r.default
+    contenders = list(dict.fromkeys([base, *(r.best for r in results)]))
+    tps = {base: base_r.default_tokens_per_s, **{r.best: r.best_tokens_per_s for r in results}}
+    n = _n_tokens(base_r.test)
+
+    def est_s(k: Knobs) -> float:  # CONFIRM_REPS timed runs and a warmup at the speed its search saw
+        return (CONFIRM_REPS + 1) * n / tps[k] if tps.get(k) else 0.0
+
+    deadline = clock() + budget_s
+    samples: dict[Knobs, list[float]] = {k: [] for k in contenders}
+    failed: dict[Knobs, str] = {}
+    notes: list[str] = []
+    done = 0
+    for i in range(CONFIRM_ROUNDS):
+        order = [k for k in (contenders if i % 2 == 0 else contenders[::-1]) if k not in failed]
+        if clock() + sum(est_s(k) for k in order) > deadline:
+            notes.append(f"{base_r.kind}: engines round {i + 1} of {CONFIRM_ROUNDS} did not fit the budget")
+            break
+        for k in order:
+            if progress:
+                progress(i / CONFIRM_ROUNDS, f"{base_r.kind}: engines round {i + 1}: {k.label}")
+            try:
+                samples[k] += measure_for(k)(k, CONFIRM_REPS)[0]
+            except ProcessFailed as e:
+                failed[k] = e.message.splitlines()[0]
+        done += 1
+    if not done or not samples[base]:
+        notes.append(f"{base_r.kind}: no engines round was run, so each engine's gain is over its own defaults "
+                     "and llama.cpp stays the choice")
+        return [replace(r, vs_baseline=r.gain if r is base_r else None, overall=r is base_r) for r in results], notes
+    base_med = stats.summarize(samples[base]).median
+    med = {k: stats.summarize(v).median for k, v in samples.items() if v}
+    winner = max((r for r in results if r.best in med), key=lambda r: med[r.best])
+    out = []
+    for r in results:
+        overall = r is winner
+        rows = []
+        if r is base_r and r.best != base:
+            rows.append(Tried(r.kind, "engines", base, None, tuple(samples[base]), done, "default"))
+        rows.append(Tried(r.kind, "engines", r.best, None, tuple(samples.get(r.best, ())), done,
+                          "failed" if r.best in failed else "best" if overall else "dropped", failed.get(r.best, "")))
+        vs = med[r.best] / base_med if r.best in med else None
+        out.append(replace(r, vs_baseline=vs, overall=overall, trials=r.trials + tuple(rows)))
+    return out, notes
 
 
 def baseline_s(job: KindJob) -> float:
@@ -593,7 +796,7 @@ def tune_kinds(jobs: Sequence[KindJob], measure_for: Callable[[KindJob], Measure
     the baseline is the one run a search cannot do without."""
     first = baseline_s(jobs[0])
     if first > budget_s:
-        raise ConfigError(f"a budget of {budget_s:.3g} s is shorter than one baseline of llama.cpp's defaults "
+        raise ConfigError(f"a budget of {budget_s:.3g} s is shorter than one baseline of {jobs[0].title}'s defaults "
                           f"({jobs[0].test}: about {first:.3g} s predicted)",
                           hint=f"give --budget {math.ceil(10 * first)}s or more, so the search has room too")
     t0 = clock()
@@ -601,7 +804,8 @@ def tune_kinds(jobs: Sequence[KindJob], measure_for: Callable[[KindJob], Measure
     for i, job in enumerate(jobs):
         left = budget_s - (clock() - t0)
         if i and (left <= 0 or baseline_s(job) > left):
-            notes.append(f"{job.kind} was not tuned: {max(left, 0):.0f} s of the {budget_s:.0f} s budget was "
+            who = "" if job.engine == DEFAULT_ENGINE else f" ({job.title})"
+            notes.append(f"{job.kind}{who} was not tuned: {max(left, 0):.0f} s of the {budget_s:.0f} s budget was "
                          f"left, and its baseline needs about {baseline_s(job):.0f} s")
             continue
 
@@ -632,6 +836,9 @@ def check_knobs(k: Knobs, where: str) -> None:
     checks.number(k.n_batch, f"field {where}.n_batch", 1, checks.MAX_TOKENS, integer=True)
     checks.number(k.n_ubatch, f"field {where}.n_ubatch", 1, k.n_batch, integer=True)
     checks.text(k.flash_attn, f"field {where}.flash_attn", FLASH_ATTN)
+    checks.text(k.engine, f"field {where}.engine", tuple(engine_names()))
+    if k.mla is not None:
+        checks.number(k.mla, f"field {where}.mla", 0, engine_args.MLA_MODE, integer=True)
     for name, check in (("numa", parse_numa), ("cache_type", cache_type_name)):
         try:
             check(getattr(k, name))
@@ -719,16 +926,34 @@ def tuned_for(model_path: Path, path: Path | None = None) -> TuneResult | None:
     return r if size == r.model_size_bytes else None
 
 
-def serve_settings(r: TuneResult) -> dict:
-    """What serve takes from a tune result: decode's threads, placement and kernels (decode is what
-    a chat waits on), prefill's threads and ubatch for --threads-batch and -ub."""
-    tg, pp = r.for_kind("tg"), r.for_kind("pp")
+def tuned_engine(r: TuneResult) -> str:
+    """The engine serve starts: decode's fastest (decode is what a chat waits on), else prefill's."""
+    best = r.for_kind("tg") or r.for_kind("pp")
+    return best.engine if best else DEFAULT_ENGINE
+
+
+def build_commit_of(r: TuneResult, engine: str) -> str:
+    """The build of `engine` the result was measured with."""
+    mine = [x.build_commit for x in r.results if x.engine == engine and x.build_commit]
+    return mine[0] if mine else (r.build_commit if engine == DEFAULT_ENGINE else "")
+
+
+def serve_settings(r: TuneResult, engine: str | None = None) -> dict | None:
+    """What serve takes from a tune result for `engine` (default: tuned_engine): decode's threads,
+    placement and kernels (decode is what a chat waits on), prefill's threads and ubatch for
+    --threads-batch and -ub. None when the engine was not tuned on this file."""
+    engine = engine or tuned_engine(r)
+    tg, pp = r.for_kind("tg", engine), r.for_kind("pp", engine)
+    if tg is None and pp is None:
+        return None
     main = (tg or pp).best
-    return {"threads": main.threads, "numa": main.numa, "flash_attn": main.flash_attn,
-            "repack": main.repack, "cache_type": main.cache_type,
-            "threads_batch": (pp.best.threads if pp else main.threads),
-            "n_ubatch": (pp.best.n_ubatch if pp else main.n_ubatch),
-            "n_batch": (pp.best.n_batch if pp else main.n_batch)}
+    out = {"engine": engine, "threads": main.threads, "numa": main.numa, "flash_attn": main.flash_attn,
+           "repack": main.repack, "cache_type": main.cache_type,
+           "threads_batch": (pp.best.threads if pp else main.threads),
+           "n_ubatch": (pp.best.n_ubatch if pp else main.n_ubatch),
+           "n_batch": (pp.best.n_batch if pp else main.n_batch)}
+    out.update({k: getattr(main, k) for k in ("fused_moe", "mla") if getattr(main, k) is not None})
+    return out
 
 
 def now_iso() -> str:

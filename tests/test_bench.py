@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from cputune import bandwidth, bench, calibrate, catalog, llama_bench, probe, report
 from cputune.cli import cli
+from cputune.errors import ConfigError
 from cputune.hardware import Box
 from cputune.predictor import MachineBandwidth, Settings, at_read_bandwidth, predict
 
@@ -71,6 +72,39 @@ def test_bench_twin_is_synthesized_once(probed):
     mtime = twins[0].stat().st_mtime_ns
     assert CliRunner().invoke(cli, args, catch_exceptions=False).exit_code == 0
     assert twins[0].stat().st_mtime_ns == mtime
+
+
+def test_ik_bench_at_depth_uses_gp_for_decode_and_sweep_bench_for_prefill(probed, ik_models):
+    path = ik_models["deepseek2"].quantized["q4_k_m"]
+    args = ["bench", "-m", str(path), "--engine", "ik_llama", "-t", "1", "--depth", "64", "--n-prompt", "32",
+            "--n-gen", "4", "--reps", "2"]
+    r = CliRunner().invoke(cli, args + ["--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    res = {x["kind"]: x for x in json.loads(r.stdout)["results"]}
+    assert (res["pp"]["test"], res["tg"]["test"]) == ("pp32 @ d64", "tg4 @ d64")
+    for x in res.values():
+        assert x["engine"] == "ik_llama" and x["depth"] == 64 and len(x["samples_tokens_per_s"]) == 2
+        assert x["build_commit"] == "8337e4cd3"  # its rows say "unknown": the build's commit stands in
+    # llama-bench got its -fa 1 -fmoe 1 -rtr 1 spelling, llama-sweep-bench the server's -rtr.
+    assert ["-mla", "3"] == res["tg"]["args"][:2] and "-fmoe" in res["tg"]["args"] and "1" in res["tg"]["args"]
+    assert "-rtr" in res["pp"]["args"] and "-fmoe" not in res["pp"]["args"]
+    assert "why -mla 3: the model has MLA attention" in r.stderr
+    # A depth that is not a whole number of prompt windows is said so before anything runs.
+    r = CliRunner().invoke(cli, args[:-6] + ["--depth", "50", "--n-prompt", "32", "--n-gen", "0", "--reps", "1"])
+    assert r.exit_code == 1 and "must be a multiple of it" in r.output
+
+
+def test_ik_llama_bench_gp_rows_read_as_decode_at_depth():
+    rows = llama_bench.parse_rows(json.dumps([{"test": "tg16@pp256", "n_prompt": 256, "n_gen": 16, "avg_ts": 5.0,
+                                               "samples_ts": [5.0], "build_commit": "unknown"}]))
+    assert (rows[0].n_prompt, rows[0].n_gen, rows[0].n_depth, rows[0].test) == (0, 16, 256, "tg16 @ d256")
+    flags = frozenset({"-gp", "-n"})
+    assert llama_bench.depth_args(flags, 256, (0,), (16, 32)) == ((0,), (0,), ["-gp", "256,16", "-gp", "256,32"])
+    assert llama_bench.depth_args(frozenset({"-d"}), 256, (32,), (16,)) == ((32,), (16,), ["-d", "256"])
+    with pytest.raises(ConfigError, match="prefill at depth is measured with llama-sweep-bench"):
+        llama_bench.depth_args(flags, 256, (32,), (16,))
+    window = '{"n_kv_max": 512, "pp": 32, "tg": 1, "n_kv": 256, "speed_pp": 900.5, "speed_tg": 80.0 }'
+    assert llama_bench.parse_sweep(f"loading...\n{window}\n", 256)["speed_pp"] == 900.5
 
 
 def test_bench_without_a_model_says_what_to_pass(probed):

@@ -579,9 +579,14 @@ def stop(proc: subprocess.Popen, sig=signal.SIGINT, timeout_s: float = 30.0) -> 
     return proc.returncode, "".join(getattr(proc, "seen", [])) + (out or ""), err
 
 
-def complete(port: int) -> dict:
-    code, body = launch.http_json(f"http://{HOST}:{port}/completion", {
-        "prompt": "The quick brown fox", "n_predict": 4, "ignore_eos": True, "temperature": 0.0}, timeout=60)
+def complete(port: int, whole_words: bool = False) -> dict:
+    """Four tokens from the random-weight model. `whole_words` bans the 256 byte-fallback tokens
+    (ids 3-258 in synth's vocabulary): ik_llama.cpp's server answers 500 to a completion that ends
+    inside a UTF-8 sequence (its JSON writer refuses the bytes), where mainline's holds them back."""
+    payload = {"prompt": "The quick brown fox", "n_predict": 4, "ignore_eos": True, "temperature": 0.0}
+    if whole_words:
+        payload["logit_bias"] = [[t, False] for t in range(3, 259)]
+    code, body = launch.http_json(f"http://{HOST}:{port}/completion", payload, timeout=60)
     assert code == 200, body
     return body
 
@@ -751,3 +756,107 @@ def test_rpc_on_loopback_with_two_workers(llama_models):
     for p in ports:
         assert not launch.port_in_use(HOST, p)
 
+
+
+# --- ik_llama.cpp's llama-server --------------------------------------------------------------------
+
+IK = "ik_llama"
+
+
+def listening(port: int) -> bool:
+    """Something accepts connections on the port. (ik_llama.cpp's server closes its connections
+    itself and, unlike mainline's, does not set SO_REUSEADDR, so its TIME-WAIT sockets keep the port
+    from being bound for a minute: launch.port_in_use would say yes with nothing left running.)"""
+    try:
+        socket.create_connection((HOST, port), timeout=2).close()
+    except OSError:
+        return False
+    return True
+
+
+def sub(argv, words) -> bool:
+    return any(list(argv[i:i + len(words)]) == list(words) for i in range(len(argv)))
+
+
+@pytest.mark.llama
+def test_ik_dry_run_gives_deepseek_its_options_each_with_why(ik_models, tiny_models):
+    path = ik_models["deepseek2"].quantized["q4_k_m"]
+    args = ("serve", "-m", str(path), "--engine", IK, "--no-tuned", "--ctx", "512", "--dry-run")
+    doc = json.loads(invoke(*args, "--json", catch_exceptions=False).stdout)
+    p = doc["plan"]
+    argv = p["argv"]
+    assert p["engine"] == IK and "/ik_llama-8337e4cd3-" in argv[0]
+    for words in (["-mla", "3"], ["-fa", "on"], ["-amb", "512"], ["-rtr"], ["--metrics"], ["-c", "512"]):
+        assert sub(argv, words), words
+    assert "-lm" not in argv and "--no-mmap" not in argv  # mmap is its default; -rtr turns it off itself
+    why = {c["setting"]: c["reason"] for c in p["choices"]}
+    assert list(why) == ["mla", "flash_attn", "attn_max_batch", "fused_moe", "repack"]
+    assert "8 routed experts" in why["fused_moe"] and "read into RAM, not mmap'd" in why["repack"]
+    # -rtr reads the weights into RAM and repacks them there: one copy, no page cache to keep.
+    assert p["memory"]["need"]["mmap"] is False and p["memory"]["need"]["repack_copy_bytes"] == 0
+    table = invoke(*args, catch_exceptions=False).stdout
+    assert "ik_llama.cpp" in table and "why -mla 3: the model has MLA attention" in table
+    assert "why fused_moe on (the default, nothing written): 8 routed experts" in table
+    # A dense llama gets only the repack; what the user gives after `--` is theirs.
+    dense = json.loads(invoke("serve", "-m", str(ik_models["llama"].quantized["q4_k_m"]), "--engine", IK,
+                              "--no-tuned", "--dry-run", "--json", "--", "-rtr", catch_exceptions=False).stdout)
+    assert dense["plan"]["choices"] == [] and dense["plan"]["argv"].count("-rtr") == 1
+    assert not sub(dense["plan"]["argv"], ["-mla", "3"])
+
+
+@pytest.mark.llama
+def test_ik_refuses_what_its_build_cannot_do(tiny_models):
+    old = tiny_models["deepseek2"].quantized["q8_0"]  # MLA latent 256 + 32: ik's loader would abort
+    r = invoke("serve", "-m", str(old), "--engine", IK, "--dry-run")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output.splitlines()[0].startswith("Error: ik_llama.cpp cannot load this MLA model: its KV cache is 288")
+    r = invoke("worker", "--engine", IK, "--dry-run")
+    assert r.exit_code == 1 and r.output.splitlines()[0].startswith("Error: worker: ik_llama.cpp has no RPC backend")
+    assert "--engine llama.cpp" in r.output
+    r = invoke("serve", "-m", str(old), "--engine", IK, "--rpc", "127.0.0.1:50052", "--dry-run")
+    assert r.exit_code == 1 and "serve --rpc: ik_llama.cpp has no RPC backend" in r.output
+    r = invoke("serve", "-m", str(old), "--engine", "ik", "--dry-run")
+    assert r.exit_code == 1 and r.output.splitlines()[0] == "Error: unknown engine 'ik'"
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("arch, quant", [(a, q) for a in ("deepseek2", "llama") for q in ("q8_0", "q4_k_m", "iq4_ks")])
+def test_ik_server_answers_with_its_options(ik_models, arch, quant):
+    path = ik_models[arch].quantized[quant]
+    port = launch.free_port(HOST)
+    plan = serve.plan_serve(serve.ServeRequest(quant=None, model=str(path), engine=IK, tuned=False, ctx_tokens=256,
+                                               port=port, extra_args=("-np", "1")), Path("/"), numactl=True)
+    server = serve.start(plan, timeout_s=120)
+    try:
+        assert healthy(port)()
+        body = complete(port, whole_words=True)
+        assert body["tokens_predicted"] == 4
+        cmdline = Path(f"/proc/{server.pid}/cmdline").read_text().split("\0")
+        assert "-rtr" in cmdline and sub(cmdline, ["-mla", "3"]) == (arch == "deepseek2")
+    finally:
+        server.stop()
+    log = server.log_path.read_text(errors="replace")
+    assert "Adjusted mainline llama.cpp MLA tensors" in log if arch == "deepseek2" else True
+    assert "error: unknown argument" not in log and "invalid argument" not in log
+    assert not alive(server.pid) and not listening(port)
+
+
+@pytest.mark.llama
+def test_ik_serve_answers_and_ctrl_c_leaves_no_orphan(ik_models):
+    folder = ik_models["deepseek2"].quantized["q4_k_m"].parent
+    port = launch.free_port(HOST)
+    proc = cputune_process("serve", "--engine", IK, "-q", "q4_k_m", "-m", "deepseek2", "--models-dir", str(folder),
+                           "--no-tuned", "--ctx", "512", "--port", str(port), "--", "-np", "1")
+    server_pid = None
+    try:
+        ready_line(proc, proc.seen)
+        wait_until(healthy(port), proc)
+        [server_pid] = wait_until(lambda: children(proc.pid), proc)
+        assert complete(port, whole_words=True)["tokens_predicted"] == 4
+        with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=10) as r:  # --metrics reached it
+            assert r.status == 200
+    finally:
+        rc, out, err = stop(proc, signal.SIGINT)
+    assert rc == 130, err
+    assert "llama-server is ready at" in out and "why -mla 3:" in out and "deepseek2-q4_k_m.gguf" in out
+    assert server_pid and not alive(server_pid) and not children(proc.pid) and not listening(port)

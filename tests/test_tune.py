@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cputune import serve, tune
+from cputune import launch, serve, tune
+from cputune.build import load_engine
 from cputune.cli import cli
 from cputune.errors import ConfigError, ProcessFailed
 from cputune.gguf_model import read_model
@@ -212,8 +213,10 @@ def test_saved_profile_round_trips_and_follows_the_file(tmp_path):
     r = result_for(model, tune.Knobs(threads=1, repack=False), tune.Knobs(threads=2, n_ubatch=256))
     tune.save(r, store)
     assert tune.tuned_for(model, store) == r
-    assert tune.serve_settings(r) == {"threads": 1, "numa": "off", "flash_attn": "auto", "repack": False,
-                                      "cache_type": "f16", "threads_batch": 2, "n_ubatch": 256, "n_batch": 2048}
+    assert tune.serve_settings(r) == {"engine": "llama.cpp", "threads": 1, "numa": "off", "flash_attn": "auto",
+                                      "repack": False, "cache_type": "f16", "threads_batch": 2, "n_ubatch": 256,
+                                      "n_batch": 2048}
+    assert tune.serve_settings(r, "ik_llama") is None and tune.tuned_engine(r) == "llama.cpp"
     model.write_bytes(b"x" * 101)  # a new file under the same name is not the one tuned
     assert tune.tuned_for(model, store) is None
     store.write_text("{not json")
@@ -265,7 +268,8 @@ def probed(own_cache):
 @pytest.mark.llama
 def test_tune_runs_llama_bench_and_saves_what_serve_reads(probed, tiny_models):
     path = tiny_models["llama"].quantized["q4_k_m"]
-    args = ["tune", "-m", str(path), "--budget", "30s", "--n-prompt", "32", "--n-gen", "8", "--json"]
+    args = ["tune", "-m", str(path), "--engine", "llama.cpp", "--budget", "30s", "--n-prompt", "32", "--n-gen", "8",
+            "--json"]
     r = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
@@ -305,3 +309,143 @@ def test_bench_argv_puts_the_placement_first(tiny_models, llama_bin_dir):
     assert argv[argv.index("-n") + 1] == "16" and argv[argv.index("-p") + 1] == "0"
     node = runner.argv(tune.Knobs(threads=96, numa="node:1"), 1)
     assert "--cpunodebind=1" in node and "--numa" not in node
+
+
+# ---- engines: each searched from its own defaults, then run alternately against llama.cpp's -------
+
+IK_BENCH_HELP = (FIXTURES / "llama_help" / "8337e4cd3-ik-llama-bench.txt").read_text()
+
+
+def test_ik_defaults_are_read_under_its_own_option_names():
+    d = tune.defaults_from_help(IK_BENCH_HELP, cores=2, engine=load_engine("ik_llama"))
+    # -fa 1, -rtr 0, -fmoe 1 and -mla 3 are this llama-bench's defaults (its print_usage).
+    assert (d.engine, d.flash_attn, d.repack, d.fused_moe, d.mla, d.n_ubatch, d.threads) == \
+        ("ik_llama", "on", False, True, 3, 512, 2)
+    assert d.bench_args() == ["-b", "2048", "-ub", "512", "-ctk", "f16", "-ctv", "f16",
+                              "-fa", "1", "-rtr", "0", "-fmoe", "1", "-mla", "3"]
+    assert d.label == "ik_llama t2 numa=off ub512 fa=on repack=off kv=f16 fmoe=on mla=3"
+    # Mainline's llama-bench has none of ik's switches: they stay None and are not written.
+    assert tune.Knobs(threads=2).bench_args()[-4:] == ["-fa", "auto", "--repack", "1"]
+
+
+def test_ik_space_searches_its_own_switches_where_the_model_has_them(tiny_models, ik_models):
+    ik = load_engine("ik_llama")
+    d = tune.defaults_from_help(IK_BENCH_HELP, cores=2, engine=ik)
+    here = discover_topology()
+    ds2 = read_model(ik_models["deepseek2"].quantized["q4_k_m"])
+    space = tune.search_space("pp", here, ds2, d, n_prompt=64, engine=ik)
+    assert (space.fused_moe, space.mla, space.repack, space.flash_attn) == ((True, False), (3,), (True, False), ("on", "off"))
+    grid = tune.kernel_candidates(space, d)
+    assert {k.fused_moe for k in grid} == {True, False} and {k.repack for k in grid} == {True, False}
+    assert all(k.engine == "ik_llama" for k in grid)
+    one_at_a_time = tune.kernel_candidates(space, d, full=False)
+    assert replace(d, fused_moe=False) in one_at_a_time and len(one_at_a_time) < len(grid)
+    # A dense model has no experts to fuse; mainline has no such switch at all.
+    dense = tune.search_space("tg", here, read_model(tiny_models["llama"].quantized["q4_k_m"]), d, n_prompt=64, engine=ik)
+    assert dense.fused_moe == (True,)
+    main = tune.search_space("pp", here, ds2, tune.Knobs(threads=2), n_prompt=64)
+    assert (main.fused_moe, main.mla) == ((None,), (None,))
+    # Prefill at depth is llama-sweep-bench's one window: no ubatch search.
+    assert tune.search_space("pp", here, ds2, d, n_prompt=64, engine=ik, sweep=True).n_ubatch == (512,)
+
+
+def engine_speed(k: tune.Knobs) -> float:
+    # ik_llama.cpp is 1.5x faster than llama.cpp's defaults once -rtr is on; repack off helps mainline.
+    if k.engine == "ik_llama":
+        return 30.0 * (2.0 if k.repack else 1.0)
+    return 40.0 * (1.1 if not k.repack else 1.0)
+
+
+def test_the_engines_round_alternates_winners_with_mainline_defaults():
+    fake = FakeBench(engine_speed, noise=0.0)
+    space = tune.Space(placements=((2, "off"),), n_ubatch=(512,), flash_attn=("auto",), repack=(True, False),
+                       cache_types=("f16",), notes=())
+    ik_default = tune.Knobs(threads=2, flash_attn="on", repack=False, engine="ik_llama", fused_moe=True, mla=3)
+    ik_space = replace(space, flash_attn=("on",), fused_moe=(True,), mla=(3,))
+    jobs = [tune.KindJob("tg", 10, 0, tune.Knobs(threads=2), space, lambda k: 40.0),
+            tune.KindJob("tg", 10, 0, ik_default, ik_space, lambda k: 40.0, engine="ik_llama")]
+    results, notes = tune.tune_kinds(jobs, lambda job: fake, 400, clock=fake.clock)
+    main, ik = results
+    assert (main.engine, main.best.repack, ik.engine, ik.best.repack) == ("llama.cpp", False, "ik_llama", True)
+    assert ik.gain == pytest.approx(2.0)  # over its own defaults
+    fake.calls.clear()
+    out, notes = tune.compare_engines(results, lambda k: fake, 200, clock=fake.clock)
+    main, ik = out
+    assert ik.overall and not main.overall and notes == []
+    assert ik.vs_baseline == pytest.approx(60 / 40) and main.vs_baseline == pytest.approx(44 / 40)
+    # ABBA: the order turns every round, so drift on the box favours no one.
+    order = [k for k, _ in fake.calls]
+    base = main.default
+    assert order == [base, main.best, ik.best, ik.best, main.best, base, base, main.best, ik.best]
+    rows = [t for t in ik.trials if t.stage == "engines"]
+    assert [t.outcome for t in rows] == ["best"] and len(rows[0].samples_tokens_per_s) == 3 * tune.CONFIRM_REPS
+    assert [t.outcome for t in main.trials if t.stage == "engines"] == ["default", "dropped"]
+    r = tune.TuneResult(Path("m.gguf"), 1, "vm", "0c1e57098", 600, 500, 0, tuple(out))
+    assert r.for_kind("tg") is ik and r.for_kind("tg", "llama.cpp") is main and tune.tuned_engine(r) == "ik_llama"
+    settings = tune.serve_settings(r)
+    assert (settings["engine"], settings["repack"], settings["fused_moe"], settings["mla"]) == ("ik_llama", True, True, 3)
+    assert tune.serve_settings(r, "llama.cpp")["repack"] is False and "mla" not in tune.serve_settings(r, "llama.cpp")
+
+
+def test_no_engines_round_fits_keeps_llama_cpp():
+    fake = FakeBench(engine_speed, noise=0.0)
+    main = tune.KindResult("tg", "tg10", tune.Knobs(threads=2), tune.Knobs(threads=2, repack=False),
+                           40.0, 44.0, 1.1, (), 1.0, ())
+    ik = replace(main, engine="ik_llama", default=tune.Knobs(threads=2, engine="ik_llama", repack=False),
+                 best=tune.Knobs(threads=2, engine="ik_llama"), gain=2.0, best_tokens_per_s=60.0)
+    out, notes = tune.compare_engines([main, ik], lambda k: fake, 1, clock=fake.clock)
+    assert [r.overall for r in out] == [True, False] and out[0].vs_baseline == 1.1 and out[1].vs_baseline is None
+    assert "no engines round was run" in notes[-1] and fake.calls == []
+
+
+def test_apply_tuned_writes_ik_settings_in_its_own_words():
+    ik_flags = launch.parse_help_flags((FIXTURES / "llama_help" / "8337e4cd3-ik-llama-server.txt").read_text())
+    settings = {"engine": "ik_llama", "threads": 2, "numa": "off", "flash_attn": "on", "repack": True,
+                "cache_type": "f16", "threads_batch": 2, "n_ubatch": 256, "n_batch": 2048, "fused_moe": False, "mla": 3}
+    new, skipped = serve.apply_tuned(serve.ServeRequest(quant="q4_k_m", extra_args=("-rtr",)), settings, ik_flags,
+                                     load_engine("ik_llama"))
+    assert new.tuned_args == ("-b", "2048", "-ub", "256", "-fa", "on", "-no-fmoe", "-mla", "3")
+    assert skipped == ["repack (set after `--`)"]
+
+
+def test_a_tuned_file_naming_an_unknown_engine_is_refused(tmp_path):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"x" * 100)
+    store = tmp_path / "tuned.json"
+    tune.save(result_for(model, tune.Knobs(threads=1), tune.Knobs(threads=2)), store)
+    doc = json.loads(store.read_text())
+    entry = next(iter(doc["profiles"].values()))
+    entry["results"][0]["best"]["engine"] = "vllm"
+    store.write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match=r"results\[0\]\.best\.engine"):
+        tune.tuned_for(model, store)
+
+
+@pytest.mark.llama
+def test_tune_searches_both_engines_and_serve_starts_the_winner(probed, ik_models):
+    path = ik_models["deepseek2"].quantized["q4_k_m"]
+    args = ["tune", "-m", str(path), "--budget", "60s", "--n-prompt", "32", "--n-gen", "8", "--json"]
+    r = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    results = doc["result"]["results"]
+    assert {(x["engine"], x["kind"]) for x in results} == {(e, k) for e in ("llama.cpp", "ik_llama") for k in ("tg", "pp")}
+    for kind in ("tg", "pp"):
+        mine = [x for x in results if x["kind"] == kind]
+        assert sum(x["overall"] for x in mine) == 1
+        # The engines round ran each winner beside llama.cpp's defaults.
+        assert all(x["vs_baseline"] and any(t["stage"] == "engines" for t in x["trials"]) for x in mine)
+    ik = next(x for x in results if x["engine"] == "ik_llama" and x["kind"] == "tg")
+    assert ik["default"]["mla"] == 3 and ik["default"]["fused_moe"] is True and ik["build_commit"] == "8337e4cd3"
+    winner = next(x["engine"] for x in results if x["kind"] == "tg" and x["overall"])
+    assert doc["serve"]["engine"] == winner
+    # serve starts the engine tune found fastest, with its settings; --engine picks the other.
+    plan = json.loads(CliRunner().invoke(cli, ["serve", "-m", str(path), "--dry-run", "--json"],
+                                         catch_exceptions=False).stdout)["plan"]
+    assert plan["engine"] == winner and any("cputune tune" in n for n in plan["notes"])
+    other = "llama.cpp" if winner == "ik_llama" else "ik_llama"
+    plan = json.loads(CliRunner().invoke(cli, ["serve", "-m", str(path), "--engine", other, "--dry-run", "--json"],
+                                         catch_exceptions=False).stdout)["plan"]
+    assert plan["engine"] == other and any(f"{load_engine(other).title} settings from" in n for n in plan["notes"])
+    table = CliRunner().invoke(cli, args[:-1] + ["--budget", "20s", "--for", "tg", "--no-save"], catch_exceptions=False)
+    assert "Engines: each one's best" in table.stdout and "fastest" in table.stdout
