@@ -265,15 +265,16 @@ def probe_cmd(quick, measure, memory_spec, hwloc_xml, show, save, sysfs_root, as
 
 
 @cli.command("inspect")
-@click.argument("model", metavar="FILE|NAME")
+@click.argument("model", metavar="FILE|URL|NAME")
 @json_option
 def inspect_cmd(model, as_json):
     """What a GGUF model costs per token: active bytes (MoE-aware), FLOPs, KV cache; headers only.
-    NAME is looked up in the models folder, as --model is everywhere."""
+    NAME is looked up in the models folder, as --model is everywhere. A URL (https://...,
+    hf://OWNER/REPO/FILE.gguf) is read with HTTP range requests, a few MB, never downloaded."""
     from cputune import gguf_model
     from cputune.resolve import resolve
 
-    m = resolve(model, catalog=False).one_file().profile
+    m = resolve(model, catalog=False, remote_ok=True).one_file().profile
     kv = gguf_model.kv_bytes_per_token(m, "f16")
     if as_json:
         return report.print_json(report.document("cputune.model/1", model=m,

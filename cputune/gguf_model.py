@@ -201,6 +201,10 @@ class _Reader:
         try:
             self.f.seek(pos + len(rest))
             chunk = self.f.read(want)
+            # A read may return less than asked (remote.RangeFile's first, small requests): read
+            # on until the field is whole or the file ends.
+            while len(rest) + len(chunk) < n and (more := self.f.read(want - len(chunk))):
+                chunk += more
         except OSError as e:
             raise GGUFError(f"{self.path} cannot be read ({e.strerror})") from None
         self.buf, self.base, self.p = rest + chunk, pos, 0

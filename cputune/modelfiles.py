@@ -51,7 +51,7 @@ def models_dir(option: Path | str | None = None) -> Path:
 class ModelFile:
     """One model on disk: its first shard, how many shards, and its header's profile."""
 
-    path: Path
+    path: Path  # a remote.Url (a str with .name) for a model read over HTTP: resolve.model_file
     n_shards: int
     quant: str  # llama-quantize preset name as the header records it (Q4_K_M, Q8_0, F16 ...)
     profile: ModelProfile

@@ -5,7 +5,9 @@ string means the same thing everywhere:
 
 1. **A path** when it ends in `.gguf`, holds a `/`, or names something that exists. It must be a
    GGUF file (any shard of a split model names the whole model); a folder or a missing file is
-   an error, never a fall-through to a search.
+   an error, never a fall-through to a search. A URL (`https://`, `http://`, `hf://owner/repo/
+   file.gguf`) is a file too, its header read over HTTP (cputune.remote); serve, bench and tune
+   run the model, so for them (`catalog=False`) it is refused: download it first.
 2. **Else a name**: the GGUF files in the models folder that are quants of it (a catalog id or
    alias, matched by the longest catalog name in the file name, or else part of a file name).
 3. **Else a catalog model**, at the quant the caller asks for.
@@ -20,7 +22,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cputune import synth
+from cputune import remote, synth
 from cputune.catalog import CatalogModel, catalog_model, catalog_profile, load_catalog
 from cputune.errors import ConfigError, ModelError
 from cputune.gguf_model import ModelProfile, read_model
@@ -30,8 +32,9 @@ from cputune.units import parse_size
 
 
 def looks_like_path(model: str) -> bool:
-    """Rule 1: `x.gguf`, `dir/x` and anything that exists are paths, not names."""
-    return model.endswith(".gguf") or os.sep in model or Path(model).expanduser().exists()
+    """Rule 1: `x.gguf`, `dir/x`, a URL and anything that exists are files, not names."""
+    return (remote.is_url(model) or model.endswith(".gguf") or os.sep in model
+            or Path(model).expanduser().exists())
 
 
 def _keys(m: CatalogModel) -> list[str]:
@@ -53,7 +56,11 @@ def catalog_match(f: ModelFile, catalog: dict[str, CatalogModel]) -> str | None:
 
 def model_file(path: Path | str) -> ModelFile:
     """The GGUF file at `path` (any shard of a split model names it all): a ModelError when the
-    path is missing or is not a regular file, a GGUFError when its header is bad."""
+    path is missing or is not a regular file, a GGUFError when its header is bad. A URL's header
+    is read over HTTP (NetworkError when the server fails); the ModelFile's path is the URL."""
+    if isinstance(path, str) and remote.is_url(path):
+        prof = remote.read_model(path).profile
+        return ModelFile(remote.Url(path), prof.n_shards, prof.file_type or "unknown", prof)
     path = Path(path).expanduser()
     if not path.exists():
         raise ModelError(f"no GGUF file {path}",
@@ -114,10 +121,17 @@ class ResolvedModel:
 
 
 def resolve(model: str | None, quant: str | None = None, models_dir_option: Path | str | None = None,
-            *, search_folder: bool = True, catalog: bool = True) -> ResolvedModel:
+            *, search_folder: bool = True, catalog: bool = True, remote_ok: bool | None = None) -> ResolvedModel:
     """Apply the three rules of this module's docstring. `search_folder=False` skips rule 2 (plan,
     for a box not built yet); `catalog=False` skips rule 3 (serve and bench need a file).
-    With no `model`, every file in the models folder (of `quant`) is a match."""
+    `remote_ok`: whether a URL may name the model (its header read over HTTP); by default as
+    `catalog`, since the callers that need a file run it (serve, bench, tune) and inspect, which
+    reads only the header, says True. With no `model`, every file in the models folder (of
+    `quant`) is a match."""
+    if model is not None and remote.is_url(model) and not (catalog if remote_ok is None else remote_ok):
+        raise ModelError(f"{model} is a URL, and this command runs the model, which needs it on disk",
+                         hint=f"{remote.DOWNLOAD_HINT}; inspect, predict and select read a URL's "
+                              "header without downloading")
     if model is not None and looks_like_path(model):
         f = model_file(model)
         if quant and f.quant != "unknown" and normalize(f.quant) != normalize(quant):
