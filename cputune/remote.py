@@ -19,7 +19,6 @@ import http.client
 import io
 import json
 import os
-import socket
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -110,7 +109,7 @@ class _Client:
 
     def open(self, url: str, method: str = "GET", headers: Mapping[str, str] = {}):
         """The response to `method` on `url` (hf:// resolved); NetworkError naming `url` otherwise."""
-        label = url
+        label = url  # errors name the address as the user wrote it (hf://...)
         req = urllib.request.Request(http_url(url, self.env), method=method,
                                      headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity",
                                               **headers})
@@ -123,10 +122,10 @@ class _Client:
         except urllib.error.HTTPError as e:
             e.close()
             raise _http_error(label, e.code, e.reason, self.token is not None) from None
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise _timeout(label, self.timeout_s) from None
         except urllib.error.URLError as e:
-            if isinstance(e.reason, (TimeoutError, socket.timeout)):
+            if isinstance(e.reason, TimeoutError):
                 raise _timeout(label, self.timeout_s) from None
             raise NetworkError(f"cannot reach {urlsplit(req.full_url).netloc} for {label}: {e.reason}",
                                hint="check the address and the network (a proxy is taken from "
@@ -139,7 +138,7 @@ class _Client:
         """Up to n bytes of a response's body, and the response closed."""
         try:
             data = resp.read(n)
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise _timeout(label, self.timeout_s) from None
         except (http.client.HTTPException, OSError) as e:
             raise NetworkError(f"{label}: the connection broke while reading ({e or type(e).__name__})",
@@ -218,7 +217,7 @@ class RangeFile(io.RawIOBase):
         super().__init__()
         self.entry, self.client, self.label, self.pos = entry, client, label, 0
         self.fetched = False  # whether any read went to the network
-        self.window = FIRST_FETCH_BYTES
+        self.window = 2 * FIRST_FETCH_BYTES  # the first request was _open_entry's
 
     def readable(self) -> bool:
         return True
