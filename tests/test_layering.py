@@ -16,7 +16,7 @@ LAYERS = {
     "core": {"errors", "checks", "units", "data", "fsutil", "jsonio", "sysfs", "stats", "cores",
              "numa_policy", "launch"},
     "machine/model": {"topology", "hwloc_xml", "memory", "bandwidth", "peak", "pagecache", "findings",
-                      "probe", "gguf_model", "quant_rules", "catalog", "synth", "modelfiles", "resolve"},
+                      "probe", "gguf_model", "remote", "quant_rules", "catalog", "synth", "modelfiles", "resolve"},
     "predict/engine": {"predictor", "hardware", "profile_machine", "box", "calibrate", "published", "selector", "candidates",
                        "build", "binding", "engine_args", "llama_bench", "placement", "bench", "tune",
                        "serve", "rpc"},
