@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 from cputune import bandwidth, llama_bench, stats
 from cputune.bandwidth import Measurement
 from cputune.build import DEFAULT_ENGINE
-from cputune.errors import ConfigError
+from cputune.errors import EngineError
 from cputune.fsutil import cache_root
 from cputune.gguf_model import ModelProfile
 from cputune.hardware import Box
@@ -105,7 +105,7 @@ def run_bench(bench_bin: Path, model_path: Path, model: ModelProfile, box: Box, 
     prefill to `sweep_bin` (llama-sweep-bench, given `sweep_extra`)."""
     sweeps = bool(depth and n_prompt and not llama_bench.takes_depth(bench_bin))
     if sweeps and sweep_bin is None:
-        raise ConfigError("this llama-bench cannot measure prefill at depth, and the build has no "
+        raise EngineError("this llama-bench cannot measure prefill at depth, and the build has no "
                           f"{llama_bench.SWEEP_BENCH}", hint="pass --n-prompt 0 to bench decode only")
     out = []
     for i, t in enumerate(threads):

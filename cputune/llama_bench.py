@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from cputune.errors import ConfigError, ProcessFailed, process_failed
+from cputune.errors import ConfigError, EngineError, ProcessFailed, process_failed
 from cputune.launch import die_with_parent, help_flags
 
 SWEEP_BENCH = "llama-sweep-bench"
@@ -131,10 +131,10 @@ def depth_args(takes: frozenset[str], depth: int, n_prompt: Sequence[int],
         return n_prompt, n_gen, ["-d", str(depth)]
     if "-gp" in takes:
         if any(n_prompt):
-            raise ConfigError("this llama-bench fills the cache only before decode (-gp): prefill at "
+            raise EngineError("this llama-bench fills the cache only before decode (-gp): prefill at "
                               f"depth is measured with {SWEEP_BENCH}", hint="bench decode and prefill apart")
         return (0,), (0,), [w for n in n_gen if n for w in ("-gp", f"{depth},{n}")]
-    raise ConfigError("this llama-bench cannot fill the KV cache before a test (no -d or -gp)",
+    raise EngineError("this llama-bench cannot fill the KV cache before a test (no -d or -gp)",
                       hint="run `cputune build --force` for a current build, or bench without --depth")
 
 

@@ -408,7 +408,7 @@ def find_binary(build: Build, names: Sequence[str]) -> Path:
 def check_rpc(engine: Engine, what: str) -> None:
     """A clear refusal when the engine's build has no RPC backend (configs/engines.toml rpc_server)."""
     if not engine.rpc_server:
-        raise ConfigError(f"{what}: {engine.title} has no RPC backend here (cputune builds it without "
+        raise EngineError(f"{what}: {engine.title} has no RPC backend here (cputune builds it without "
                           "GGML_RPC, so there is no rpc-server and its llama-server cannot reach workers)",
                           hint="run the workers and the server with --engine llama.cpp")
 

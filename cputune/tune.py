@@ -34,7 +34,7 @@ from typing import Callable, Iterable, Sequence
 
 from cputune import checks, engine_args, llama_bench, stats
 from cputune.build import DEFAULT_ENGINE, Engine, engine_names, find_build, load_engine, require_build
-from cputune.errors import ConfigError, ProcessFailed
+from cputune.errors import ConfigError, EngineError, ProcessFailed
 from cputune.fsutil import cache_root
 from cputune import numa_policy
 from cputune.gguf_model import ModelProfile
@@ -90,7 +90,7 @@ class Knobs:
         engine = engine or load_engine(self.engine)
         own, missing = engine_args.spell(engine, program, self.spelled())
         if missing:  # the search space holds only what the engine can be given
-            raise ConfigError(f"{self.label}: {'; '.join(missing)}")
+            raise EngineError(f"{self.label}: {'; '.join(missing)}")
         sizes = [] if program == llama_bench.SWEEP_BENCH else ["-b", str(self.n_batch), "-ub", str(self.n_ubatch)]
         return sizes + ["-ctk", self.cache_type, "-ctv", self.cache_type] + own
 
@@ -623,7 +623,7 @@ class BenchRunner:
         numa = ["--numa", pl.llama_numa] if pl.llama_numa else []
         if self.sweeps:
             if self.sweep_binary is None:
-                raise ConfigError(f"{engine.title}'s llama-bench cannot measure prefill at depth, and "
+                raise EngineError(f"{engine.title}'s llama-bench cannot measure prefill at depth, and "
                                   f"its build has no {llama_bench.SWEEP_BENCH}", hint="tune with --for tg")
             argv = llama_bench.sweep_argv(self.sweep_binary, self.model, k.threads, self.n_tokens, self.depth,
                                           extra=k.bench_args(engine, llama_bench.SWEEP_BENCH) + numa)

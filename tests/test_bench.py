@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from cputune import bandwidth, bench, calibrate, catalog, llama_bench, probe, report
 from cputune.cli import cli
-from cputune.errors import ConfigError
+from cputune.errors import EngineError
 from cputune.hardware import Box
 from cputune.predictor import MachineBandwidth, Settings, at_read_bandwidth, predict
 
@@ -101,7 +101,7 @@ def test_ik_llama_bench_gp_rows_read_as_decode_at_depth():
     flags = frozenset({"-gp", "-n"})
     assert llama_bench.depth_args(flags, 256, (0,), (16, 32)) == ((0,), (0,), ["-gp", "256,16", "-gp", "256,32"])
     assert llama_bench.depth_args(frozenset({"-d"}), 256, (32,), (16,)) == ((32,), (16,), ["-d", "256"])
-    with pytest.raises(ConfigError, match="prefill at depth is measured with llama-sweep-bench"):
+    with pytest.raises(EngineError, match="prefill at depth is measured with llama-sweep-bench"):
         llama_bench.depth_args(flags, 256, (32,), (16,))
     window = '{"n_kv_max": 512, "pp": 32, "tg": 1, "n_kv": 256, "speed_pp": 900.5, "speed_tg": 80.0 }'
     assert llama_bench.parse_sweep(f"loading...\n{window}\n", 256)["speed_pp"] == 900.5
