@@ -461,7 +461,7 @@ def plan_serve(req: ServeRequest, root: Path | str = Path("/"), build: Build | N
     mf = resolve_model(req)
     tuned_notes, tuned_warnings = [], []
     tuned = tune.tuned_for(mf.path) if req.tuned else None
-    if build is None and req.engine is None and tuned is not None:
+    if build is None and req.engine is None and tuned is not None and not req.rpc:  # RPC: llama.cpp's
         b, note = tuned_build(tuned, b)
         tuned_notes += [note] if note else []
     eng = load_engine(b.engine)
