@@ -30,6 +30,7 @@ from pathlib import Path
 
 from cputune import build, engine_args, gguf_model, llama_bench, selector, stats, synth, tune, units
 from cputune.box import resolve_box
+from cputune.errors import ProcessFailed
 from cputune.fsutil import cache_root
 from cputune.topology import discover_topology
 
@@ -65,7 +66,11 @@ def run_test(bench: Path, model: Path, test: str, args: list[str], reps: int, de
     argv = llama_bench.bench_argv(bench, model, n_prompt=(n_prompt if test == "pp" else 0,),
                                   n_gen=(0 if test == "pp" else n_gen,), reps=reps, extra=args,
                                   depth=depth if test == "depth" else 0)
-    rows = llama_bench.run(argv, timeout_s=3600)
+    try:
+        rows = llama_bench.run(argv, timeout_s=3600)
+    except ProcessFailed as e:  # a shared box: something else may stop a run; one more try
+        print(f"  retrying once: {e.message}", file=sys.stderr, flush=True)
+        rows = llama_bench.run(argv, timeout_s=3600)
     return [s for r in rows for s in (r.samples_ts or (r.avg_ts,))]
 
 
