@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -652,20 +653,41 @@ _PERCENT = re.compile(r"^\[\s*(\d+)%\]")
 
 
 def _stream(argv: list[str], log, env: dict, cwd: Path, on_line: Callable[[str], None]) -> int:
+    """Run a build step, copying its output to the log and each line to `on_line`.
+
+    Compiler output is decoded with errors replaced: with -j2, two compilers' diagnostics share
+    one pipe, and a write split mid-character (ik_llama.cpp's build prints 16 MB of warnings
+    with UTF-8 quotes) made the strict decoder raise, after which cmake's children blocked on
+    the full pipe and the build hung. The step runs in its own process group, so an error or a
+    Ctrl-C stops every compiler it started, not cmake alone."""
     log.write(f"$ {' '.join(argv)}\n")
     log.flush()
-    p = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, bufsize=1)
+    p = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, encoding="utf-8", errors="replace", bufsize=1,
+                         start_new_session=True)
     assert p.stdout is not None
     try:
         for line in p.stdout:
             log.write(line)
             on_line(line.rstrip("\n"))
     except BaseException:
-        p.terminate()
-        p.wait()
+        _stop_group(p)
         raise
     return p.wait()
+
+
+def _stop_group(p: subprocess.Popen) -> None:
+    """SIGTERM to the step's whole process group, SIGKILL after 10 s."""
+    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            p.wait(timeout=wait_s)
+            break
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _tail(path: Path, n: int = 40) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,50 @@ def test_python_binding_loads_the_tuned_library(real_build):
     assert build.parse_system_info(info["system_info"]) == real_build.features
     lib = binding.package_dir() / "lib" / "libllama.so"
     assert lib.resolve() == (real_build.bin_dir / "libllama.so").resolve()
+
+
+def test_a_build_step_whose_output_is_not_valid_utf8_streams_to_the_end(tmp_path):
+    """With -j2, two compilers' diagnostics interleave in one pipe and a multi-byte quote can be
+    split; the strict decoder raised there, and cmake's children then hung on the full pipe."""
+    import io
+    import sys
+
+    code = ("import sys\n"
+            "for i in range(2000):\n"
+            "    sys.stdout.buffer.write(b'[ 10%] warning \\xe2\\x80 split\\n')\n"
+            "sys.stdout.buffer.write(b'[ 99%] \\xe2\\x80\\x98done\\xe2\\x80\\x99\\n')\n")
+    seen = []
+    rc = build._stream([sys.executable, "-c", code], io.StringIO(), {}, tmp_path, seen.append)
+    assert rc == 0 and len(seen) == 2001
+    assert seen[0] == "[ 10%] warning \ufffd split" and seen[-1] == "[ 99%] \u2018done\u2019"
+
+
+def test_a_failing_progress_callback_stops_the_whole_step(tmp_path):
+    """An error while reading stops every process of the step (its own group), not cmake alone:
+    a compiler cmake started must not live on holding the pipe."""
+    import io
+    import os
+    import sys
+
+    code = ("import subprocess, sys, time\n"
+            "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+            "print(f'[ 10%] {c.pid}', flush=True)\n"
+            "time.sleep(60)\n")
+    pids = []
+
+    def boom(line):
+        pids.append(int(line.split()[-1]))
+        raise RuntimeError("progress failed")
+
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError):
+        build._stream([sys.executable, "-c", code], io.StringIO(), {}, tmp_path, boom)
+    assert time.monotonic() - t0 < 30
+    for _ in range(50):  # the grandchild is reaped by init once killed
+        try:
+            os.kill(pids[0], 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the step's child {pids[0]} outlived the error")
