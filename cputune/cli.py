@@ -467,8 +467,9 @@ def calibrate_cmd(archs, sizes, quants, threads, reps, passes, work_dir, depths,
 
 
 @cli.command("synth")
-@click.option("--arch", required=True, type=click.Choice(("llama", "deepseek2")),
-              help="llama: dense; deepseek2: DeepSeek-R1's shape (MLA, shared + routed experts).")
+@click.option("--arch", required=True, metavar="ARCH",
+              help="llama.cpp architecture with a table in configs/architectures: llama (dense), "
+                   "deepseek2 (DeepSeek-R1's MLA + experts), qwen3moe, glm4moe, gpt-oss ...")
 @click.option("--size", required=True, type=SIZE, help="File size after quantizing, e.g. 2GB.")
 @click.option("--quant", default="f16", show_default=True, metavar="PRESET", help="llama-quantize preset.")
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path, dir_okay=False),
@@ -481,6 +482,9 @@ def synth_cmd(arch, size, quant, out_path, seed, as_json):
     from cputune import build, gguf_model, synth
     from cputune.units import parse_size
 
+    if arch not in synth.synth_archs():
+        raise ConfigError(f"--arch {arch!r}: cputune has no synthetic generator for it",
+                          hint="--arch is one of " + ", ".join(synth.synth_archs()))
     b = build.require_build()
     with report.progress(f"writing a {size} {arch} model ({quant})", total=None) as update:
         path = synth.make_quantized(out_path, arch, parse_size(size), quant, b.bin_dir / "llama-quantize", seed)

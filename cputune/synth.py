@@ -17,13 +17,14 @@ from gguf import (
     GGML_QUANT_VERSION,
     ExpertGatingFuncType,
     GGMLQuantizationType,
+    GGUFValueType,
     GGUFWriter,
     LlamaFileType,
     RopeScalingType,
     TokenType,
 )
 
-from . import fsutil
+from . import architectures, fsutil
 from .errors import ConfigError, ProcessFailed, process_failed
 
 # SPM vocabularies start <unk>, <s>, </s> (llama-vocab.cpp defaults unk=0, bos=1, eos=2), then the
@@ -31,11 +32,6 @@ from .errors import ConfigError, ProcessFailed, process_failed
 N_SPECIAL_TOKENS = 3
 MIN_VOCAB = N_SPECIAL_TOKENS + 256
 
-# deepseek2.cpp::load_arch_hparams treats these block counts as "lite" models without q_lora:
-# a file with attn_q_a at 26/27 layers then fails with "wrong number of tensors".
-_DEEPSEEK2_LITE_LAYERS = (26, 27)
-# LLAMA_MAX_EXPERTS in src/llama-hparams.h.
-_MAX_EXPERTS = 512
 # DeepSeek-V2/V3/R1's MLA latent: kv_lora_rank 512 and 64 rope dims, so the cache holds K 576
 # (512 + 64) and V 512 per token. ik_llama.cpp's loader adjusts a mainline-written MLA file only
 # with these sizes and n_head a multiple of 4 (src/llama-hparams.cpp @8337e4cd, LLM_ARCH_DEEPSEEK2),
@@ -47,181 +43,74 @@ MLA_HEAD_MULTIPLE = 4
 # a multiple of it, otherwise tensor_type_fallback() in llama-quant.cpp demotes them.
 QK_K = 256
 
-Shape = Union["LlamaShape", "Deepseek2Shape"]
 
+class Shape:
+    """A model's hyperparameters under its architecture's table (configs/architectures/ARCH.toml):
+    checked when made, defaults filled in, read as attributes (shape.n_embd)."""
 
-@dataclass(frozen=True, slots=True)
-class LlamaShape:
-    n_layer: int
-    n_embd: int
-    n_ff: int
-    n_head: int
-    n_head_kv: int
-    n_vocab: int
-    ctx: int = 4096
+    __slots__ = ("arch", "_hp")
 
-    arch = "llama"
+    def __init__(self, arch: str, **hparams):
+        table = architectures.architecture(arch)
+        object.__setattr__(self, "arch", arch)
+        object.__setattr__(self, "_hp", tuple(table.hparams(hparams, f"{arch} shape").items()))
 
-    def __post_init__(self) -> None:
-        _check_positive(self)
-        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
-            raise ConfigError(f"n_embd {self.n_embd} must split into {self.n_head} heads of even size")
-        if self.n_head % self.n_head_kv:
-            raise ConfigError(f"n_head {self.n_head} is not a multiple of n_head_kv {self.n_head_kv}")
-        _check_vocab(self.n_vocab)
+    def __getattr__(self, name: str):
+        for k, v in object.__getattribute__(self, "_hp"):
+            if k == name:
+                return v
+        raise AttributeError(f"{self.arch} shape has no {name!r}")
 
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+    def __setattr__(self, name, value):
+        raise AttributeError("a Shape is immutable: use .replace()")
 
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Shape) and (self.arch, self._hp) == (other.arch, other._hp)
 
-@dataclass(frozen=True, slots=True)
-class Deepseek2Shape:
-    n_layer: int
-    n_embd: int
-    n_ff: int
-    n_dense_lead: int
-    n_expert: int
-    n_expert_used: int
-    n_expert_shared: int
-    n_ff_exp: int
-    n_head: int
-    q_lora_rank: int
-    kv_lora_rank: int
-    qk_nope_dim: int
-    qk_rope_dim: int
-    v_head_dim: int
-    n_vocab: int
-    ctx: int = 4096
+    def __hash__(self) -> int:
+        return hash((self.arch, self._hp))
 
-    arch = "deepseek2"
+    def __repr__(self) -> str:
+        given = ", ".join(f"{k}={v!r}" for k, v in self._hp)
+        return f"Shape({self.arch!r}, {given})"
 
-    def __post_init__(self) -> None:
-        _check_positive(self)
-        if not self.n_dense_lead < self.n_layer:
-            raise ConfigError(f"n_dense_lead {self.n_dense_lead} leaves no MoE block in {self.n_layer}")
-        if self.n_layer in _DEEPSEEK2_LITE_LAYERS:
-            raise ConfigError(f"llama.cpp reads a {self.n_layer}-block deepseek2 as a 'lite' model without q_lora",
-                              hint="use another n_layer")
-        if not self.n_expert_used <= self.n_expert <= _MAX_EXPERTS:
-            raise ConfigError(f"need n_expert_used {self.n_expert_used} <= n_expert {self.n_expert} <= {_MAX_EXPERTS}")
-        if self.qk_rope_dim % 2:
-            raise ConfigError(f"qk_rope_dim {self.qk_rope_dim} must be even")
-        _check_vocab(self.n_vocab)
+    def __reduce__(self):
+        return (_shape_from, (self.arch, self._hp))
 
     @property
-    def ik_loadable(self) -> bool:
-        """Whether ik_llama.cpp's DeepSeek loader takes this shape (see MLA_KV_LORA_RANK)."""
-        return (self.kv_lora_rank, self.qk_rope_dim) == (MLA_KV_LORA_RANK, MLA_ROPE_DIM) \
-            and self.n_head % MLA_HEAD_MULTIPLE == 0
+    def hparams(self) -> dict:
+        return dict(self._hp)
 
-    @property
-    def yarn_orig_ctx(self) -> int:
-        # R1 trained at 4096 and stretched by yarn factor 40 to 163840 (config.json rope_scaling).
-        return min(self.ctx, 4096)
+    def replace(self, **changes) -> "Shape":
+        """This shape with some hyperparameters changed (derived defaults are recomputed)."""
+        table = architectures.architecture(self.arch)
+        given = {k: v for k, v in self._hp if k in table.required or k in changes
+                 or not isinstance(table.defaults.get(k), architectures.Expr)}
+        return Shape(self.arch, **{**given, **changes})
 
+    def tensors(self) -> tuple[architectures.Tensor, ...]:
+        return architectures.architecture(self.arch).tensors(self.hparams)
 
-def _check_positive(shape) -> None:
-    for name in shape.__slots__:
-        value = getattr(shape, name)
-        if value < 0 or (value == 0 and name != "n_dense_lead"):
-            raise ConfigError(f"{type(shape).__name__}.{name} must be positive, got {value}")
-
-
-def _check_vocab(n_vocab: int) -> None:
-    if n_vocab < MIN_VOCAB:
-        raise ConfigError(f"n_vocab {n_vocab} is below {MIN_VOCAB}: the vocabulary needs 3 specials and 256 byte tokens")
+    def metadata(self) -> dict:
+        return architectures.architecture(self.arch).metadata(self.hparams)
 
 
-# ---------------------------------------------------------------------------------------------
-# Tensor layout: one table per architecture, shared by the writer and the size estimate.
-
-NORM, WEIGHT, ROUTER, BIAS = "norm", "weight", "router", "bias"
+def _shape_from(arch: str, hp: tuple) -> Shape:
+    return Shape(arch, **dict(hp))
 
 
-@dataclass(frozen=True, slots=True)
-class TensorSpec:
-    """One tensor: `ne` in ggml order (ne[0] = row length), and what fills it."""
-
-    name: str
-    ne: tuple[int, ...]
-    kind: str  # NORM (F32 ones), WEIGHT (file dtype, random), ROUTER (F32 random), BIAS (F32 zeros)
-
-    @property
-    def n_elements(self) -> int:
-        return math.prod(self.ne)
+def ik_loadable(shape: Shape) -> bool:
+    """Whether ik_llama.cpp's loader takes this shape: any but deepseek2, which needs DeepSeek's own
+    latent (see MLA_KV_LORA_RANK)."""
+    if shape.arch != "deepseek2":
+        return True
+    return (shape.kv_lora_rank, shape.qk_rope_dim) == (MLA_KV_LORA_RANK, MLA_ROPE_DIM) \
+        and shape.n_head % MLA_HEAD_MULTIPLE == 0
 
 
-def tensor_specs(shape: Shape) -> tuple[TensorSpec, ...]:
-    if isinstance(shape, LlamaShape):
-        return _llama_specs(shape)
-    if isinstance(shape, Deepseek2Shape):
-        return _deepseek2_specs(shape)
-    raise TypeError(f"not a model shape: {shape!r}")
-
-
-def _llama_specs(s: LlamaShape) -> tuple[TensorSpec, ...]:
-    # src/models/llama.cpp::load_arch_tensors; output.weight written untied like Llama 3 8B.
-    kv = s.n_head_kv * s.head_dim
-    specs = [TensorSpec("token_embd.weight", (s.n_embd, s.n_vocab), WEIGHT)]
-    for i in range(s.n_layer):
-        b = f"blk.{i}."
-        specs += [
-            TensorSpec(b + "attn_norm.weight", (s.n_embd,), NORM),
-            TensorSpec(b + "attn_q.weight", (s.n_embd, s.n_embd), WEIGHT),
-            TensorSpec(b + "attn_k.weight", (s.n_embd, kv), WEIGHT),
-            TensorSpec(b + "attn_v.weight", (s.n_embd, kv), WEIGHT),
-            TensorSpec(b + "attn_output.weight", (s.n_embd, s.n_embd), WEIGHT),
-            TensorSpec(b + "ffn_norm.weight", (s.n_embd,), NORM),
-            TensorSpec(b + "ffn_gate.weight", (s.n_embd, s.n_ff), WEIGHT),
-            TensorSpec(b + "ffn_up.weight", (s.n_embd, s.n_ff), WEIGHT),
-            TensorSpec(b + "ffn_down.weight", (s.n_ff, s.n_embd), WEIGHT),
-        ]
-    specs += [TensorSpec("output_norm.weight", (s.n_embd,), NORM),
-              TensorSpec("output.weight", (s.n_embd, s.n_vocab), WEIGHT)]
-    return tuple(specs)
-
-
-def _deepseek2_specs(s: Deepseek2Shape) -> tuple[TensorSpec, ...]:
-    # src/models/deepseek2.cpp::load_arch_tensors, MLA layout (split attn_k_b/attn_v_b, PR #12801),
-    # separate gate/up experts as conversion/deepseek.py writes them.
-    qk_head = s.qk_nope_dim + s.qk_rope_dim
-    ff_sh = s.n_ff_exp * s.n_expert_shared
-    specs = [TensorSpec("token_embd.weight", (s.n_embd, s.n_vocab), WEIGHT)]
-    for i in range(s.n_layer):
-        b = f"blk.{i}."
-        specs += [
-            TensorSpec(b + "attn_norm.weight", (s.n_embd,), NORM),
-            TensorSpec(b + "attn_q_a.weight", (s.n_embd, s.q_lora_rank), WEIGHT),
-            TensorSpec(b + "attn_q_a_norm.weight", (s.q_lora_rank,), NORM),
-            TensorSpec(b + "attn_q_b.weight", (s.q_lora_rank, s.n_head * qk_head), WEIGHT),
-            TensorSpec(b + "attn_kv_a_mqa.weight", (s.n_embd, s.kv_lora_rank + s.qk_rope_dim), WEIGHT),
-            TensorSpec(b + "attn_kv_a_norm.weight", (s.kv_lora_rank,), NORM),
-            TensorSpec(b + "attn_k_b.weight", (s.qk_nope_dim, s.kv_lora_rank, s.n_head), WEIGHT),
-            TensorSpec(b + "attn_v_b.weight", (s.kv_lora_rank, s.v_head_dim, s.n_head), WEIGHT),
-            TensorSpec(b + "attn_output.weight", (s.n_head * s.v_head_dim, s.n_embd), WEIGHT),
-            TensorSpec(b + "ffn_norm.weight", (s.n_embd,), NORM),
-        ]
-        if i < s.n_dense_lead:
-            specs += [
-                TensorSpec(b + "ffn_gate.weight", (s.n_embd, s.n_ff), WEIGHT),
-                TensorSpec(b + "ffn_up.weight", (s.n_embd, s.n_ff), WEIGHT),
-                TensorSpec(b + "ffn_down.weight", (s.n_ff, s.n_embd), WEIGHT),
-            ]
-        else:
-            specs += [
-                TensorSpec(b + "ffn_gate_inp.weight", (s.n_embd, s.n_expert), ROUTER),
-                TensorSpec(b + "exp_probs_b.bias", (s.n_expert,), BIAS),
-                TensorSpec(b + "ffn_gate_exps.weight", (s.n_embd, s.n_ff_exp, s.n_expert), WEIGHT),
-                TensorSpec(b + "ffn_up_exps.weight", (s.n_embd, s.n_ff_exp, s.n_expert), WEIGHT),
-                TensorSpec(b + "ffn_down_exps.weight", (s.n_ff_exp, s.n_embd, s.n_expert), WEIGHT),
-                TensorSpec(b + "ffn_gate_shexp.weight", (s.n_embd, ff_sh), WEIGHT),
-                TensorSpec(b + "ffn_up_shexp.weight", (s.n_embd, ff_sh), WEIGHT),
-                TensorSpec(b + "ffn_down_shexp.weight", (ff_sh, s.n_embd), WEIGHT),
-            ]
-    specs += [TensorSpec("output_norm.weight", (s.n_embd,), NORM),
-              TensorSpec("output.weight", (s.n_embd, s.n_vocab), WEIGHT)]
-    return tuple(specs)
+def tensor_specs(shape: Shape) -> tuple[architectures.Tensor, ...]:
+    """Every tensor of the shape, from its architecture's table."""
+    return shape.tensors()
 
 
 def n_params(shape: Shape) -> int:
@@ -240,8 +129,8 @@ def _ggml_type(dtype: str) -> GGMLQuantizationType:
         raise ConfigError(f"unknown tensor type {dtype!r}", hint="use f16, f32 or a ggml type such as q8_0") from None
 
 
-def _tensor_bytes(spec: TensorSpec, qtype: GGMLQuantizationType) -> int:
-    if spec.kind != WEIGHT:
+def _tensor_bytes(spec: architectures.Tensor, qtype: GGMLQuantizationType) -> int:
+    if spec.is_float32:
         return 4 * spec.n_elements
     block, type_size = GGML_QUANT_SIZES[qtype]
     return spec.n_elements // block * type_size
@@ -283,48 +172,46 @@ def _vocab_bytes(n_vocab: int) -> int:
     return sum(8 + len(tok.encode()) + 4 + 4 for tok in _vocab(n_vocab)[0])
 
 
-def _round_to(x: float, step: int, minimum: int) -> int:
-    return max(minimum, int(round(x / step)) * step)
-
-
 def _vocab_at_width(n_embd: int) -> int:
     # 32768 from 4096 wide up (Llama 2: 32000 at 4096), 512 at the 256 width tests use.
     return min(32768, max(512, n_embd * n_embd // 512))
 
 
-def _llama_at_width(n_embd: int, n_layer: int, n_expert: int, n_vocab: int) -> LlamaShape:
-    # Head size 128 as in Llama 3 (64 below 1024 wide); GQA 4:1 as in Llama-3-8B (32 q / 8 kv heads).
-    head_dim = 128 if n_embd >= 1024 else 64
-    n_head = n_embd // head_dim
-    return LlamaShape(n_layer=n_layer, n_embd=n_embd,
-                      n_ff=_round_to(2.7 * n_embd, QK_K, QK_K),  # Llama 2 7B: 11008 / 4096 = 2.69
-                      n_head=n_head, n_head_kv=max(1, n_head // 4), n_vocab=n_vocab, ctx=4096)
+@functools.lru_cache(maxsize=None)
+def _synth_rules(arch: str) -> tuple[dict, tuple[int, ...], int, tuple[int, ...]]:
+    """An architecture's [synth] table: hyperparameters as expressions of the width `w`, `layers`,
+    `experts` and `vocab`; the expert counts to try; the fewest layers; layer counts to avoid."""
+    table = architectures.architecture(arch)
+    where = f"configs/architectures/{arch}.toml [synth]"
+    rules = table.synth.get("shape")
+    if not rules:
+        note = f": {table.synth_note}" if table.synth_note else ""
+        raise ConfigError(f"no synthetic generator for architecture {arch!r}{note}",
+                          hint="synthetic models: " + ", ".join(synth_archs()))
+    exprs = {k: architectures.Expr(v, f"{where}.shape.{k}") if isinstance(v, str) else v
+             for k, v in rules.items()}
+    experts = tuple(int(e) for e in table.synth.get("experts", (0,)))
+    return exprs, experts, int(table.synth.get("min_layer", 1)), tuple(table.synth.get("avoid_layers", ()))
 
 
-def _deepseek2_at_width(n_embd: int, n_layer: int, n_expert: int, n_vocab: int) -> Deepseek2Shape:
-    # Proportions of DeepSeek-V3 (hidden 7168): q_lora 1536, moe_intermediate 2048, intermediate
-    # 18432, head dims 128/64/128; rows that get quantized are rounded to QK_K, and n_head is a
-    # multiple of 4 so attn_output rows (n_head * v_head_dim) are too. The latent is DeepSeek's own
-    # at every width (MLA_KV_LORA_RANK, MLA_ROPE_DIM): ik_llama.cpp loads nothing else.
-    big = n_embd >= 2048
-    return Deepseek2Shape(
-        n_layer=n_layer, n_embd=n_embd,
-        n_ff=_round_to(n_embd * 18432 / 7168, QK_K, QK_K),
-        n_dense_lead=1,
-        n_expert=n_expert, n_expert_used=max(2, n_expert // 8), n_expert_shared=1,  # R1: 256, 8, 1
-        n_ff_exp=_round_to(n_embd * 2048 / 7168, QK_K, QK_K),
-        n_head=max(4, n_embd // 128 // 4 * 4),
-        q_lora_rank=_round_to(n_embd * 1536 / 7168, QK_K, QK_K),
-        kv_lora_rank=MLA_KV_LORA_RANK,
-        qk_nope_dim=128 if big else 64, qk_rope_dim=MLA_ROPE_DIM, v_head_dim=128 if big else 64,
-        n_vocab=n_vocab, ctx=4096)
+def synth_archs() -> tuple[str, ...]:
+    """The architectures synth can write (a [synth.shape] table in their file)."""
+    return tuple(a for a, t in sorted(architectures.load_architectures().items()) if t.synth.get("shape"))
+
+
+def shape_at(arch: str, w: int, layers: int, experts: int, vocab: int) -> Shape:
+    """The architecture's synthetic shape at width w, depth `layers`, `experts` and `vocab`."""
+    exprs = _synth_rules(arch)[0]
+    env = {"w": w, "layers": layers, "experts": experts, "vocab": vocab}
+    return Shape(arch, **{k: e(env) if isinstance(e, architectures.Expr) else e for k, e in exprs.items()})
 
 
 # What shape_for_size makes; a cached file made by an older version is not reused (resolve's twins).
 # 2: deepseek2 with DeepSeek's own MLA latent at every width (issue 16).
-SHAPES_VERSION = 2
+# 3: shapes from configs/architectures (same shapes for llama and deepseek2; the writer's keys
+#    follow the tables).
+SHAPES_VERSION = 3
 _WIDTHS = (256, 512, 768, 1024, 1536, 2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192)
-_EXPERT_COUNTS = (4, 8, 16, 32, 64)
 # LLAMA_MAX_LAYERS in src/llama-hparams.h.
 _MAX_LAYERS = 512
 
@@ -338,16 +225,11 @@ def shape_for_size(arch: str, target_bytes: int, dtype: str = "f16") -> Shape:
     32; R1: 7168/128 = 56 vs 61), the usual vocabulary, and for deepseek2 16 experts at 256 wide,
     32 at 512-768 and 64 from 1024.
     """
-    if arch == "llama":
-        build: Callable[[int, int, int, int], Shape] = _llama_at_width
-        expert_counts: Sequence[int] = (0,)
-        min_layer = 1
-    elif arch == "deepseek2":
-        build = _deepseek2_at_width
-        expert_counts = _EXPERT_COUNTS
-        min_layer = 2  # one leading dense block and at least one MoE block
-    else:
-        raise ConfigError(f"no synthetic generator for architecture {arch!r}", hint="use llama or deepseek2")
+    _, expert_counts, min_layer, avoid = _synth_rules(arch)
+
+    def build(w: int, layers: int, experts: int, vocab: int) -> Shape:
+        return shape_at(arch, w, layers, experts, vocab)
+
     _ggml_type(dtype)
 
     # (err, score, n_embd, n_layer, n_expert, n_vocab)
@@ -361,8 +243,9 @@ def shape_for_size(arch: str, target_bytes: int, dtype: str = "f16") -> Shape:
             depth = min_layer + (target_bytes - base) / per_layer
             for n_layer in {math.floor(depth), math.ceil(depth)}:
                 n_layer = min(_MAX_LAYERS, max(min_layer, n_layer))
-                if arch == "deepseek2" and n_layer in _DEEPSEEK2_LITE_LAYERS:
-                    n_layer = 25 if depth < 26.5 else 28
+                if n_layer in avoid:  # deepseek2: 26/27 blocks read as a "lite" model
+                    n_layer = min((n for n in range(n_layer - len(avoid) - 1, n_layer + len(avoid) + 2)
+                                   if n not in avoid and n >= min_layer), key=lambda n: abs(n - depth))
                 size = base + (n_layer - min_layer) * per_layer
                 n_vocab = int(v0 + (target_bytes - size) / per_token) // 64 * 64
                 n_vocab = min(4 * v0, max(512, n_vocab))
@@ -427,18 +310,17 @@ def _random_f16(rng: np.random.Generator, n: int, rms: float) -> np.ndarray:
     return ((r & np.uint16(0x83FF)) | (exponent << np.uint16(10))).view(np.float16)
 
 
-def _tensor_data(spec: TensorSpec, np_dtype: type, seed: int, index: int) -> _RandomTensor:
+def _tensor_data(spec: architectures.Tensor, np_dtype: type, seed: int, index: int) -> _RandomTensor:
     # One generator per tensor, so its bytes depend only on (seed, index), not on sharding.
     rng = np.random.default_rng([seed, index])
     # 1/sqrt(fan_in) keeps each matmul output at unit RMS after the RMS norm before it.
     rms = 1.0 / math.sqrt(spec.ne[0])
-    if spec.kind == NORM:
-        return _RandomTensor(spec.n_elements, np.float32, lambda n: np.ones(n, np.float32))
-    if spec.kind == BIAS:
-        return _RandomTensor(spec.n_elements, np.float32, lambda n: np.zeros(n, np.float32))
-    if spec.kind == ROUTER:
-        return _RandomTensor(spec.n_elements, np.float32, lambda n: _random_f16(rng, n, rms))
-    return _RandomTensor(spec.n_elements, np_dtype, lambda n: _random_f16(rng, n, rms))
+    t = np.float32 if spec.is_float32 else np_dtype
+    if spec.fill == "ones":
+        return _RandomTensor(spec.n_elements, t, lambda n: np.ones(n, t))
+    if spec.fill == "zeros":
+        return _RandomTensor(spec.n_elements, t, lambda n: np.zeros(n, t))
+    return _RandomTensor(spec.n_elements, t, lambda n: _random_f16(rng, n, rms))
 
 
 def _add_tokenizer(w: GGUFWriter, n_vocab: int) -> None:
@@ -460,46 +342,37 @@ def _add_common(w: GGUFWriter, shape: Shape, dtype: str) -> None:
     w.add_name(f"synthetic {shape.arch} {n_params(shape) / 1e6:.1f}M")
     w.add_file_type(LlamaFileType.ALL_F32 if dtype == "f32" else LlamaFileType.MOSTLY_F16)
     w.add_quantization_version(GGML_QUANT_VERSION)
-    w.add_vocab_size(shape.n_vocab)
-    w.add_block_count(shape.n_layer)
-    w.add_context_length(shape.ctx)
-    w.add_embedding_length(shape.n_embd)
-    w.add_feed_forward_length(shape.n_ff)
-    w.add_head_count(shape.n_head)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-6)
 
 
-def _add_llama_keys(w: GGUFWriter, s: LlamaShape) -> None:
-    w.add_head_count_kv(s.n_head_kv)
-    # llama.cpp rejects a llama file whose n_rot differs from the head size (load_hparams).
-    w.add_rope_dimension_count(s.head_dim)
+_VALUE_TYPES = {"u32": GGUFValueType.UINT32, "i32": GGUFValueType.INT32, "f32": GGUFValueType.FLOAT32,
+                "bool": GGUFValueType.BOOL, "str": GGUFValueType.STRING}
 
 
-def _add_deepseek2_keys(w: GGUFWriter, s: Deepseek2Shape) -> None:
-    # As conversion/deepseek.py writes an MLA file: MQA with one latent KV head of kv_lora + rope.
-    w.add_head_count_kv(1)
-    w.add_key_length(s.kv_lora_rank + s.qk_rope_dim)
-    w.add_value_length(s.kv_lora_rank)
-    w.add_key_length_mla(s.qk_nope_dim + s.qk_rope_dim)
-    w.add_value_length_mla(s.v_head_dim)
-    w.add_q_lora_rank(s.q_lora_rank)
-    w.add_kv_lora_rank(s.kv_lora_rank)
-    w.add_rope_dimension_count(s.qk_rope_dim)
-    w.add_leading_dense_block_count(s.n_dense_lead)
-    w.add_expert_count(s.n_expert)
-    w.add_expert_used_count(s.n_expert_used)
-    w.add_expert_shared_count(s.n_expert_shared)
-    w.add_expert_feed_forward_length(s.n_ff_exp)
-    # R1 config.json: routed_scaling_factor 2.5, norm_topk_prob, scoring_func sigmoid.
-    w.add_expert_weights_scale(2.5)
-    w.add_expert_weights_norm(True)
-    w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID)
-    # Older llama.cpp required the yarn log multiplier (0.1 * mscale_all_dim, TAG_DEEPSEEK2_YARN_LOG_MUL_FIX).
-    w.add_rope_scaling_type(RopeScalingType.YARN)
-    w.add_rope_scaling_factor(s.ctx / s.yarn_orig_ctx)
-    w.add_rope_scaling_orig_ctx_len(s.yarn_orig_ctx)
-    w.add_rope_scaling_yarn_log_mul(0.1 * 1.0)
+def _value_type(value, declared: str | None) -> GGUFValueType:
+    if declared:
+        return _VALUE_TYPES[declared]
+    if isinstance(value, bool):
+        return GGUFValueType.BOOL
+    if isinstance(value, int):
+        return GGUFValueType.UINT32 if value >= 0 else GGUFValueType.INT32
+    if isinstance(value, float):
+        return GGUFValueType.FLOAT32
+    return GGUFValueType.STRING
+
+
+def _add_arch_keys(w: GGUFWriter, shape: Shape) -> None:
+    """The `{arch}.*` keys of the architecture's table, typed as the converter writes them."""
+    declared = architectures.architecture(shape.arch).key_types()
+    for key, value in shape.metadata().items():
+        if isinstance(value, list):
+            vt = _value_type(value[0], declared.get(key))
+            if vt in (GGUFValueType.UINT32, GGUFValueType.INT32):
+                vt = GGUFValueType.INT32  # get_key_or_arr reads int arrays (gguf-py writes INT32)
+            w.add_key_value(key, [float(v) if vt == GGUFValueType.FLOAT32 else v for v in value],
+                            GGUFValueType.ARRAY, sub_type=vt)
+        else:
+            vt = _value_type(value, declared.get(key))
+            w.add_key_value(key, float(value) if vt == GGUFValueType.FLOAT32 else value, vt)
 
 
 def _shard_starts(sizes: Sequence[int], n_shards: int) -> set[int]:
@@ -533,10 +406,7 @@ def _write(path: Path, shape: Shape, seed: int, dtype: str, n_shards: int,
     with fsutil.scratch_dir(path.parent, path.name, make_parents=False) as tmp_dir:
         w = GGUFWriter(tmp_dir / path.name, shape.arch)
         _add_common(w, shape, dtype)
-        if isinstance(shape, LlamaShape):
-            _add_llama_keys(w, shape)
-        else:
-            _add_deepseek2_keys(w, shape)
+        _add_arch_keys(w, shape)
         _add_tokenizer(w, shape.n_vocab)
 
         qtype = GGMLQuantizationType.F16 if dtype == "f16" else GGMLQuantizationType.F32
@@ -546,7 +416,7 @@ def _write(path: Path, shape: Shape, seed: int, dtype: str, n_shards: int,
             # add_tensor_info opens a new shard when the current one holds split_max_tensors tensors;
             # setting it per tensor puts the cuts exactly where _shard_starts chose.
             w.split_max_tensors = len(w.tensors[-1]) if i in starts else 0
-            t_dtype = np_dtype if spec.kind == WEIGHT else np.float32
+            t_dtype = np.float32 if spec.is_float32 else np_dtype
             w.add_tensor_info(spec.name, tuple(reversed(spec.ne)), np.dtype(t_dtype), nbytes)
         w.split_max_tensors = 0
         w.write_header_to_file()
@@ -565,28 +435,15 @@ def _write(path: Path, shape: Shape, seed: int, dtype: str, n_shards: int,
         return final
 
 
-def write_llama(path: Path | str, shape: LlamaShape, seed: int = 0, dtype: str = "f16",
-                n_shards: int = 1, make_parents: bool | None = None) -> list[Path]:
-    """Write a dense llama model; returns the files written, the first being what llama.cpp opens.
+def write_model(path: Path | str, shape: Shape, seed: int = 0, dtype: str = "f16", n_shards: int = 1,
+                make_parents: bool | None = None) -> list[Path]:
+    """Write a model of `shape`; returns the files written, the first being what llama.cpp opens.
 
     With n_shards > 1 the files are NAME-0000k-of-0000n.gguf beside `path`, as llama-gguf-split names them.
     `make_parents`: create a missing folder (None: only inside cputune's cache; fsutil.check_target).
     """
-    if not isinstance(shape, LlamaShape):
-        raise TypeError(f"expected LlamaShape, got {type(shape).__name__}")
-    return _write(Path(path), shape, seed, dtype, n_shards, make_parents)
-
-
-def write_deepseek2(path: Path | str, shape: Deepseek2Shape, seed: int = 0, dtype: str = "f16",
-                    n_shards: int = 1, make_parents: bool | None = None) -> list[Path]:
-    """Write a DeepSeek-V3-style MoE model in the MLA layout; returns the files as write_llama does."""
-    if not isinstance(shape, Deepseek2Shape):
-        raise TypeError(f"expected Deepseek2Shape, got {type(shape).__name__}")
-    return _write(Path(path), shape, seed, dtype, n_shards, make_parents)
-
-
-def write_model(path: Path | str, shape: Shape, seed: int = 0, dtype: str = "f16", n_shards: int = 1,
-                make_parents: bool | None = None) -> list[Path]:
+    if not isinstance(shape, Shape):
+        raise TypeError(f"expected a synth.Shape, got {type(shape).__name__}")
     return _write(Path(path), shape, seed, dtype, n_shards, make_parents)
 
 

@@ -38,7 +38,7 @@ from shapes import IK_QTYPE, TINY_DS2, TINY_DS2_IK, TINY_LLAMA, TINY_QTYPES  # n
 
 @dataclass(frozen=True)
 class TinyModel:
-    shape: synth.LlamaShape | synth.Deepseek2Shape
+    shape: synth.Shape
     f16: Path
     quantized: dict[str, Path]  # by TINY_QTYPES name
 
@@ -91,7 +91,7 @@ def ik_models(tmp_path_factory, llama_bin_dir, ik_build, tiny_models) -> dict[st
 @pytest.fixture(scope="session")
 def tiny_split(tmp_path_factory) -> list[Path]:
     """TINY_LLAMA in two shards named NAME-0000k-of-00002.gguf, as llama-gguf-split names them; load the first."""
-    return synth.write_llama(tmp_path_factory.mktemp("tiny_split") / "llama-split.gguf", TINY_LLAMA, seed=1,
+    return synth.write_model(tmp_path_factory.mktemp("tiny_split") / "llama-split.gguf", TINY_LLAMA, seed=1,
                              n_shards=2)
 
 

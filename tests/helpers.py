@@ -6,11 +6,13 @@ sys.path (`pythonpath`). A test module never imports another test module (test_l
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import tarfile
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 import psutil
 
@@ -109,3 +111,30 @@ def nps1(t: Topology, mem_per_node_bytes: int) -> Topology:
 
 def xml_box(name: str, mem_per_node_gib: int) -> Topology:
     return nps1(load_hwloc_xml(FIXTURES / "hwloc" / f"{name}.xml"), mem_per_node_gib * GiB)
+
+
+# --- llama-server -------------------------------------------------------------------------------
+
+HOST = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def serving(bin_dir: Path, model: Path, log_path: Path, *extra: str) -> Iterator[launch.Server]:
+    port = launch.free_port(HOST)
+    argv = [str(bin_dir / "llama-server"), "-m", str(model), "--host", HOST, "--port", str(port),
+            "-t", "2", "-c", "256", "-np", "1", *extra]
+    server = launch.start_server(argv, HOST, port, log_path=log_path)
+    try:
+        server.wait_ready(timeout_s=120)
+        yield server
+    finally:
+        server.stop()
+
+
+def complete(server: launch.Server, n_predict: int = 4) -> dict:
+    # ignore_eos: random weights may well sample </s> first; temperature 0 makes the run repeatable.
+    code, body = launch.http_json(server.url + "/completion", {
+        "prompt": "The quick brown fox", "n_predict": n_predict, "ignore_eos": True, "temperature": 0.0,
+        "seed": 1}, timeout=60)
+    assert code == 200, body
+    return body

@@ -269,20 +269,22 @@ def test_rules_match_llama_cpp_snapshots(model_id, schema):
 SYNTH = {
     # R1 in miniature: 1 dense + 7 MoE blocks (8 layers give use_more_bits both values), 16 experts
     # (not 8: the Mixtral rules stay off, as for R1's 256), attn_k_b rows of 64 -> fallbacks.
-    "deepseek2": synth.Deepseek2Shape(
+    "deepseek2": synth.Shape(
+        "deepseek2",
         n_layer=8, n_embd=256, n_ff=512, n_dense_lead=1, n_expert=16, n_expert_used=2, n_expert_shared=1,
         n_ff_exp=256, n_head=4, q_lora_rank=256, kv_lora_rank=256, qk_nope_dim=64, qk_rope_dim=32,
         v_head_dim=64, n_vocab=512),
     # 8 experts switch on llama.cpp's "8-expert model" rules (attn_output Q5_K, attn_v Q8_0);
     # attn_k_b rows of 48 are not a multiple of 32 -> F16.
-    "deepseek2-8x": synth.Deepseek2Shape(
+    "deepseek2-8x": synth.Shape(
+        "deepseek2",
         n_layer=2, n_embd=256, n_ff=512, n_dense_lead=1, n_expert=8, n_expert_used=2, n_expert_shared=1,
         n_ff_exp=256, n_head=4, q_lora_rank=256, kv_lora_rank=256, qk_nope_dim=48, qk_rope_dim=32,
         v_head_dim=64, n_vocab=512),
     # GQA 4:1 and every row a multiple of 256
-    "llama": synth.LlamaShape(n_layer=8, n_embd=256, n_ff=512, n_head=4, n_head_kv=1, n_vocab=512),
+    "llama": synth.Shape("llama", n_layer=8, n_embd=256, n_ff=512, n_head=4, n_head_kv=1, n_vocab=512),
     # rows of 320 (a multiple of 32, not 256) and 520 (not of 32): every fallback path; no GQA
-    "llama-odd": synth.LlamaShape(n_layer=8, n_embd=320, n_ff=520, n_head=5, n_head_kv=5, n_vocab=512),
+    "llama-odd": synth.Shape("llama", n_layer=8, n_embd=320, n_ff=520, n_head=5, n_head_kv=5, n_vocab=512),
 }
 FILE_PRESETS = ("q4_k_m", "q2_k", "q8_0")
 
@@ -332,15 +334,8 @@ def test_synthetic_models_exercise_the_fallbacks(synthetic):
 def test_catalog_builds_the_file_llama_quantize_writes(synthetic, model):
     """A CatalogModel with the synthetic shape gives the real file's tensors, types and bytes."""
     s = SYNTH[model]
-    common = dict(id=model, name=model, hf_repo="", arch=s.arch, n_layer=s.n_layer, n_embd=s.n_embd,
-                  n_ff=s.n_ff, n_head=s.n_head, n_vocab=s.n_vocab, ctx=s.ctx, source="test")
-    if isinstance(s, synth.Deepseek2Shape):
-        m = CatalogModel(**common, n_head_kv=s.n_head, n_dense_lead=s.n_dense_lead, n_expert=s.n_expert,
-                         n_expert_used=s.n_expert_used, n_expert_shared=s.n_expert_shared, n_ff_exp=s.n_ff_exp,
-                         q_lora_rank=s.q_lora_rank, kv_lora_rank=s.kv_lora_rank, qk_nope_dim=s.qk_nope_dim,
-                         qk_rope_dim=s.qk_rope_dim, v_head_dim=s.v_head_dim)
-    else:
-        m = CatalogModel(**common, n_head_kv=s.n_head_kv)
+    # One table per architecture: the synthetic shape's hyperparameters are the catalog's, unchanged.
+    m = CatalogModel(id=model, name=model, hf_repo="", arch=s.arch, source="test", hparams=s.hparams)
     for preset in FILE_PRESETS:
         written = read_raw(synthetic[model, preset])
         meta, tensors = catalog_tensors(m, preset)

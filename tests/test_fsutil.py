@@ -253,14 +253,14 @@ def test_killed_quantize_leaves_no_process_and_its_file_goes_next_time(tmp_path)
     [left] = out.iterdir()
     assert left.name.startswith(fsutil.TEMP_PREFIX) and left.name.endswith(".m-q4_k_m.gguf")
     age(left, 120)
-    synth.write_model(out / "next-f16.gguf", synth.LlamaShape(n_layer=1, n_embd=256, n_ff=256, n_head=2,
+    synth.write_model(out / "next-f16.gguf", synth.Shape("llama", n_layer=1, n_embd=256, n_ff=256, n_head=2,
                                                                 n_head_kv=2, n_vocab=300, ctx=64))
     assert entries(out) == ["next-f16.gguf"]
 
 
 # --- synth's writers -------------------------------------------------------------------------------
 
-TINY = synth.LlamaShape(n_layer=1, n_embd=256, n_ff=256, n_head=2, n_head_kv=2, n_vocab=300, ctx=64)
+TINY = synth.Shape("llama", n_layer=1, n_embd=256, n_ff=256, n_head=2, n_head_kv=2, n_vocab=300, ctx=64)
 
 
 def test_synth_keeps_user_paths_strict_and_refuses_a_link(tmp_path):

@@ -14,10 +14,10 @@ from cputune.cli import cli
 from cputune.errors import GGUFError
 
 F16, F32, Q8_0 = 1, 0, 8
-DS = synth.Deepseek2Shape(n_layer=4, n_embd=256, n_ff=512, n_dense_lead=1, n_expert=8,
+DS = synth.Shape("deepseek2", n_layer=4, n_embd=256, n_ff=512, n_dense_lead=1, n_expert=8,
                           n_expert_used=2, n_expert_shared=1, n_ff_exp=128, n_head=4, q_lora_rank=64,
                           kv_lora_rank=64, qk_nope_dim=32, qk_rope_dim=16, v_head_dim=32, n_vocab=1000)
-LLAMA = synth.LlamaShape(n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_vocab=1000)
+LLAMA = synth.Shape("llama", n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_vocab=1000)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -10,7 +9,6 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from gguf import GGMLQuantizationType as Q
@@ -18,10 +16,9 @@ from gguf import GGUFReader, LlamaFileType
 
 from cputune import launch, llama_bench, synth
 from cputune.errors import ProcessFailed, describe_exit, exit_message, process_failed
-from helpers import process_group
+from helpers import HOST, complete, process_group, serving
 
 FIXTURES = Path(__file__).parent / "fixtures"
-HOST = "127.0.0.1"
 
 
 def kv(reader: GGUFReader, key: str):
@@ -44,7 +41,7 @@ def test_q8_0_quantizes_every_weight_and_keeps_the_rest_f32(tiny_models, arch):
     assert kv(r, "general.architecture") == arch
     got = {t.name: (t.tensor_type, tuple(int(x) for x in t.shape)) for t in r.tensors}
     # norms, the router and its bias stay F32: llama-quant.cpp quantizes only 2-D/3-D tensors, never ffn_gate_inp
-    want = {s.name: (Q.Q8_0 if s.kind == synth.WEIGHT else Q.F32, s.ne) for s in synth.tensor_specs(m.shape)}
+    want = {s.name: (Q.F32 if s.is_float32 else Q.Q8_0, s.ne) for s in synth.tensor_specs(m.shape)}
     assert got == want
 
 
@@ -231,28 +228,6 @@ def test_parse_rows_before_load_mode():
 
 
 # --- llama-server -------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def serving(bin_dir: Path, model: Path, log_path: Path, *extra: str) -> Iterator[launch.Server]:
-    port = launch.free_port(HOST)
-    argv = [str(bin_dir / "llama-server"), "-m", str(model), "--host", HOST, "--port", str(port),
-            "-t", "2", "-c", "256", "-np", "1", *extra]
-    server = launch.start_server(argv, HOST, port, log_path=log_path)
-    try:
-        server.wait_ready(timeout_s=120)
-        yield server
-    finally:
-        server.stop()
-
-
-def complete(server: launch.Server, n_predict: int = 4) -> dict:
-    # ignore_eos: random weights may well sample </s> first; temperature 0 makes the run repeatable.
-    code, body = launch.http_json(server.url + "/completion", {
-        "prompt": "The quick brown fox", "n_predict": n_predict, "ignore_eos": True, "temperature": 0.0,
-        "seed": 1}, timeout=60)
-    assert code == 200, body
-    return body
 
 
 @pytest.mark.llama

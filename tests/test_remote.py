@@ -20,7 +20,7 @@ from cputune.cli import cli
 from cputune.errors import GGUFError, ModelError, NetworkError
 from cputune.resolve import bench_target, looks_like_path, resolve
 
-SHAPE = synth.LlamaShape(n_layer=4, n_embd=512, n_ff=1408, n_head=8, n_head_kv=4, n_vocab=4000)
+SHAPE = synth.Shape("llama", n_layer=4, n_embd=512, n_ff=1408, n_head=8, n_head_kv=4, n_vocab=4000)
 RANGE_RE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
 
@@ -197,7 +197,7 @@ def test_a_changed_file_is_read_again(server, shards, cache, tmp_path):
     one = synth.write_model(d / "one.gguf", SHAPE, seed=4)[0]
     server.root = d
     first = remote.read_model(server.url("one.gguf"))
-    synth.write_model(d / "one.gguf", synth.LlamaShape(n_layer=2, n_embd=256, n_ff=512, n_head=4,
+    synth.write_model(d / "one.gguf", synth.Shape("llama", n_layer=2, n_embd=256, n_ff=512, n_head=4,
                                                        n_head_kv=2, n_vocab=1000), seed=5)
     os.utime(one, ns=(1, 1))  # a new ETag even within the same clock tick
     second = remote.read_model(server.url("one.gguf"))

@@ -13,8 +13,8 @@ from gguf import GGUFReader, LlamaFileType
 from cputune import synth
 from cputune.errors import ConfigError, ProcessFailed
 
-TINY_LLAMA = synth.LlamaShape(n_layer=2, n_embd=256, n_ff=768, n_head=4, n_head_kv=2, n_vocab=512, ctx=2048)
-TINY_DS2 = synth.Deepseek2Shape(
+TINY_LLAMA = synth.Shape("llama", n_layer=2, n_embd=256, n_ff=768, n_head=4, n_head_kv=2, n_vocab=512, ctx=2048)
+TINY_DS2 = synth.Shape("deepseek2", 
     n_layer=3, n_embd=256, n_ff=768, n_dense_lead=1, n_expert=8, n_expert_used=2, n_expert_shared=1,
     n_ff_exp=256, n_head=4, q_lora_rank=256, kv_lora_rank=256, qk_nope_dim=64, qk_rope_dim=32, v_head_dim=64,
     n_vocab=512, ctx=4096)
@@ -39,10 +39,10 @@ DS2_SHARDS = 3
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("synth")
-    split = synth.write_deepseek2(d / "ds2-split.gguf", TINY_DS2, seed=7, n_shards=DS2_SHARDS)
+    split = synth.write_model(d / "ds2-split.gguf", TINY_DS2, seed=7, n_shards=DS2_SHARDS)
     return {
-        "llama": synth.write_llama(d / "llama.gguf", TINY_LLAMA)[0],
-        "deepseek2": synth.write_deepseek2(d / "ds2.gguf", TINY_DS2, seed=7)[0],
+        "llama": synth.write_model(d / "llama.gguf", TINY_LLAMA)[0],
+        "deepseek2": synth.write_model(d / "ds2.gguf", TINY_DS2, seed=7)[0],
         "split": split[0],
         "split_files": split,
     }
@@ -142,15 +142,15 @@ def test_split_shards_hold_all_tensors(models):
 
 
 def test_seed_decides_the_bytes(tmp_path):
-    a = synth.write_llama(tmp_path / "a.gguf", TINY_LLAMA, seed=3)[0].read_bytes()
-    b = synth.write_llama(tmp_path / "b.gguf", TINY_LLAMA, seed=3)[0].read_bytes()
-    c = synth.write_llama(tmp_path / "c.gguf", TINY_LLAMA, seed=4)[0].read_bytes()
+    a = synth.write_model(tmp_path / "a.gguf", TINY_LLAMA, seed=3)[0].read_bytes()
+    b = synth.write_model(tmp_path / "b.gguf", TINY_LLAMA, seed=3)[0].read_bytes()
+    c = synth.write_model(tmp_path / "c.gguf", TINY_LLAMA, seed=4)[0].read_bytes()
     assert a == b != c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf", "b.gguf", "c.gguf"]  # no temp left
 
 
 def test_f32_weights(tmp_path):
-    r = GGUFReader(synth.write_llama(tmp_path / "f32.gguf", TINY_LLAMA, dtype="f32")[0])
+    r = GGUFReader(synth.write_model(tmp_path / "f32.gguf", TINY_LLAMA, dtype="f32")[0])
     assert kv(r, "general.file_type") == LlamaFileType.ALL_F32
     assert {t.tensor_type for t in r.tensors} == {Q.F32}
     w = r.tensors[1].data  # blk.0.attn_norm is ones, the rest small and finite
@@ -174,7 +174,7 @@ def test_shape_for_size_is_close_and_proportioned(arch, target):
         assert s.n_ff_exp % 256 == 0 and s.kv_lora_rank % 256 == 0 and s.q_lora_rank % 256 == 0
         assert (s.n_head * s.v_head_dim) % 256 == 0
         # DeepSeek's own latent (K 576 = 512 + 64 rope, V 512), which ik_llama.cpp requires.
-        assert (s.kv_lora_rank, s.qk_rope_dim) == (512, 64) and s.n_head % 4 == 0 and s.ik_loadable
+        assert (s.kv_lora_rank, s.qk_rope_dim) == (512, 64) and s.n_head % 4 == 0 and synth.ik_loadable(s)
     if target >= 1_000_000_000:
         assert s.n_embd >= 1024 and (arch == "llama" or s.n_expert >= 16)
 
@@ -190,13 +190,13 @@ def test_shape_for_size_matches_the_written_file(arch, tmp_path):
 
 def test_bad_requests_raise_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="below 259"):
-        synth.LlamaShape(n_layer=1, n_embd=256, n_ff=768, n_head=4, n_head_kv=1, n_vocab=100)
+        synth.Shape("llama", n_layer=1, n_embd=256, n_ff=768, n_head=4, n_head_kv=1, n_vocab=100)
     with pytest.raises(ConfigError, match="lite"):
-        synth.Deepseek2Shape(**{**{k: getattr(TINY_DS2, k) for k in TINY_DS2.__slots__}, "n_layer": 27})
+        TINY_DS2.replace(n_layer=27)
     with pytest.raises(ConfigError, match="within 10%"):
         synth.shape_for_size("deepseek2", 1_000_000)
     with pytest.raises(ConfigError):
-        synth.write_llama(tmp_path / "x.gguf", TINY_LLAMA, dtype="q4_0")
+        synth.write_model(tmp_path / "x.gguf", TINY_LLAMA, dtype="q4_0")
 
 
 # --- the real llama.cpp -------------------------------------------------------------------------
