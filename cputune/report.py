@@ -222,6 +222,17 @@ def render_model(m, kv_f16: float) -> None:
     for name, n in m.bytes_by_type.items():
         t.add_row(name, _bytes(n), f"{n / m.weight_bytes:.1%}" if m.weight_bytes else "-")
     out.print(t)
+    if m.roles_from_table:
+        r = Table(title=f"Weights by role (configs/architectures/{m.arch}.toml)", title_justify="left")
+        r.add_column("role")
+        r.add_column("bytes", justify="right")
+        r.add_column("share", justify="right")
+        for name, n in m.bytes_by_role.items():
+            r.add_row(name, _bytes(n), f"{n / m.weight_bytes:.1%}" if m.weight_bytes else "-")
+        out.print(r)
+        if "unknown" in m.bytes_by_role:
+            warn(f"some tensors of this {m.arch} file are not in cputune's table for it: the file is "
+                 "a variant the table does not describe", "its bytes are counted; `--json` lists the roles")
     if m.unknown_types:
         warn(f"tensor types unknown to this cputune: {', '.join(m.unknown_types)}; their bytes are "
              "not counted", "upgrade cputune, or add them to configs/ggml_types_extra.csv")
@@ -398,11 +409,18 @@ def _settings_text(s) -> str:
 
 
 def _quality_cells(q) -> tuple[str, str, str]:
+    """(PPL, KLD, how) cells of a cputune.quality.Quality. The PPL cell stays as narrow as plan's
+    table needs: no mark for the preset's published row, ≈ interpolated, ? extrapolated; the third
+    cell (select's table) spells out how, from how many rows of which family and which rows."""
     if q is None:
         return "-", "-", "-"
-    ppl = "-" if q.ppl_change_pct is None else f"+{q.ppl_change_pct:.2f}"
-    kld = "-" if q.kld is None else f"{q.kld:.4f}"
-    return ppl, kld, q.row_quant if q.exact else f"≈ {q.row_quant}"
+    mark = {"row": "", "interpolated": "≈", "extrapolated": "?"}.get(q.basis, "")
+    v = q.ppl_change_pct
+    ppl = "-" if v is None else mark + (f"+{v:.0f}" if v >= 10 else f"+{v:.1f}" if v >= 1 else f"+{v:.2f}")
+    kld = "-" if q.kld is None else {"interpolated": "≈", "extrapolated": "?"}.get(q.kld_basis, "") + f"{q.kld:.4f}"
+    how = {"row": "row", "interpolated": "interp.", "extrapolated": "extrap."}.get(q.basis, q.basis)
+    rows = q.row_quant if q.exact else ("beyond " if q.basis == "extrapolated" else "≈ ") + "..".join(q.neighbours)
+    return ppl, kld, f"{rows} ({how}, {q.n_rows} rows {q.model_family})"
 
 
 def _calibration_text(cal) -> str:
@@ -426,7 +444,8 @@ def _quality_sources(options) -> list[str]:
     for o in options:
         if o.quality is not None:
             seen.setdefault(o.quality.model_family, o.quality.source)
-    return [f"PPL and KLD rows of {fam} from {src}; ≈ marks the row nearest in bits per weight"
+    return [f"PPL and KLD estimated from the published rows of {fam} ({src}); no mark: the preset's own row, "
+            "≈: interpolated between two rows in log(cost) against bits per weight, ?: extrapolated beyond the rows"
             for fam, src in seen.items()]
 
 

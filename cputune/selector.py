@@ -7,19 +7,18 @@ before downloading is the number serve checks before loading. select and plan we
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-from cputune.data import load_csv
 from cputune.errors import ConfigError, ModelError
 from cputune.gguf_model import ModelProfile, kv_bytes_per_token
 from cputune import numa_policy
 from cputune.hardware import ESTIMATED_READ_FRACTION
 from cputune.numa_policy import NumaDecision
 from cputune.memory import MemoryInfo, theoretical_peak_gbps
+from cputune.quality import Quality, QualityRow, quality_of, quality_rows  # noqa: F401  (re-exported)
 from cputune.predictor import (  # noqa: F401  (the cache-type names are re-exported for callers)
     X86_REPACK, FLOAT_CACHE_TYPES, read_bandwidth_gbps, KV_CACHE_TYPES, NUMA_POLICIES, Calibration, MachineBandwidth, Prediction, Settings,
     cache_type_name, predict,
@@ -233,86 +232,6 @@ def _predict_settings(s: FitSettings) -> Settings:
                     cache_type=s.cache_type)
 
 
-# --- published quality -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class QualityRow:
-    """One quant of one model family in configs/quant_quality.csv, its metrics merged."""
-
-    model_family: str
-    params_b: float
-    moe: bool
-    quant: str
-    imatrix: str
-    bpw: float
-    ppl_change_pct: float | None
-    kld: float | None
-    source: str
-
-
-@dataclass(frozen=True, slots=True)
-class Quality:
-    """A quant's published cost: the row it came from and whether that row is the same preset."""
-
-    ppl_change_pct: float | None
-    kld: float | None
-    model_family: str
-    row_quant: str
-    exact: bool  # False: the family's row nearest in bits per weight
-    source: str
-    note: str = ""
-
-
-@functools.lru_cache(maxsize=None)
-def quality_rows() -> tuple[QualityRow, ...]:
-    merged: dict[tuple[str, str], dict] = {}
-    for r in load_csv("quant_quality.csv"):
-        row = merged.setdefault((r["model_family"], r["quant"].upper()), {
-            "model_family": r["model_family"], "params_b": float(r["params_b"]),
-            "moe": r["moe"].strip().lower() == "true", "quant": r["quant"].upper(),
-            "imatrix": r["imatrix"], "bpw": float(r["bpw"]), "ppl_change_pct": None, "kld": None,
-            "source": r["source"]})
-        metric, value = r["metric"], float(r["value"])
-        if metric == "delta_ppl":
-            row["ppl_change_pct"] = 100 * value / float(r["baseline_ppl"])
-        elif metric == "ppl":
-            base = float(r["baseline_ppl"])
-            row["ppl_change_pct"] = 100 * (value - base) / base
-        elif metric == "ppl_change_pct":
-            row["ppl_change_pct"] = value
-        elif metric == "kld":
-            row["kld"] = value
-        else:
-            raise ConfigError(f"configs/quant_quality.csv: unknown metric {metric!r}",
-                              hint="delta_ppl, ppl, ppl_change_pct or kld")
-    return tuple(QualityRow(**v) for v in merged.values())
-
-
-def quality_of(quant: str, bits_per_weight: float, total_params: int, is_moe: bool,
-               rows: Sequence[QualityRow] | None = None) -> Quality | None:
-    """The published row for `quant` from the family closest to the model: MoE rows for a MoE
-    model, then the family nearest in log(parameters); the same preset, else the row nearest in
-    bits per weight."""
-    rows = quality_rows() if rows is None else tuple(rows)
-    families = {r.model_family: (r.params_b, r.moe) for r in rows}
-    pool = [f for f, (_, moe) in families.items() if moe == is_moe] or list(families)
-    if not pool:
-        return None
-    params_b = max(total_params, 1) / 1e9
-    fam = min(pool, key=lambda f: abs(math.log(params_b / families[f][0])))
-    fam_b, fam_moe = families[fam]
-    in_fam = [r for r in rows if r.model_family == fam]
-    same = [r for r in in_fam if r.quant == quant.upper()]
-    row = same[0] if same else min(in_fam, key=lambda r: abs(r.bpw - bits_per_weight))
-    note = ""
-    if fam_moe != is_moe:
-        note = f"measured on a {'MoE' if fam_moe else 'dense'} model"
-    elif not is_moe and params_b < fam_b / 2:
-        note = f"measured on {fam_b:g}B parameters; a {params_b:.1f}B model loses more"
-    return Quality(row.ppl_change_pct, row.kld, fam, row.quant, bool(same), row.source, note)
-
-
 # --- one quant against the box ------------------------------------------------------------------
 
 
@@ -360,7 +279,7 @@ def evaluate(c: Candidate, machine: MachineBandwidth, cal: Calibration, capacity
 
 
 def quality_key(o: QuantOption) -> tuple[float, float]:
-    """Best quality first: the smaller published perplexity change, then more bits per weight."""
+    """Best quality first: the smaller estimated perplexity change (cputune.quality), then more bits per weight."""
     ppl = o.quality.ppl_change_pct if o.quality and o.quality.ppl_change_pct is not None else math.inf
     return (ppl, -o.bits_per_weight)
 

@@ -231,9 +231,15 @@ def test_quality_rows_by_hand():
     assert q.ppl_change_pct == pytest.approx(100 * 0.1755 / 6.2332)  # +2.8 %, the scoreboard's ΔPPL / PPL
     assert q.kld == pytest.approx(0.03127)
     moe = selector.quality_of("Q4_K_M", 4.82, 671_000_000_000, is_moe=True)
-    # No mainline Q4_K_M row for DeepSeek: the nearest in bits per weight is IQ4_K_R4 (387 GiB of 671B).
-    assert moe.model_family == "deepseek-v3-0324" and not moe.exact and moe.row_quant == "IQ4_K_R4"
-    assert moe.ppl_change_pct == pytest.approx(100 * (3.2596 - 3.2454) / 3.2454)
+    # Three DeepSeek families have 671B; the one with the most rows (V3.1, 13) wins the tie. It has no
+    # mainline Q4_K_M row: 4.82 bpw lies between its IQ4_KS (363.151 GiB) and IQ4_K (384.765 GiB)
+    # rows, interpolated in log(PPL change) against bpw.
+    assert moe.model_family == "deepseek-v3.1" and not moe.exact and moe.basis == "interpolated"
+    assert moe.neighbours == ("IQ4_KS", "IQ4_K") and not moe.extrapolated
+    lo, hi = (363.151 * 2**33 / 671e9, 3.3806), (384.765 * 2**33 / 671e9, 3.3715)
+    t = (4.82 - lo[0]) / (hi[0] - lo[0])
+    pct = [100 * (ppl - 3.3473) / 3.3473 for _, ppl in (lo, hi)]
+    assert moe.ppl_change_pct == pytest.approx(math.exp((1 - t) * math.log(pct[0]) + t * math.log(pct[1])), rel=1e-3)
     big = selector.quality_of("Q4_K_M", 4.8, 70_000_000_000, is_moe=False)
     assert big.model_family == "llama-2-70b" and big.ppl_change_pct == pytest.approx(1.20)
     small = selector.quality_of("Q4_K_M", 5.0, 1_500_000_000, is_moe=False)
@@ -241,16 +247,57 @@ def test_quality_rows_by_hand():
 
 
 def test_every_catalog_model_and_preset_gets_a_quality_row():
+    params = {r.model_family: (r.params_b, r.moe) for r in selector.quality_rows()}
     for mid in load_catalog():
         for p in ("Q8_0", "Q2_K"):
             m = catalog_profile(mid, p)
             q = selector.quality_of(p, m.weight_bytes * 8 / m.total_params, m.total_params, m.is_moe)
-            assert q is not None and q.ppl_change_pct is not None and q.source
-            if m.is_moe:
-                assert q.model_family == "deepseek-v3-0324"
-            else:
-                assert q.model_family in ("llama-3-8b", "llama-2-70b")
+            assert q is not None and q.ppl_change_pct is not None and q.source and q.n_rows >= 3
+            # The csv has dense and MoE families: a model gets one of its own kind, the nearest in size.
+            assert q.family_moe == m.is_moe
+            dist = {f: abs(math.log(m.total_params / 1e9 / b)) for f, (b, moe) in params.items() if moe == m.is_moe}
+            assert dist[q.model_family] == min(dist.values())
 
+
+
+def test_select_table_says_how_each_quality_was_made(tmp_path, monkeypatch):
+    """Each quant's PPL cell is marked (none: the preset's published row, ≈ interpolated, ? extrapolated)
+    and the next cell says how, from how many rows of which family; --json carries the same fields."""
+    from cputune import report
+
+    monkeypatch.setattr(report.out, "width", 250)  # each cell on one line
+    empty = tmp_path / "m"
+    empty.mkdir()
+    args = ("select", "--model", "r1-distill-llama-8b", "--models-dir", str(empty), "--hardware", "ryzen-7950x")
+    options = run_json(*args)["selection"]["options"]
+    text = run(*args).stdout
+    n = len({r.quant for r in selector.quality_rows() if r.model_family == "llama-3-8b"})
+    by = {o["quant"]: o["quality"] for o in options}
+    q4 = by["Q4_K_M"]
+    assert (q4["basis"], q4["exact"], q4["row_quant"], q4["model_family"], q4["n_rows"]) == \
+        ("row", True, "Q4_K_M", "llama-3-8b", n)
+    assert {"family_params_b", "family_moe", "bpw_min", "bpw_max", "extrapolated", "neighbours", "sources"} <= set(q4)
+    assert f"Q4_K_M (row, {n} rows llama-3-8b)" in text and "+2.8 " in text
+    # Q2_K's scoreboard row (no imatrix) is beaten by IQ2_M with fewer bits: interpolated instead.
+    q2 = by["Q2_K"]
+    assert q2["basis"] == "interpolated" and not q2["extrapolated"] and len(q2["neighbours"]) == 2
+    assert f"≈ {'..'.join(q2['neighbours'])} (interp., {n} rows llama-3-8b)" in text
+    assert f"≈+{q2['ppl_change_pct']:.0f} " in text
+    # BF16 has more bits than any row (F16's 16.0005): extrapolated, and says so.
+    bf16 = by["BF16"]
+    assert bf16["bits_per_weight"] > bf16["bpw_max"] and bf16["extrapolated"] and bf16["basis"] == "extrapolated"
+    assert f"(extrap., {n} rows llama-3-8b)" in text and "?+0.0" in text
+    assert "≈: interpolated between two rows" in text
+
+
+def test_plan_table_marks_estimates(monkeypatch):
+    from cputune import report
+
+    monkeypatch.setattr(report.out, "width", 250)
+    r = run("plan", "--model", "deepseek-r1", "--hardware", "epyc-9655-2s")
+    assert r.exit_code == 0
+    rows = [line for line in r.stdout.splitlines() if "deepseek-r1" in line or line.startswith("│")]
+    assert any("≈+" in line for line in rows) and "PPL and KLD estimated from the published rows of deepseek" in r.stdout
 
 # --- the reverse question ------------------------------------------------------------------------
 
