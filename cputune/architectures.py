@@ -182,6 +182,19 @@ class GGUFKey:
 
 
 @dataclass(frozen=True, slots=True)
+class AttentionRules:
+    """Sliding-window / chunked attention as the architecture's load_arch_hparams sets it up:
+    every `swa_pattern`-th layer attends to everything, the others to `swa_window` tokens
+    (llama_hparams::set_swa_pattern; a file's sliding_window(_pattern) keys override)."""
+
+    swa_pattern: int = 0
+    swa_dense_first: bool = False
+    swa_window: int = 0
+    zero_window_means_none: bool = False  # llama4: sliding_window = 0 turns chunking off
+    kind: str = "standard"  # standard (sliding window) or chunked (llama4)
+
+
+@dataclass(frozen=True, slots=True)
 class Architecture:
     arch: str
     source: str
@@ -198,6 +211,27 @@ class Architecture:
     description: str = ""
     # (name regex, role) per template, blk.{i} matching any block: how a real file's tensors are named
     patterns: tuple[tuple[re.Pattern, str], ...] = ()
+    attention: "AttentionRules | None" = None
+
+    def swa_layers(self, meta: Mapping[str, Any], n_layer: int) -> tuple[list[bool], int]:
+        """Which layers attend to a window only, and the window (0: none), from a file's keys and
+        the architecture's defaults, as llama.cpp's load_swa_pattern reads them."""
+        rules = self.attention
+        if rules is None or not rules.swa_pattern:
+            return [False] * n_layer, 0
+        window = meta.get(f"{self.arch}.attention.sliding_window", rules.swa_window)
+        if type(window) is not int or window < 0:
+            window = rules.swa_window
+        if window == 0 and rules.zero_window_means_none:
+            return [False] * n_layer, 0
+        pattern = meta.get(f"{self.arch}.attention.sliding_window_pattern", rules.swa_pattern)
+        if isinstance(pattern, list) and len(pattern) == n_layer:
+            return [bool(x) for x in pattern], window
+        if type(pattern) is not int or pattern < 0:
+            pattern = rules.swa_pattern
+        if rules.swa_dense_first:
+            return [pattern == 0 or i % pattern != 0 for i in range(n_layer)], window
+        return [pattern == 0 or i % pattern < pattern - 1 for i in range(n_layer)], window
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -298,7 +332,7 @@ class Architecture:
 
 
 _TOP_KEYS = {"arch", "source", "description", "required", "defaults", "zero_ok", "checks", "keys",
-             "head", "layer", "tail", "synth", "synth_note"}
+             "head", "layer", "tail", "synth", "synth_note", "attention"}
 _TENSOR_KEYS = {"name", "ne", "role", "when", "fill", "source_type"}
 _GGUF_TYPES = ("u32", "i32", "f32", "bool", "str")
 
@@ -401,11 +435,24 @@ def parse_architecture(table: dict, where: str) -> Architecture:
     if not isinstance(synth, dict):
         raise ConfigError(f"{where}: synth must be a table")
     zero_ok = table.get("zero_ok", [])
+    att = table.get("attention")
+    rules = None
+    if att is not None:
+        if not isinstance(att, dict) or set(att) - {"swa_pattern", "swa_dense_first", "swa_window",
+                                                     "zero_window_means_none", "kind"}:
+            raise ConfigError(f"{where}: [attention] has swa_pattern, swa_dense_first, swa_window, "
+                              "zero_window_means_none and kind")
+        for k in ("swa_pattern", "swa_window"):
+            if type(att.get(k, 0)) is not int or att.get(k, 0) < 0:
+                raise ConfigError(f"{where}: attention.{k} must be a non-negative integer")
+        if att.get("kind", "standard") not in ("standard", "chunked"):
+            raise ConfigError(f"{where}: attention.kind is standard or chunked")
+        rules = AttentionRules(**att)
     a = Architecture(arch=arch, source=source, required=tuple(required), defaults=defaults,
                      zero_ok=frozenset(zero_ok), checks=tuple(checks), keys=tuple(keys),
                      head=parts["head"], layer=parts["layer"], tail=parts["tail"], synth=synth,
                      synth_note=str(table.get("synth_note", "")),
-                     description=str(table.get("description", "")),
+                     description=str(table.get("description", "")), attention=rules,
                      patterns=tuple((re.compile("^" + re.escape(t.name).replace(re.escape("{i}"), r"\d+") + "$"),
                                      t.role) for t in (*parts["head"], *parts["layer"], *parts["tail"])))
     # Every name a shape or key reads is a hyperparameter (or the layer index).

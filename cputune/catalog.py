@@ -12,11 +12,11 @@ import functools
 import math
 from dataclasses import dataclass
 
-from cputune import architectures
+from cputune import architectures, recipes
 from cputune.data import load_toml
 from cputune.errors import ConfigError, ModelError
 from cputune.gguf_model import ModelProfile, TensorInfo, profile_from, tensor_bytes, type_id
-from cputune.quant_rules import preset_types, quant_model, tensor_types
+from cputune.quant_rules import preset_types, presets, quant_model, tensor_types
 
 # The float type convert_hf_to_gguf.py writes 2-D weights in (--outtype bf16 for these bf16/fp8
 # checkpoints). Only tensors llama-quantize never touches keep it, and those are F32 here anyway.
@@ -136,15 +136,36 @@ def _metadata(m: CatalogModel, file_type: int) -> dict:
             **architectures.architecture(m.arch).metadata(m.hparams)}
 
 
-def catalog_tensors(model: CatalogModel | str, preset: str) -> tuple[dict, tuple[TensorInfo, ...]]:
-    """(metadata, tensors) of `model` quantized with llama-quantize `preset`, as read_raw would return them."""
-    m = catalog_model(model) if isinstance(model, str) else model
-    p = preset_types(preset)
-    meta = _metadata(m, p.file_type)
+def quant_types(m: CatalogModel, quant: str, as_typed: str | None = None):
+    """(preset llama-quantize starts from, recipe or None, {tensor: type}) for `quant`: a
+    llama-quantize preset, else a named recipe (configs/quant_recipes.toml: unsloth's UD-*,
+    ubergarm's ik mixes) published for this model. `as_typed`: the model name as the user wrote
+    it, since releases that share a layout were published with different mixes of one name."""
+    rcp = None
+    if quant.upper() not in presets():
+        rcp = recipes.recipe(quant, as_typed or m.id)
+        if rcp is None:
+            known = recipes.recipe_names(as_typed or m.id)
+            raise ConfigError(f"unknown quant {quant!r} for {m.id}",
+                              hint="a llama-quantize preset (q4_k_m, q8_0, iq2_xxs ...)"
+                                   + (f", or a recipe published for it: {', '.join(known)}" if known else "")
+                                   + "; a published file's exact types: `cputune inspect hf://OWNER/REPO/FILE.gguf`")
+    p = preset_types(rcp.base if rcp else quant)
     lay = layout(m)
-    types = tensor_types(lay, p.name, quant_model(meta))
+    qm = quant_model(_metadata(m, p.file_type))
+    types = recipes.recipe_types(rcp, lay, qm) if rcp else tensor_types(lay, p.name, qm)
+    return p, rcp, types
+
+
+def catalog_tensors(model: CatalogModel | str, preset: str,
+                    as_typed: str | None = None) -> tuple[dict, tuple[TensorInfo, ...]]:
+    """(metadata, tensors) of `model` quantized with llama-quantize `preset` (or a named recipe),
+    as read_raw would return them."""
+    m = catalog_model(model) if isinstance(model, str) else model
+    p, _, types = quant_types(m, preset, as_typed)
+    meta = _metadata(m, p.file_type)
     tensors = []
-    for name, shape, _ in lay:
+    for name, shape, _ in layout(m):
         t = types[name]
         tid = _type_id(t)
         tensors.append(TensorInfo(name, t, tid, shape, math.prod(shape), tensor_bytes(shape, tid)))
@@ -162,10 +183,12 @@ def header_bytes(n_tensors: int, n_vocab: int) -> int:
             + HEADER_BYTES_FIXED)
 
 
-def catalog_profile(model: CatalogModel | str, preset: str) -> ModelProfile:
-    """The ModelProfile of a catalog model at a preset, from the same profile_from real files use."""
+def catalog_profile(model: CatalogModel | str, preset: str, as_typed: str | None = None) -> ModelProfile:
+    """The ModelProfile of a catalog model at a preset (or recipe), from the same profile_from
+    real files use."""
     m = catalog_model(model) if isinstance(model, str) else model
-    meta, tensors = catalog_tensors(m, preset)
+    p, rcp, _ = quant_types(m, preset, as_typed)
+    meta, tensors = catalog_tensors(m, preset, as_typed)
     weights = sum(t.n_bytes or 0 for t in tensors)
-    meta = dict(meta, **{"general.name": f"{m.name} {preset_types(preset).name}"})
+    meta = dict(meta, **{"general.name": f"{m.name} {rcp.name if rcp else p.name}"})
     return profile_from(meta, tensors, file_bytes=weights + header_bytes(len(tensors), m.hparams["n_vocab"]))

@@ -385,13 +385,17 @@ def predict_cmd(model, quant, hardware, threads, numa, depth, cache_type, engine
     range held-out runs fell in, and the best thread counts."""
     import shutil
 
-    from cputune import box as box_
+    from cputune import box as box_, gguf_model
     from dataclasses import replace
 
     from cputune.predictor import best_threads, predict
     from cputune.resolve import resolve
 
     prof = resolve(model, quant).profile(quant)
+    ik_types = sorted(set(prof.bytes_by_type) & gguf_model.ik_only_types())
+    if ik_types and engine != "ik_llama":
+        raise ConfigError(f"{prof.name or model} holds {', '.join(ik_types)} tensors, which only "
+                          "ik_llama.cpp loads", hint="predict it with --engine ik_llama")
     box = box_.resolve_box(hardware)
     page_size = box_.page_size_of(box) if pages == "auto" else pages
     settings, decision = box_.plan_settings(box.machine, prof, numa, threads, depth, cache_type,

@@ -23,6 +23,7 @@ from typing import BinaryIO
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
+from cputune import architectures
 from cputune.data import load_csv
 from cputune.errors import GGUFError
 
@@ -87,6 +88,13 @@ def meta_bytes() -> dict[int, tuple[int, int]]:
 
 
 @functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
+def ik_only_types() -> frozenset[str]:
+    """Tensor types only ik_llama.cpp has (configs/ggml_types_extra.csv rows from its source)."""
+    return frozenset(r["type"].upper() for r in load_csv("ggml_types_extra.csv")
+                     if r["source"].startswith("ik_llama"))
+
+
 def bits_per_weight() -> dict[str, float]:
     """type name -> bits per weight (bytes per block x 8 / elements per block)."""
     return {name: size * 8 / block for name, block, size in type_sizes().values()}
@@ -576,6 +584,16 @@ class ModelProfile:
     output_params: int = 0
     # Matrices a mul_mat reads (>= 2-D, not the embedding lookup): what the CPU repack copies.
     matmul_bytes_by_type: dict[str, int] = field(default_factory=dict)
+    # Bytes by the role the architecture's table gives each tensor (configs/architectures/);
+    # "unknown" for a tensor the table does not have, or every tensor of an arch without a table.
+    bytes_by_role: dict[str, int] = field(default_factory=dict)
+    roles_from_table: bool = False
+    # Sliding-window (gpt-oss) or chunked (llama4) layers attend to n_swa tokens at most; the
+    # swa_* parts are those layers' share of the kv_* and attn_* totals above.
+    n_swa: int = 0
+    swa_kv_k_elems_per_token: int = 0
+    swa_kv_v_elems_per_token: int = 0
+    swa_attn_flops_per_ctx_token: int = 0
 
     @property
     def is_moe(self) -> bool:
@@ -595,9 +613,43 @@ def cache_type_bytes(cache_type: str) -> float:
 
 def kv_bytes_per_token(model: ModelProfile, cache_type: str = "f16",
                        cache_type_v: str | None = None) -> float:
-    """Σ_layers (K elems x size(type_k) + V elems x size(type_v)); src/llama-kv-cache.cpp."""
+    """Σ_layers (K elems x size(type_k) + V elems x size(type_v)); src/llama-kv-cache.cpp.
+    Every layer's: a window layer holds this per token only up to its window (kv_cache_bytes)."""
     return (model.kv_k_elems_per_token * cache_type_bytes(cache_type)
             + model.kv_v_elems_per_token * cache_type_bytes(cache_type_v or cache_type))
+
+
+def _swa_kv_bytes_per_token(model: ModelProfile, cache_type: str, cache_type_v: str | None) -> float:
+    return (model.swa_kv_k_elems_per_token * cache_type_bytes(cache_type)
+            + model.swa_kv_v_elems_per_token * cache_type_bytes(cache_type_v or cache_type))
+
+
+# llama-kv-cache-iswa.cpp sizes a window layer's cache for the window plus one ubatch
+# (n_swa * n_seq + n_ubatch, padded); 512 is the default ubatch.
+SWA_CACHE_SLACK_TOKENS = 512
+
+
+def kv_cache_bytes(model: ModelProfile, n_ctx: int, cache_type: str = "f16",
+                   cache_type_v: str | None = None) -> float:
+    """The KV cache of a context of n_ctx tokens: full-attention layers hold every token, window
+    layers at most their window (plus a ubatch)."""
+    swa = _swa_kv_bytes_per_token(model, cache_type, cache_type_v)
+    full = kv_bytes_per_token(model, cache_type, cache_type_v) - swa
+    return full * n_ctx + swa * min(n_ctx, model.n_swa + SWA_CACHE_SLACK_TOKENS)
+
+
+def kv_read_bytes(model: ModelProfile, depth: int, cache_type: str = "f16",
+                  cache_type_v: str | None = None) -> float:
+    """KV bytes one decoded token reads with `depth` tokens in the cache."""
+    swa = _swa_kv_bytes_per_token(model, cache_type, cache_type_v)
+    full = kv_bytes_per_token(model, cache_type, cache_type_v) - swa
+    return full * depth + swa * min(depth, model.n_swa)
+
+
+def attn_flops_at(model: ModelProfile, depth: float) -> float:
+    """Attention FLOPs of one token against `depth` cached tokens (window layers see n_swa at most)."""
+    swa = model.swa_attn_flops_per_ctx_token
+    return (model.attn_flops_per_ctx_token - swa) * depth + swa * min(depth, model.n_swa)
 
 
 def _describe(v) -> str:
@@ -737,8 +789,12 @@ def profile_from(meta: dict, tensors: tuple[TensorInfo, ...] | list[TensorInfo],
     output_bytes = output_params = 0
     output_type = None
     unknown = set()
+    table = architectures.load_architectures().get(arch)
+    by_role: dict[str, int] = {}
     for t in tensors:
         nbytes = t.n_bytes or 0
+        role = (table.role_of(t.name) if table else None) or "unknown"
+        by_role[role] = by_role.get(role, 0) + nbytes
         if t.n_bytes is None:
             unknown.add(t.type_name)
         weight_bytes += nbytes
@@ -775,6 +831,7 @@ def profile_from(meta: dict, tensors: tuple[TensorInfo, ...] | list[TensorInfo],
         if len(t.shape) >= 2:
             flops_params += t.n_params * share
 
+    swa, n_swa = table.swa_layers(meta, n_layer) if table else ([False] * n_layer, 0)
     if mla:
         # MLA as llama.cpp runs it: K is the compressed latent (kv_lora + rope) with one KV head and
         # no V (the V-less cache, PR #19067); scores and the value mix work on the latent per head.
@@ -786,6 +843,10 @@ def profile_from(meta: dict, tensors: tuple[TensorInfo, ...] | list[TensorInfo],
         k_elems = [k_len * hk for hk in heads_kv]
         v_elems = [v_len * hk for hk in heads_kv]
         attn = sum(2 * h * (k_len + v_len) for h in heads)
+    per_layer_attn = [2 * h * (k_len + (v_lat if mla else v_len)) for h in heads]
+    swa_k = sum(k for k, w in zip(k_elems, swa) if w)
+    swa_v = sum(v for v, w in zip(v_elems, swa) if w)
+    swa_attn = sum(a for a, w in zip(per_layer_attn, swa) if w)
     if not weight_bytes:
         raise GGUFError(f"{where}: none of its {len(tensors)} tensors has a type this cputune knows "
                         f"({', '.join(sorted(unknown)[:3])})", hint="upgrade cputune to size this model")
@@ -808,6 +869,9 @@ def profile_from(meta: dict, tensors: tuple[TensorInfo, ...] | list[TensorInfo],
         expert_active_bytes_by_type={k: round(v) for k, v in expert_active_by_type.items()},
         output_bytes=output_bytes, output_type=output_type, output_params=output_params,
         matmul_bytes_by_type=dict(sorted(matmul_by_type.items(), key=lambda kv: -kv[1])),
+        bytes_by_role=dict(sorted(by_role.items(), key=lambda kv: -kv[1])), roles_from_table=table is not None,
+        n_swa=n_swa if any(swa) else 0, swa_kv_k_elems_per_token=swa_k, swa_kv_v_elems_per_token=swa_v,
+        swa_attn_flops_per_ctx_token=swa_attn,
     )
 
 

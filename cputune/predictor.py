@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 
 from cputune.cores import nearest_family
 from cputune.errors import ConfigError
-from cputune.gguf_model import ModelProfile, bits_per_weight, kv_bytes_per_token
+from cputune.gguf_model import ModelProfile, attn_flops_at, bits_per_weight, kv_cache_bytes, kv_read_bytes
 
 NUMA_POLICIES = ("one-node", "distribute", "interleave", "off")
 # common/arg.cpp kv_cache_types (shared/reference/llama_cpp_cpu.md A7); quantized V needs flash attention.
@@ -347,8 +347,7 @@ def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
     phys = min(threads, machine.cores)  # siblings add no memory-level parallelism of their own
     bw, nodes = read_bandwidth_gbps(machine, phys, settings.numa)
     eff_bw = bw * cal.bw_efficiency * (cal.page_4k_efficiency if settings.page_size == "4K" else 1.0)
-    kv_tok = kv_bytes_per_token(model, settings.cache_type)
-    kv_read = kv_tok * settings.depth
+    kv_read = kv_read_bytes(model, settings.depth, settings.cache_type)
     bytes_tok = model.active_bytes_per_token + kv_read
     expert_tok = (model.expert_bytes * model.n_expert_used / model.n_expert) if model.is_moe else 0.0
     by_type = _active_bytes_by_type(model)
@@ -371,7 +370,7 @@ def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
     # Attention over the cache: every head's query against each cached token (for MLA, against
     # the shared latent), then the value mix; the KV bytes are small beside the FLOPs for MLA.
     mla_f = cal.mla_attn_factor if model.mla else 1.0
-    t_attn_cpu = (model.attn_flops_per_ctx_token * settings.depth
+    t_attn_cpu = (attn_flops_at(model, settings.depth)
                   / (w_tg * attn_f * mla_f * cal.attn_gflops_per_core * 1e9))
     t_attn = combine(t_kv, t_attn_cpu, cal.overlap_p) if settings.depth else 0.0
     t_ovh = (model.n_layer * (cal.overhead_s_per_layer + cal.overhead_s_per_layer_thread * threads)
@@ -404,13 +403,13 @@ def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
                          * (1 - expert_share + expert_share / moe_eff)
                          / (pp_workers * pp_f * isa_factor * nearest_rate(cal.prefill_gflops_per_core, t) * 1e9))
     # A prompt token attends to the cache before it and to the prompt tokens ahead of it.
-    t_pp_attn = (model.attn_flops_per_ctx_token * (settings.depth + n_prompt / 2)
+    t_pp_attn = (attn_flops_at(model, settings.depth + n_prompt / 2)
                  / (pp_workers * attn_f * mla_f * isa_factor * cal.attn_prefill_gflops_per_core * 1e9))
     t_pp_cpu += t_pp_attn
     t_pp_cpu *= 1 + cal.prefill_node_factor * (nodes - 1)
     t_pp_mem = model.weight_bytes / settings.n_ubatch / (eff_bw * 1e9)
     t_pp = combine(t_pp_cpu, t_pp_mem, cal.overlap_p) + t_ovh / settings.n_ubatch
-    need = model.weight_bytes + int(kv_tok * (settings.depth + n_prompt))
+    need = model.weight_bytes + int(kv_cache_bytes(model, settings.depth + n_prompt, settings.cache_type))
     return Prediction(
         tg_tokens_per_s=1 / t_tok, pp_tokens_per_s=1 / t_pp, bottleneck=bottleneck,
         bytes_per_token=bytes_tok, effective_bw_gbps=eff_bw,

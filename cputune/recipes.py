@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from cputune.data import config_path, load_csv, tomllib
+from cputune.data import config_path, tomllib
 from cputune.errors import ConfigError, CputuneError
+from cputune import gguf_model
 from cputune.gguf_model import type_id, type_sizes
 from cputune.quant_rules import (QuantModel, allows_quantization, fallback, preset_types, presets,
                                  tensor_types)
@@ -289,8 +290,5 @@ def _preset_names() -> frozenset[str]:
     return frozenset(presets())
 
 
-@functools.lru_cache(maxsize=None)
 def _ik_only_types() -> frozenset[str]:
-    """The types configs/ggml_types_extra.csv takes from ik_llama.cpp (its own enum entries)."""
-    return frozenset(r["type"].upper() for r in load_csv("ggml_types_extra.csv")
-                     if r["source"].startswith("ik_llama"))
+    return gguf_model.ik_only_types()

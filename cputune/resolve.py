@@ -117,7 +117,7 @@ class ResolvedModel:
         if not quant:
             raise ModelError(f"--quant is needed with the catalog model {self.catalog_id}",
                              hint="for example --quant q4_k_m (any llama-quantize preset)")
-        return catalog_profile(self.catalog_id, quant)
+        return catalog_profile(self.catalog_id, quant, as_typed=self.query)
 
 
 def resolve(model: str | None, quant: str | None = None, models_dir_option: Path | str | None = None,

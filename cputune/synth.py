@@ -7,20 +7,17 @@ import functools
 import itertools
 import math
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, Union
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from gguf import (
     GGML_QUANT_SIZES,
     GGML_QUANT_VERSION,
-    ExpertGatingFuncType,
     GGMLQuantizationType,
     GGUFValueType,
     GGUFWriter,
     LlamaFileType,
-    RopeScalingType,
     TokenType,
 )
 

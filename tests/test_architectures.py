@@ -6,6 +6,7 @@ models of the architecture are laid out by the same table and match their publis
 from __future__ import annotations
 
 import re
+from dataclasses import replace as dataclasses_replace
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,37 @@ def test_expressions_evaluate_only_arithmetic():
     assert e({"w": 4096}) == 11008 and e({"w": 256}) == 64
     with pytest.raises(ConfigError, match="fails"):
         architectures.Expr("w // 0", "test")({"w": 1})
+
+
+# --- sliding-window layers ----------------------------------------------------------------------
+
+def test_window_layers_cap_the_cache_and_the_attention_at_depth():
+    """A table's [attention] rules (llama_hparams::set_swa_pattern) mark every other layer as
+    windowed: the KV cache and attention work of those layers stop growing at the window."""
+    a = architectures.parse_architecture({
+        **BASE, "required": ["n_layer", "n_embd", "n_vocab"], "attention": {"swa_pattern": 2, "swa_window": 128},
+    }, "toy.toml")
+    assert a.swa_layers({}, 4) == ([True, False, True, False], 128)
+    assert a.swa_layers({"toy.attention.sliding_window": 64}, 4)[1] == 64
+    assert a.swa_layers({"toy.attention.sliding_window_pattern": [True, True, False, False]}, 4)[0] == [
+        True, True, False, False]
+    prof = gguf_model.read_model(synth.write_model(
+        Path(__import__("tempfile").mkdtemp()) / "l.gguf", tiny_shape("llama"))[0])
+    half = dataclasses_replace(prof, n_swa=128, swa_kv_k_elems_per_token=prof.kv_k_elems_per_token // 2,
+                               swa_kv_v_elems_per_token=prof.kv_v_elems_per_token // 2,
+                               swa_attn_flops_per_ctx_token=prof.attn_flops_per_ctx_token // 2)
+    per_tok = gguf_model.kv_bytes_per_token(prof)
+    assert gguf_model.kv_cache_bytes(prof, 10_000) == per_tok * 10_000
+    assert gguf_model.kv_cache_bytes(half, 10_000) == pytest.approx(
+        per_tok / 2 * 10_000 + per_tok / 2 * (128 + gguf_model.SWA_CACHE_SLACK_TOKENS))
+    assert gguf_model.kv_read_bytes(half, 100) == pytest.approx(per_tok * 100)  # inside the window
+    assert gguf_model.attn_flops_at(half, 4096) == pytest.approx(
+        prof.attn_flops_per_ctx_token / 2 * (4096 + 128))
+
+
+def test_inspect_gives_bytes_by_role_from_the_table(tiny):
+    shape, _, q = tiny["deepseek2"]
+    prof = gguf_model.read_model(q)
+    assert prof.roles_from_table and "unknown" not in prof.bytes_by_role
+    assert sum(prof.bytes_by_role.values()) == prof.weight_bytes
+    assert prof.bytes_by_role["expert"] == prof.expert_bytes

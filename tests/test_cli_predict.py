@@ -46,7 +46,7 @@ def test_predict_a_generated_file_on_a_profile(tiny_models):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["-m", "deepseek-r1", "-q", "q9_9"], "unknown quantization preset"),
+    (["-m", "deepseek-r1", "-q", "q9_9"], "unknown quant 'q9_9' for deepseek-r1"),
     (["-m", "deepseek-r1"], "--quant is needed"),
     (["-m", "llama-9000", "-q", "q8_0"], "no model 'llama-9000'"),
     (["-m", "deepseek-r1", "-q", "q8_0", "--hardware", "nope"], "no hardware profile 'nope'"),
@@ -122,3 +122,31 @@ def test_measure_keeps_every_run_of_every_sweep_and_fits_the_best(tiny_models, l
     back = calibrate.load_points(tmp_path / "points.json")
     assert [(p.tg_samples, p.pp_tokens_per_s, p.read_gbps, p.read_gbps_samples) for p in back] == \
         [(p.tg_samples, p.pp_tokens_per_s, p.read_gbps, p.read_gbps_samples) for p in points]
+
+
+def test_a_named_recipe_predicts_from_its_published_types():
+    """`--quant ud-q2_k_xl` is unsloth's mix (configs/quant_recipes.toml), not a preset: its size
+    is the recipe's published one, and its name is what predict reports."""
+    from cputune import catalog, recipes
+
+    r = run(["predict", "-m", "deepseek-r1", "-q", "ud-q2_k_xl", "--hardware", "epyc-9655-2s", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    rcp = recipes.recipe("ud-q2_k_xl", "deepseek-r1")
+    assert doc["model"]["name"].endswith("UD-Q2_K_XL")
+    assert doc["model"]["weight_bytes"] == pytest.approx(rcp.published_bytes, rel=0.02)
+    assert doc["model"]["weight_bytes"] < catalog.catalog_profile("deepseek-r1", "q3_k_m").weight_bytes
+
+
+def test_ik_only_types_need_the_ik_engine():
+    r = run(["predict", "-m", "deepseek-r1-0528", "-q", "iq2_k_r4", "--hardware", "epyc-9655-2s"])
+    assert r.exit_code == 1 and "only ik_llama.cpp loads" in r.output and "--engine ik_llama" in r.output
+    assert "Traceback" not in r.output
+    ok = run(["predict", "-m", "deepseek-r1-0528", "-q", "iq2_k_r4", "--hardware", "epyc-9655-2s",
+              "--engine", "ik_llama"])
+    assert ok.exit_code == 0 and "IQ2_K_R4" in ok.output
+
+
+def test_an_unknown_quant_names_the_recipes_published_for_the_model():
+    r = run(["predict", "-m", "deepseek-r1-0528", "-q", "q4_k_xl", "--hardware", "epyc-9655-2s"])
+    assert r.exit_code == 1 and "IQ2_K_R4" in r.output and "cputune inspect hf://" in r.output
