@@ -252,6 +252,7 @@ def _snapshot(path: Path) -> dict[str, dict[str, str]]:
 @pytest.mark.parametrize("model_id, schema", [
     ("deepseek-r1", "deepseek-v3.1.schema"),  # V3.1 has R1's architecture and shapes
     ("r1-distill-llama-70b", "meta-llama-3.1-70b-instruct.schema"),  # same shapes as Llama-3.3-70B
+    ("qwen3.5-397b-a17b", "qwen3.5-397b-a17b.schema"),  # bartowski's tensor list: no MTP block
 ])
 def test_rules_match_llama_cpp_snapshots(model_id, schema):
     sections = _snapshot(SNAPSHOTS / schema)
