@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cputune.errors import ConfigError, ModelError
-from cputune.gguf_model import ModelProfile, kv_bytes_per_token
+from cputune.gguf_model import ModelProfile, kv_cache_bytes
 from cputune import numa_policy
 from cputune.hardware import ESTIMATED_READ_FRACTION
 from cputune.numa_policy import NumaDecision
@@ -75,7 +75,7 @@ def ram_needed(model: ModelProfile, ctx_tokens: int, cache_type: str = "f16", *,
     copy = repacked_bytes(model, isa) if (mmap and repack) else 0
     return RamNeed(
         weights_bytes=model.weight_bytes, repack_copy_bytes=copy,
-        kv_bytes=round(kv_bytes_per_token(model, cache_type) * ctx_tokens),
+        kv_bytes=round(kv_cache_bytes(model, ctx_tokens, cache_type)),
         compute_bytes=compute_buffer_bytes(model, ctx_tokens, n_ubatch, flash_attn),
         headroom_bytes=headroom_bytes, ctx_tokens=ctx_tokens, cache_type=cache_type, mmap=mmap)
 
