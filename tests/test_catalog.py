@@ -253,6 +253,8 @@ def _snapshot(path: Path) -> dict[str, dict[str, str]]:
     ("deepseek-r1", "deepseek-v3.1.schema"),  # V3.1 has R1's architecture and shapes
     ("r1-distill-llama-70b", "meta-llama-3.1-70b-instruct.schema"),  # same shapes as Llama-3.3-70B
     ("qwen3.5-397b-a17b", "qwen3.5-397b-a17b.schema"),  # bartowski's tensor list: no MTP block
+    ("gpt-oss-120b", "gpt-oss-120b.schema"),  # ggml-org's MXFP4 file; the rules see the experts as 3-D weights
+    ("glm-4.6v", "glm-4.6v.schema"),  # GLM-4.6V's language model is glm4moe: ggml-org's 46 blocks, no MTP
 ])
 def test_rules_match_llama_cpp_snapshots(model_id, schema):
     sections = _snapshot(SNAPSHOTS / schema)
