@@ -769,7 +769,10 @@ def profile_from(meta: dict, tensors: tuple[TensorInfo, ...] | list[TensorInfo],
                      f"but the model routes to {n_expert} experts")
     n_expert_shared = hp.int("expert_shared_count", 0, MAX_EXPERTS, 0)
     n_dense_lead = hp.int("leading_dense_block_count", 0, n_layer, 0)
-    nextn = hp.int("nextn_predict_layers", 0, n_layer, 0)
+    # block_count counts the MTP (nextn) blocks at the end; llama.cpp runs n_layer_all - nextn
+    # of them per token (llama_hparams::n_layer) and keeps no KV cache for the rest.
+    nextn = hp.int("nextn_predict_layers", 0, n_layer - 1, 0)
+    n_run = n_layer - nextn
     n_ctx_train = hp.int("context_length", 1, MAX_CTX)
     ftype = hp.int("general.file_type", 0, (1 << 32) - 1, arch=False)
     name = meta.get("general.name")
@@ -804,7 +807,7 @@ def profile_from(meta: dict, tensors: tuple[TensorInfo, ...] | list[TensorInfo],
             matmul_by_type[t.type_name] = matmul_by_type.get(t.type_name, 0) + nbytes
         m = BLK_RE.match(t.name)
         layer = int(m.group(1)) if m else None
-        if layer is not None and nextn and layer >= n_layer:
+        if layer is not None and layer >= n_run:
             continue  # MTP/nextn block: only read when speculative MTP decoding is on
         share = 1.0
         if EXPERT_RE.match(t.name) or LEGACY_EXPERT_RE.match(t.name):
@@ -831,12 +834,14 @@ def profile_from(meta: dict, tensors: tuple[TensorInfo, ...] | list[TensorInfo],
         if len(t.shape) >= 2:
             flops_params += t.n_params * share
 
+    heads, heads_kv = heads[:n_run], heads_kv[:n_run]
     swa, n_swa = table.swa_layers(meta, n_layer) if table else ([False] * n_layer, 0)
+    swa = swa[:n_run]
     if mla:
         # MLA as llama.cpp runs it: K is the compressed latent (kv_lora + rope) with one KV head and
         # no V (the V-less cache, PR #19067); scores and the value mix work on the latent per head.
         k_elems = [k_len * hk for hk in heads_kv]
-        v_elems = [0] * n_layer
+        v_elems = [0] * n_run
         v_lat = hp.int("attention.value_length", 1, MAX_HEAD_DIM, 0)
         attn = sum(2 * h * (k_len + v_lat) for h in heads)
     else:
@@ -855,7 +860,7 @@ def profile_from(meta: dict, tensors: tuple[TensorInfo, ...] | list[TensorInfo],
                         "expert): corrupt header", hint=CORRUPT_HINT)
     return ModelProfile(
         path=path, name=name, arch=arch,
-        file_type=_file_type_name(ftype), n_shards=n_shards, n_layer=n_layer, n_embd=n_embd,
+        file_type=_file_type_name(ftype), n_shards=n_shards, n_layer=n_run, n_embd=n_embd,
         n_vocab=n_vocab, n_head=n_head, n_ctx_train=n_ctx_train, n_expert=n_expert,
         n_expert_used=max(used, default=0), n_expert_shared=n_expert_shared,
         n_dense_lead=n_dense_lead, mla=mla,

@@ -84,7 +84,8 @@ def test_tied_output_is_read_whole():
 
 
 def test_nextn_layers_are_skipped_and_expert_use_may_vary_per_layer():
-    meta = header(**{"llama.expert_count": 4, "llama.expert_used_count": [1, 2],
+    # block_count counts the MTP block (llama.cpp's n_layer_all; GLM-4.5: 93 = 92 + 1 nextn)
+    meta = header(**{"llama.block_count": 3, "llama.expert_count": 4, "llama.expert_used_count": [1, 2, 2],
                      "llama.nextn_predict_layers": 1})
     tensors = [t("output.weight", (64, 100)), t("blk.0.ffn_up_exps.weight", (64, 32, 4)),
                t("blk.1.ffn_up_exps.weight", (64, 32, 4)), t("blk.2.ffn_up_exps.weight", (64, 32, 4))]
@@ -92,6 +93,7 @@ def test_nextn_layers_are_skipped_and_expert_use_may_vary_per_layer():
     e = 64 * 32 * 4 * 2
     assert m.active_bytes_per_token == 64 * 100 * 2 + e // 4 + e * 2 // 4  # blk.2 is the MTP block
     assert m.weight_bytes == 64 * 100 * 2 + 3 * e  # still on disk
+    assert m.n_layer == 2  # the blocks run per token
 
 
 def test_unknown_tensor_type_is_reported_not_fatal():
