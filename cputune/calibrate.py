@@ -410,7 +410,7 @@ def fit(points: Sequence[Point], machine: MachineBandwidth, start: Calibration,
                 "ts_pp": min(c.prefill_thread_scaling, 0.95),
                 # p = 0 means max(); a p-norm near it is a large p.
                 "p": c.overlap_p or 16.0,
-                **{f"tg:{t}": nearest_rate(c.decode_gbps_per_core, t) for t in types},
+                **{f"tg:{t}": nearest_rate(c.decode_gbps_per_core, t, per_byte=True) for t in types},
                 **{f"pp:{t}": nearest_rate(c.prefill_gflops_per_core, t) for t in types}}
         return [_to_x(n, vals[n]) for n in names]
 

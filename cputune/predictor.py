@@ -197,13 +197,20 @@ class Prediction:
     pp_range: tuple[float, float] = (0.0, 0.0)
 
 
-def nearest_rate(rates: dict[str, float], type_name: str) -> float:
-    """A type not calibrated takes the rate of the calibrated type closest in bits per weight."""
+def nearest_rate(rates: dict[str, float], type_name: str, per_byte: bool = False) -> float:
+    """A type not calibrated takes the rate of the calibrated type closest in bits per weight.
+
+    `per_byte`: the rates are weight bytes per second (decode's dequantize-and-dot), so the
+    borrowed rate is converted through weights per second: a core unpacks about as many weights
+    per second of a 1.56-bit IQ1_S as of the 2.6-bit Q2_K nearest it, which is fewer bytes (a
+    low-bit file is compute-bound sooner, as published big-box runs of IQ1/IQ2 mixes show)."""
     if type_name in rates:
         return rates[type_name]
     bpw = bits_per_weight()
     want = bpw.get(type_name, 8.0)
     best = min(rates, key=lambda n: abs(bpw.get(n, 8.0) - want))
+    if per_byte:
+        return rates[best] * want / bpw.get(best, 8.0)
     return rates[best]
 
 
@@ -365,7 +372,7 @@ def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
     w_tg = workers(threads, machine.cores, cal.thread_scaling, cal.smt_tg_gain, cal.serial_share)
     experts = _expert_bytes_by_type(model, by_type, expert_tok)
     t_cpu = sum((b - experts[t] + experts[t] / cal.moe_decode_efficiency)
-                / (w_tg * tg_f * nearest_rate(cal.decode_gbps_per_core, t) * 1e9)
+                / (w_tg * tg_f * nearest_rate(cal.decode_gbps_per_core, t, per_byte=True) * 1e9)
                 for t, b in by_type.items() if b)
     # Attention over the cache: every head's query against each cached token (for MLA, against
     # the shared latent), then the value mix; the KV bytes are small beside the FLOPs for MLA.
