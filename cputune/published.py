@@ -21,6 +21,7 @@ import statistics
 from dataclasses import dataclass, replace
 from typing import Sequence
 
+from cputune import cores
 from cputune.calibrate import PRIOR_WEIGHT, best_fit, least_squares
 from cputune.data import load_toml
 from cputune.gguf_model import ModelProfile
@@ -79,7 +80,7 @@ def load_published_runs() -> list[PublishedRun]:
         key = (r["model"], r["quant"])
         if key not in profiles:
             m = shapes.get(r["model"]) or catalog.catalog_model(r["model"])
-            profiles[key] = catalog.catalog_profile(m, r["quant"])
+            profiles[key] = catalog.catalog_profile(m, r["quant"], as_typed=r["model"])
         if r["hardware"] not in machines:
             machines[r["hardware"]] = hardware.machine_from_hardware(hardware.load_hardware(r["hardware"]))
         if r["engine"] not in ENGINE_OF_ROW:
@@ -185,13 +186,26 @@ def fit_published(runs: Sequence[PublishedRun], start: Calibration,
     names = fitted_terms(runs)
     fams = families(runs)
     base_d, base_p = start.decode_gbps_per_core, start.prefill_gflops_per_core
+    # A family's decode or prefill scale is only told by runs of it with that figure; a family
+    # without (zen5 has published decode runs, no prefill ones) borrows the nearest family's by
+    # core and ISA (cores.nearest_family), not the bare base table, which no box was fitted to.
+    fam_of = {id(r): r.machine.core_family or "unknown" for r in runs}
+    told = {k: {fam_of[id(r)] for r in runs if getattr(r, f"{k}_tokens_per_s")} for k in ("tg", "pp")}
+    isa_of = {fam_of[id(r)]: r.machine.isa for r in runs}
+
+    def borrowed(f: str, kind: str) -> str:
+        if f in told[kind] or not told[kind]:
+            return f
+        return cores.nearest_family(tuple(sorted(told[kind])), isa_of[f]) or f
 
     def unpack(x: Sequence[float]) -> Calibration:
         v = dict(zip(names, x))
         fields = {TERMS[n][0]: _from_x(TERMS[n][1], v[n]) for n in names}
+        scale = {f: (math.exp(x[len(names) + 2 * i]), math.exp(x[len(names) + 2 * i + 1]))
+                 for i, f in enumerate(fams)}
         rates = {}
-        for i, f in enumerate(fams):
-            d, p = math.exp(x[len(names) + 2 * i]), math.exp(x[len(names) + 2 * i + 1])
+        for f in fams:
+            d, p = scale[borrowed(f, "tg")][0], scale[borrowed(f, "pp")][1]
             rates[f] = {"decode": {t: r * d for t, r in base_d.items()},
                         "prefill": {t: r * p for t, r in base_p.items()}}
         return replace(start, **fields, family_rates={**start.family_rates, **rates},
