@@ -58,13 +58,16 @@ class CatalogModel:
     aliases: tuple[str, ...] = ()
     files: tuple[PublishedFile, ...] = ()
     note: str = ""
+    # Why `files` is empty: no GGUF of this architecture published yet (the layout is then only
+    # checked by llama.cpp loading a synthetic model of the same table).
+    no_published_file: str = ""
 
     @property
     def ctx(self) -> int:
         return self.hparams["ctx"]
 
 
-_META = {"name", "hf_repo", "arch", "source", "aliases", "files", "note"}
+_META = {"name", "hf_repo", "arch", "source", "aliases", "files", "note", "no_published_file"}
 
 
 def model_from_table(model_id: str, table: dict, where: str = "configs/models.toml") -> CatalogModel:
@@ -91,7 +94,8 @@ def model_from_table(model_id: str, table: dict, where: str = "configs/models.to
         {k: v for k, v in table.items() if k not in _META}, w)
     return CatalogModel(id=model_id, name=table["name"], hf_repo=table["hf_repo"], arch=arch,
                         source=table["source"], hparams=hp, aliases=tuple(a.lower() for a in aliases),
-                        files=tuple(files), note=str(table.get("note", "")))
+                        files=tuple(files), note=str(table.get("note", "")),
+                        no_published_file=str(table.get("no_published_file", "")))
 
 
 def load_catalog() -> dict[str, CatalogModel]:

@@ -126,7 +126,9 @@ def test_catalog_sizes_are_within_two_percent_of_published_files(model_id, publi
 def test_every_new_family_in_the_catalog_has_a_published_size():
     for m in catalog.load_catalog().values():
         if m.arch not in ("llama", "qwen2"):
-            assert m.files, f"{m.id}: give it a published file size (files = [...]) to test the layout on"
+            assert m.files or len(m.no_published_file) > 20, (
+                f"{m.id}: give it a published file size (files = [...]) to test the layout on, or say "
+                "why there is none (no_published_file)")
 
 
 # --- the table format ---------------------------------------------------------------------------
