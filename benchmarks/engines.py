@@ -28,11 +28,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cputune import build, engine_args, gguf_model, llama_bench, selector, stats, synth, tune, units
-from cputune.box import resolve_box
-from cputune.errors import ProcessFailed
-from cputune.fsutil import cache_root
-from cputune.topology import discover_topology
+from cputune.core import stats, units
+from cputune.engine import build, engine_args, llama_bench, tune
+from cputune.model import gguf_model, synth
+from cputune.predict import selector
+from cputune.predict.box import resolve_box
+from cputune.core.errors import ProcessFailed
+from cputune.core.fsutil import cache_root
+from cputune.machine.topology import discover_topology
 
 ARCHS = ("deepseek2", "llama")
 IK = "ik_llama"

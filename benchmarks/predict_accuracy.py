@@ -22,11 +22,13 @@ import sys
 import time
 from pathlib import Path
 
-from cputune import build, calibrate, probe
-from cputune.box import resolve_box
-from cputune.fsutil import cache_root
-from cputune.predictor import predict
-from cputune.units import parse_size
+from cputune.engine import build
+from cputune.machine import probe
+from cputune.predict import calibrate
+from cputune.predict.box import resolve_box
+from cputune.core.fsutil import cache_root
+from cputune.predict.predictor import predict
+from cputune.core.units import parse_size
 
 MIB = 1 << 20
 ARCHS = ("llama", "deepseek2")
@@ -149,7 +151,7 @@ def local(args) -> bool:
 
 def published(args) -> bool:
     """Leave-one-out on the published runs: each run predicted by a fit on all the others."""
-    from cputune import published as pub
+    from cputune.predict import published as pub
 
     runs = pub.load_published_runs()
     start = calibrate.default_calibration()

@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cputune import bandwidth, probe
+from cputune.machine import bandwidth, probe
 
 # STREAM 5.10's triad loop and timing rules: parallel first touch with the kernels' static
 # schedule, best of NTIMES after the first, 3 x 8 bytes counted per element.

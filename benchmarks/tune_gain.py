@@ -18,10 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-from cputune import build, gguf_model, selector, synth, tune, units
-from cputune.box import resolve_box
-from cputune.fsutil import cache_root
-from cputune.topology import discover_topology
+from cputune.core import units
+from cputune.engine import build, tune
+from cputune.model import gguf_model, synth
+from cputune.predict import selector
+from cputune.predict.box import resolve_box
+from cputune.core.fsutil import cache_root
+from cputune.machine.topology import discover_topology
 
 MODELS = (("llama", 300_000_000, "q4_k_m"), ("deepseek2", 300_000_000, "q4_k_m"))
 

@@ -35,9 +35,11 @@ from pathlib import Path  # after the handlers above, on purpose
 
 import click
 
-from cputune import __version__, checks, report, units
-from cputune.errors import ConfigError, CputuneError, ProcessFailed, Terminated
-from cputune.predictor import ENGINES as ENGINE_NAMES, NUMA_POLICIES, cache_type_name, check_context
+from cputune import __version__
+from cputune.commands import report
+from cputune.core import checks, units
+from cputune.core.errors import ConfigError, CputuneError, ProcessFailed, Terminated
+from cputune.predict.predictor import ENGINES as ENGINE_NAMES, NUMA_POLICIES, cache_type_name, check_context
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -136,7 +138,7 @@ class Parsed(click.ParamType):
 
 
 def _engine_name(text: str) -> str:
-    from cputune.build import load_engine
+    from cputune.engine.build import load_engine
 
     return load_engine(text.strip()).name
 
@@ -204,7 +206,7 @@ def cli(debug: bool) -> None:
 @json_option
 def build_cmd(target_cpu, engine, source, cmake_args, jobs, force, python_binding, list_only, as_json):
     """Compile llama.cpp or ik_llama.cpp for a CPU, cached by engine, version and flags."""
-    from cputune import binding, build
+    from cputune.engine import binding, build
 
     if list_only:
         builds = build.list_builds()
@@ -223,7 +225,7 @@ def build_cmd(target_cpu, engine, source, cmake_args, jobs, force, python_bindin
     if eng.python_binding:
         status = binding.ensure(b) if python_binding else binding.link(b)
     if as_json:
-        return report.print_json(report.document("cputune.build/1", build=b.to_json(),
+        return report.print_json(report.document("cputune.engine.build/1", build=b.to_json(),
                                                  flags=build.program_flags(b), python_binding=status))
     report.render_build(b)
     if status is not None:
@@ -245,7 +247,7 @@ def build_cmd(target_cpu, engine, source, cmake_args, jobs, force, python_bindin
 @json_option
 def probe_cmd(quick, measure, memory_spec, hwloc_xml, show, save, sysfs_root, as_json):
     """Inventory this box, measure memory bandwidth per NUMA node, and say what to fix."""
-    from cputune import probe
+    from cputune.machine import probe
 
     if show:
         profile = probe.load_profile()
@@ -271,8 +273,8 @@ def inspect_cmd(model, as_json):
     """What a GGUF model costs per token: active bytes (MoE-aware), FLOPs, KV cache; headers only.
     NAME is looked up in the models folder, as --model is everywhere. A URL (https://...,
     hf://OWNER/REPO/FILE.gguf) is read with HTTP range requests, a few MB, never downloaded."""
-    from cputune import gguf_model
-    from cputune.resolve import resolve
+    from cputune.model import gguf_model
+    from cputune.model.resolve import resolve
 
     m = resolve(model, catalog=False, remote_ok=True).one_file().profile
     kv = gguf_model.kv_bytes_per_token(m, "f16")
@@ -321,7 +323,7 @@ def fit_options(f):
 def select_cmd(model, min_tps, hardware_spec, models_dir, ctx_tokens, cache_type, numa, threads, mmap,
                flash_attn, as_json):
     """Which quant of a model fits this box (or PROFILE), how fast, at what quality; the best one."""
-    from cputune import box as box_, candidates, selector
+    from cputune.predict import box as box_, candidates, selector
 
     box = box_.resolve_box(hardware_spec)
     s = selector.fit_settings(box.machine, ctx_tokens, cache_type, numa, threads, mmap, flash_attn,
@@ -348,7 +350,7 @@ def select_cmd(model, min_tps, hardware_spec, models_dir, ctx_tokens, cache_type
 def plan_cmd(hardware_spec, model, quant, target_tps, ctx_tokens, cache_type, numa, threads, mmap,
              flash_attn, as_json):
     """Fit and speed of every catalog model and quant on a box not built yet; what box a speed needs."""
-    from cputune import box as box_, candidates, selector
+    from cputune.predict import box as box_, candidates, selector
 
     box = box_.resolve_box(hardware_spec)
     s = selector.fit_settings(box.machine, ctx_tokens, cache_type, numa, threads, mmap, flash_attn)
@@ -385,11 +387,12 @@ def predict_cmd(model, quant, hardware, threads, numa, depth, cache_type, engine
     range held-out runs fell in, and the best thread counts."""
     import shutil
 
-    from cputune import box as box_, gguf_model
+    from cputune.model import gguf_model
+    from cputune.predict import box as box_
     from dataclasses import replace
 
-    from cputune.predictor import best_threads, predict
-    from cputune.resolve import resolve
+    from cputune.predict.predictor import best_threads, predict
+    from cputune.model.resolve import resolve
 
     prof = resolve(model, quant).profile(quant)
     ik_types = sorted(set(prof.bytes_by_type) & gguf_model.ik_only_types())
@@ -438,9 +441,12 @@ def predict_cmd(model, quant, hardware, threads, numa, depth, cache_type, engine
 @json_option
 def calibrate_cmd(archs, sizes, quants, threads, reps, passes, work_dir, depths, as_json):
     """Fit the predictor's constants to llama-bench runs on synthetic models here; saves them."""
-    from cputune import box as box_, build, calibrate, probe, units
-    from cputune.fsutil import cache_root
-    from cputune.units import parse_size
+    from cputune.core import units
+    from cputune.engine import build
+    from cputune.machine import probe
+    from cputune.predict import box as box_, calibrate
+    from cputune.core.fsutil import cache_root
+    from cputune.core.units import parse_size
 
     box = box_.resolve_box(None)
     b = build.require_build()
@@ -483,8 +489,9 @@ def calibrate_cmd(archs, sizes, quants, threads, reps, passes, work_dir, depths,
 @json_option
 def synth_cmd(arch, size, quant, out_path, seed, as_json):
     """Write a random-weight model shaped like a real one, to calibrate or test before downloading."""
-    from cputune import build, gguf_model, synth
-    from cputune.units import parse_size
+    from cputune.engine import build
+    from cputune.model import gguf_model, synth
+    from cputune.core.units import parse_size
 
     if arch not in synth.synth_archs():
         raise ConfigError(f"--arch {arch!r}: cputune has no synthetic generator for it",
@@ -543,8 +550,11 @@ def tune_cmd(model, quant, models_dir, twin_size, budget, kinds, depth, n_prompt
     `serve` and report the gain over llama.cpp's defaults."""
     import shutil
 
-    from cputune import box as box_, build, engine_args, gguf_model, resolve, selector, tune, units
-    from cputune.topology import discover_topology
+    from cputune.core import units
+    from cputune.engine import build, engine_args, tune
+    from cputune.model import gguf_model, resolve
+    from cputune.predict import box as box_, selector
+    from cputune.machine.topology import discover_topology
 
     budget_s = units.parse_duration(budget)
     kind_list = tune.kinds_from(kinds)
@@ -568,7 +578,7 @@ def tune_cmd(model, quant, models_dir, twin_size, budget, kinds, depth, n_prompt
     report.warn_all(result.notes)
     saved = tune.save(result) if save else None
     if as_json:
-        return report.print_json(report.document("cputune.tune/1", result=result, saved=saved,
+        return report.print_json(report.document("cputune.engine.tune/1", result=result, saved=saved,
                                                  serve=tune.serve_settings(result)))
     report.render_tune(result, saved)
 
@@ -584,7 +594,7 @@ def tune_cmd(model, quant, models_dir, twin_size, budget, kinds, depth, n_prompt
 def report_cmd(out_path, fmt, charts, as_json):
     """Write one HTML (or Markdown) report of what probe, bench and tune saved: the machine, its
     bandwidth per node and thread scaling, decode against the roofline, the tuning table."""
-    from cputune import report_file
+    from cputune.commands import report_file
 
     data = report_file.collect()
     with report.progress("writing the report", total=None) as update:
@@ -593,7 +603,7 @@ def report_cmd(out_path, fmt, charts, as_json):
         paths = report_file.write_report(blocks, out_path, fmt)
     if as_json:
         return report.print_json(report.document(
-            "cputune.report/1", files=paths, sources=data.sources,
+            "cputune.commands.report/1", files=paths, sources=data.sources,
             sections=[b.text for b in blocks if isinstance(b, report_file.Heading)],
             charts=[b.name for b in blocks if isinstance(b, report_file.Chart)]))
     report.info(f"wrote {paths[0]}" + (f" and {len(paths) - 1} charts beside it" if len(paths) > 1 else ""))
@@ -617,7 +627,10 @@ def report_cmd(out_path, fmt, charts, as_json):
 def bench_cmd(model, quant, models_dir, twin_size, threads, depth, n_prompt, n_gen, reps, engine, as_json):
     """Measure tokens/s with llama-bench beside the prediction and the roofline; keeps a history.
     At --depth, an engine whose llama-bench has no -d measures prefill with llama-sweep-bench."""
-    from cputune import bench, box as box_, build, engine_args, gguf_model, llama_bench, probe, resolve
+    from cputune.engine import bench, build, engine_args, llama_bench
+    from cputune.machine import probe
+    from cputune.model import gguf_model, resolve
+    from cputune.predict import box as box_
 
     box = box_.resolve_box(None)
     b = build.require_build(engine=engine)
@@ -639,7 +652,7 @@ def bench_cmd(model, quant, models_dir, twin_size, threads, depth, n_prompt, n_g
     report.render_choices(choices)
     hist = bench.append_history(results, prof, box.machine.name)
     if as_json:
-        return report.print_json(report.document("cputune.bench/1", model=str(path), machine=box.machine.name,
+        return report.print_json(report.document("cputune.engine.bench/1", model=str(path), machine=box.machine.name,
                                                  calibration_source=box.calibration.source,
                                                  results=results, history=str(hist)))
     report.render_bench(results, prof, box, hist)
@@ -722,7 +735,7 @@ def serve_cmd(ctx, quant, model, models_dir, ctx_tokens, host, port, numa, threa
     threads and NUMA policy, verified after start. Arguments after `--` go to llama-server."""
     import time
 
-    from cputune import placement, rpc, serve
+    from cputune.engine import placement, rpc, serve
 
     placement.parse_numa(numa)
     req = serve.ServeRequest(
@@ -735,13 +748,13 @@ def serve_cmd(ctx, quant, model, models_dir, ctx_tokens, host, port, numa, threa
     serve.require_fit(plan, force)
     if dry_run:
         if as_json:
-            return report.print_json(report.document("cputune.serve/1", plan=plan, command=plan.command))
+            return report.print_json(report.document("cputune.engine.serve/1", plan=plan, command=plan.command))
         return report.render_serve_plan(plan)
     with serve.SignalForwarder() as signals:
         with report.progress("starting llama-server", total=None) as update:
             server = serve.start(plan, drop_caches, progress=update, signals=signals)
         if as_json:
-            report.print_json(report.document("cputune.serve/1", plan=plan, command=plan.command, running={
+            report.print_json(report.document("cputune.engine.serve/1", plan=plan, command=plan.command, running={
                 "pid": server.pid, "url": plan.url, "log_path": server.log_path}))
         else:
             report.render_serve_started(plan, server, time.monotonic() - server.started_s)
@@ -767,7 +780,7 @@ def serve_cmd(ctx, quant, model, models_dir, ctx_tokens, host, port, numa, threa
 def worker_cmd(ctx, host, port, numa, threads, engine, dry_run, sysfs_root, as_json, extra):
     """Start a pinned llama.cpp RPC worker (ggml-rpc-server) that `cputune serve --rpc` spreads
     a model onto when one box is not enough."""
-    from cputune import placement, serve
+    from cputune.engine import placement, serve
 
     placement.parse_numa(numa, worker=True)
     req = serve.WorkerRequest(host=host, port=port, numa=numa, threads=threads, extra_args=tuple(extra),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cputune import synth
+from cputune.model import synth
 from helpers import extract_tree
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -23,7 +23,7 @@ def llama_bin_dir() -> Path:
     env = os.environ.get("CPUTUNE_LLAMA_BIN_DIR")
     if env:
         return Path(env)
-    from cputune import build
+    from cputune.engine import build
 
     b = build.find_build()
     if b is None:
@@ -64,7 +64,7 @@ def tiny_models(tmp_path_factory, llama_bin_dir) -> dict[str, TinyModel]:
 @pytest.fixture(scope="session")
 def ik_build():
     """The cached ik_llama.cpp build (`cputune build --engine ik_llama`, which CI runs first)."""
-    from cputune import build
+    from cputune.engine import build
 
     b = build.find_build(engine="ik_llama")
     if b is None:
@@ -98,7 +98,7 @@ def tiny_split(tmp_path_factory) -> list[Path]:
 @pytest.fixture
 def own_cache(tmp_path, monkeypatch):
     """A fresh cache root ($XDG_CACHE_HOME) that still sees the one cached llama.cpp build."""
-    from cputune import build
+    from cputune.engine import build
 
     real = build.find_build()
     if real is None:

@@ -16,9 +16,9 @@ from typing import Iterator
 
 import psutil
 
-from cputune import launch
-from cputune.hwloc_xml import load_hwloc_xml
-from cputune.topology import NumaNode, Topology
+from cputune.core import launch
+from cputune.machine.hwloc_xml import load_hwloc_xml
+from cputune.machine.topology import NumaNode, Topology
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GiB = 1 << 30
@@ -62,7 +62,7 @@ def extract_tree(tarball: Path, dest: Path) -> Path:
 
 # --- live processes: orphan checks ------------------------------------------------------------
 # psutil reads /proc/PID/stat for these; it sees only this box's live processes, so recorded /proc
-# trees (serve.thread_affinities on tests/fixtures/proc_task) stay with cputune.sysfs.SysRoot.
+# trees (serve.thread_affinities on tests/fixtures/proc_task) stay with cputune.core.sysfs.SysRoot.
 
 def running(pid: int) -> bool:
     """The process exists and has not exited: a zombie is only waiting for its parent to reap it."""

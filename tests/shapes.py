@@ -3,7 +3,7 @@ conftest)."""
 
 from __future__ import annotations
 
-from cputune import synth
+from cputune.model import synth
 
 # Every quantized row is a multiple of QK_K = 256 long, so Q4_K_M keeps its K-quants. The exception
 # is deepseek2's attn_k_b, whose rows are qk_nope_dim long (64 here, 128 in R1): llama-quantize's

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from cputune import architectures, catalog, gguf_model, llama_bench, synth
-from cputune.errors import ConfigError
-from cputune.gguf_model import read_raw
-from cputune.quant_rules import quant_model, tensor_types
+from cputune.engine import llama_bench
+from cputune.model import architectures, catalog, gguf_model, synth
+from cputune.core.errors import ConfigError
+from cputune.model.gguf_model import read_raw
+from cputune.model.quant_rules import quant_model, tensor_types
 from helpers import complete, serving
 
 SYNTH_ARCHS = synth.synth_archs()

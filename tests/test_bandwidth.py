@@ -10,8 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from cputune import _bwprobe, bandwidth as bw
-from cputune.errors import ProbeError
+from cputune import _bwprobe
+from cputune.machine import bandwidth as bw
+from cputune.core.errors import ProbeError
 
 MIB = 1 << 20
 CPU = min(os.sched_getaffinity(0))

@@ -9,11 +9,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cputune import bandwidth, bench, calibrate, catalog, llama_bench, probe, report
+from cputune.commands import report
+from cputune.engine import bench, llama_bench
+from cputune.machine import bandwidth, probe
+from cputune.model import catalog
+from cputune.predict import calibrate
 from cputune.cli import cli
-from cputune.errors import EngineError
-from cputune.hardware import Box
-from cputune.predictor import MachineBandwidth, Settings, at_read_bandwidth, predict
+from cputune.core.errors import EngineError
+from cputune.predict.hardware import Box
+from cputune.predict.predictor import MachineBandwidth, Settings, at_read_bandwidth, predict
 
 RECORDED = Path(__file__).parent / "fixtures" / "llama_bench" / "0c1e57098-deepseek2-q8_0.json"
 
@@ -31,7 +35,7 @@ def test_bench_a_file_reports_spread_prediction_and_appends_history(probed, tiny
     r = CliRunner().invoke(cli, args + ["--json"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    assert doc["schema"] == "cputune.bench/1"
+    assert doc["schema"] == "cputune.engine.bench/1"
     res = {x["kind"]: x for x in doc["results"]}
     assert set(res) == {"tg", "pp"}
     tg = res["tg"]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cputune import build
-from cputune.errors import BuildError, ConfigError
+from cputune.engine import build
+from cputune.core.errors import BuildError, ConfigError
 
 FAKE = Path(__file__).parent / "fixtures" / "fake_llama"
 # A real system_info line of this pinned llama.cpp on an AVX2-only EPYC (this CI machine).
@@ -177,7 +177,7 @@ def test_real_build_manifest_reports_the_hosts_features(real_build):
 
 
 def test_python_binding_loads_the_tuned_library(real_build):
-    from cputune import binding
+    from cputune.engine import binding
 
     info = binding.probe_binding()
     assert info["version"] == build.pinned_version()

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from cputune import synth
-from cputune.catalog import CatalogModel, catalog_model, catalog_profile, catalog_tensors, load_catalog
-from cputune.errors import ConfigError, ModelError
-from cputune.gguf_model import kv_bytes_per_token, read_raw
-from cputune.quant_rules import (
+from cputune.model import synth
+from cputune.model.catalog import CatalogModel, catalog_model, catalog_profile, catalog_tensors, load_catalog
+from cputune.core.errors import ConfigError, ModelError
+from cputune.model.gguf_model import kv_bytes_per_token, read_raw
+from cputune.model.quant_rules import (
     OTHER, ATTENTION_KV_B, QuantModel, allows_quantization, category, fallback, preset_types, presets,
     quant_model, tensor_type, tensor_types, use_more_bits,
 )

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from cputune.cli import CputuneGroup, cli
-from cputune.errors import ConfigError, EngineError, ModelError, NetworkError
+from cputune.core.errors import ConfigError, EngineError, ModelError, NetworkError
 
 
 def all_commands():
@@ -113,7 +113,7 @@ main()
 SIGNAL_IN_COMMAND = """
 import os, signal, sys
 sys.argv = ["cputune", "plan", "--json"]
-from cputune import selector
+from cputune.predict import selector
 def plan(*args, **kwargs):
     os.kill(os.getpid(), signal.{sig})
     raise AssertionError("the signal did not arrive")
@@ -136,7 +136,7 @@ def test_a_signal_anywhere_is_one_line_and_128_plus_its_number(script, sig, code
 
 
 def test_ctrl_c_in_a_command_under_clirunner_is_130(monkeypatch):
-    from cputune import selector
+    from cputune.predict import selector
 
     def plan(*args, **kwargs):
         raise KeyboardInterrupt

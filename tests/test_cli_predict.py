@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cputune import calibrate, probe
+from cputune.machine import probe
+from cputune.predict import calibrate
 from cputune.cli import cli
-from cputune.gguf_model import read_model
+from cputune.model.gguf_model import read_model
 
 
 def run(args, **kw):
@@ -127,7 +128,7 @@ def test_measure_keeps_every_run_of_every_sweep_and_fits_the_best(tiny_models, l
 def test_a_named_recipe_predicts_from_its_published_types():
     """`--quant ud-q2_k_xl` is unsloth's mix (configs/quant_recipes.toml), not a preset: its size
     is the recipe's published one, and its name is what predict reports."""
-    from cputune import catalog, recipes
+    from cputune.model import catalog, recipes
 
     r = run(["predict", "-m", "deepseek-r1", "-q", "ud-q2_k_xl", "--hardware", "epyc-9655-2s", "--json"])
     assert r.exit_code == 0, r.output

@@ -6,7 +6,7 @@ import re
 import shlex
 from pathlib import Path
 
-from cputune import build
+from cputune.engine import build
 from cputune.cli import cli
 
 ROOT = Path(__file__).parent.parent

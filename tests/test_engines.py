@@ -17,13 +17,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cputune import build, engine_args, launch
+from cputune.core import launch
+from cputune.engine import build, engine_args
 from cputune.cli import cli
-from cputune.errors import ConfigError, EngineError, ProcessFailed
-from cputune.gguf_model import read_model
-from cputune.memory import HugepagePool
-from cputune.probe import memory_from_topology
-from cputune.topology import discover_topology
+from cputune.core.errors import ConfigError, EngineError, ProcessFailed
+from cputune.model.gguf_model import read_model
+from cputune.machine.memory import HugepagePool
+from cputune.machine.probe import memory_from_topology
+from cputune.machine.topology import discover_topology
 
 FAKE_IK = Path(__file__).parent / "fixtures" / "fake_ik_llama"
 IK = "ik_llama"
@@ -272,7 +273,7 @@ def test_build_command_on_the_ik_stand_in(tmp_path, monkeypatch):
     args = ["build", "--engine", IK, "--source", str(FAKE_IK), "--target-cpu", "avx2", "--json"]
     r = CliRunner().invoke(cli, args, catch_exceptions=False)
     doc = json.loads(r.stdout)
-    assert doc["schema"] == "cputune.build/1" and doc["python_binding"] is None
+    assert doc["schema"] == "cputune.engine.build/1" and doc["python_binding"] is None
     assert doc["build"]["engine"] == IK and doc["build"]["features"]["AVX2"] == 1
     assert doc["flags"]["llama-bench"]["mla"] == "-mla"
     assert "building ik_llama.cpp (avx2)" in r.stderr

@@ -6,11 +6,11 @@ import dataclasses
 
 import pytest
 
-from cputune import bandwidth, findings as fd
-from cputune.bandwidth import BandwidthSummary
-from cputune.memory import Dimm, MemoryInfo, NodeMemory, parse_memory_spec
-from cputune.peak import peak_bandwidth
-from cputune.topology import NumaNode, build_topology
+from cputune.machine import bandwidth, findings as fd
+from cputune.machine.bandwidth import BandwidthSummary
+from cputune.machine.memory import Dimm, MemoryInfo, NodeMemory, parse_memory_spec
+from cputune.machine.peak import peak_bandwidth
+from cputune.machine.topology import NumaNode, build_topology
 
 GIB = 1 << 30
 

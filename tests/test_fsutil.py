@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from cputune import fsutil, synth
-from cputune.errors import ConfigError, WriteError
-from cputune.fsutil import atomic_write_text, clean_stale, scratch_dir, scratch_file
+from cputune.core import fsutil
+from cputune.model import synth
+from cputune.core.errors import ConfigError, WriteError
+from cputune.core.fsutil import atomic_write_text, clean_stale, scratch_dir, scratch_file
 from helpers import children, running
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,7 +191,7 @@ def test_scratch_file_and_dir_are_removed_on_ctrl_c(tmp_path):
 KILLED_WRITER = """
 import os, signal, sys
 from pathlib import Path
-from cputune import fsutil
+from cputune.core import fsutil
 with fsutil.scratch_file(Path(sys.argv[1])) as tmp:
     tmp.write_bytes(b"26 MB of q4_k_m, pretend")
     os.kill(os.getpid(), signal.SIGKILL)  # no finally runs
@@ -217,7 +218,7 @@ exec sleep 60
 
 SLOW_QUANTIZE = """
 import sys
-from cputune import synth
+from cputune.model import synth
 synth.quantize(sys.argv[1], sys.argv[2], "Q4_K_M", sys.argv[3])
 """
 

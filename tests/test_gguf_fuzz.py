@@ -1,7 +1,7 @@
 """A GGUF header is untrusted input: corrupt variants of real synth models end in a GGUFError or a
 sane profile, never another exception, a hang or a big allocation (issue 13).
 
-The corpus is made here from the f16 files cputune.synth writes: truncations at every structural
+The corpus is made here from the f16 files cputune.model.synth writes: truncations at every structural
 boundary, seeded byte flips, metadata of the wrong type, nested arrays and absurd counts. The
 reader never touches tensor data, so each variant is its (modified) header with the data section
 left as a hole (a sparse file): a thousand variants cost a few MB of disk.
@@ -27,11 +27,12 @@ import pytest
 from shapes import TINY_DS2, TINY_LLAMA
 from gguf import GGUFReader
 
-from cputune import calibrate, modelfiles, synth
-from cputune import gguf_model as gm
-from cputune.errors import CputuneError, GGUFError
-from cputune.box import default_settings
-from cputune.predictor import MachineBandwidth, predict
+from cputune.model import modelfiles, synth
+from cputune.predict import calibrate
+from cputune.model import gguf_model as gm
+from cputune.core.errors import CputuneError, GGUFError
+from cputune.predict.box import default_settings
+from cputune.predict.predictor import MachineBandwidth, predict
 
 U8, I32, U32, F32, BOOL, STRING, ARRAY, U64, F64 = 0, 5, 4, 6, 7, 8, 9, 10, 12
 BOX = MachineBandwidth("fuzz", 1, 1, 8, 60.0, 15.0, 1.0, 64 << 30)

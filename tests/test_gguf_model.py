@@ -8,10 +8,10 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from cputune import gguf_model as gm
-from cputune import synth
+from cputune.model import gguf_model as gm
+from cputune.model import synth
 from cputune.cli import cli
-from cputune.errors import GGUFError
+from cputune.core.errors import GGUFError
 
 F16, F32, Q8_0 = 1, 0, 8
 DS = synth.Shape("deepseek2", n_layer=4, n_embd=256, n_ff=512, n_dense_lead=1, n_expert=8,

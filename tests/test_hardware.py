@@ -6,10 +6,10 @@ import statistics
 
 import pytest
 
-from cputune import calibrate, hardware, published
-from cputune.box import numa_decision, resolve_box
-from cputune.errors import ConfigError
-from cputune.predictor import Settings, predict
+from cputune.predict import calibrate, hardware, published
+from cputune.predict.box import numa_decision, resolve_box
+from cputune.core.errors import ConfigError
+from cputune.predict.predictor import Settings, predict
 
 
 def test_every_shipped_profile_loads_and_the_reference_box_is_there():
@@ -140,7 +140,7 @@ def test_error_band_is_the_central_quantiles_of_measured_over_predicted():
 def test_reference_box_r1_prediction_is_in_the_published_range():
     """R1 Q4_K on one 12-channel socket: the published single-socket runs are 8.5-10 t/s."""
     box = resolve_box("epyc-9655-2s")
-    from cputune.catalog import catalog_profile
+    from cputune.model.catalog import catalog_profile
     m = catalog_profile("deepseek-r1", "Q4_K_M")
     p = predict(m, box.machine, Settings(threads=96), box.calibration)
     assert 6 <= p.tg_tokens_per_s <= 14

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from cputune import gguf_model as gm
-from cputune.data import load_csv
+from cputune.model import gguf_model as gm
+from cputune.core.data import load_csv
 
 F16, Q8_0 = 1, 8
 IQ4_KS, IQ2_K, IQ2_KS, Q8_K_R8, I2_S = 144, 137, 145, 399, 36  # ik_llama.cpp ggml.h enum ggml_type

@@ -13,12 +13,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cputune import checks, hardware, probe, tune, units
-from cputune.bandwidth import BandwidthSummary
+from cputune.core import checks, units
+from cputune.engine import tune
+from cputune.machine import probe
+from cputune.predict import hardware
+from cputune.machine.bandwidth import BandwidthSummary
 from cputune.cli import cli
-from cputune.errors import ConfigError
-from cputune.jsonio import from_plain
-from cputune.memory import parse_memory_spec
+from cputune.core.errors import ConfigError
+from cputune.core.jsonio import from_plain
+from cputune.machine.memory import parse_memory_spec
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EPYC_9654_XML = FIXTURES / "hwloc" / "AMD-19h-Zen4-2xEpyc-9654.xml"
@@ -428,7 +431,7 @@ def test_a_depth_beyond_the_trained_context_is_refused_naming_n_ctx_train():
 
 
 def test_bench_and_tune_count_the_test_tokens_with_the_depth():
-    from cputune.catalog import catalog_profile
+    from cputune.model.catalog import catalog_profile
     from cputune.cli import check_test_context
 
     prof = catalog_profile("deepseek-r1", "q4_k_m")

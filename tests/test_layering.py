@@ -1,6 +1,8 @@
-"""Imports flow one way: cli -> commands -> predict/engine -> machine/model -> core. A test reads
-every module's imports (ast, function-level ones included, since hiding an import in a function
-does not remove the dependency) and fails on an upward import or a cycle."""
+"""Imports flow one way: cli -> commands -> predict/engine -> machine/model -> core, and the
+package's folders are those layers (cputune/core, machine, model, predict, engine, commands; the
+cli at the top). A test reads every module's imports (ast, function-level ones included, since
+hiding an import in a function does not remove the dependency) and fails on an upward import, a
+cycle, or a module outside the layers."""
 
 from __future__ import annotations
 
@@ -11,48 +13,66 @@ import cputune
 
 PACKAGE = Path(cputune.__file__).parent
 
-# The layers, lowest first. A module may import its own layer (without a cycle) and those below.
-LAYERS = {
-    "core": {"errors", "checks", "units", "data", "fsutil", "jsonio", "sysfs", "stats", "cores",
-             "numa_policy", "launch"},
-    "machine/model": {"topology", "hwloc_xml", "memory", "bandwidth", "peak", "pagecache", "findings",
-                      "probe", "gguf_model", "remote", "quant_rules", "recipes", "architectures", "catalog", "synth", "modelfiles",
-                      "resolve", "quality"},
-    "predict/engine": {"predictor", "hardware", "profile_machine", "box", "calibrate", "published", "selector", "candidates",
-                       "build", "binding", "engine_args", "llama_bench", "placement", "bench", "tune",
-                       "serve", "rpc"},
-    "commands": {"report", "report_file", "plots"},
-    "cli": {"cli", "__main__", "__init__"},
-}
-RANK = {m: i for i, (_, mods) in enumerate(LAYERS.items()) for m in mods}
-NAMES = list(LAYERS)
+# The layers, lowest first: a module may import its own layer (without a cycle) and those below.
+# machine and model are one layer (neither needs the other's answers), predict and engine another.
+LAYERS = {"core": 0, "machine": 1, "model": 1, "predict": 2, "engine": 2, "commands": 3, "cli": 4}
+NAMES = {0: "core", 1: "machine/model", 2: "predict/engine", 3: "commands", 4: "cli"}
+TOP = {"cli", "__main__", "__init__", "_bwprobe"}  # cputune/*: the cli, and the C extension (core)
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE).with_suffix("")
+    parts = [p.split(".")[0] for p in rel.parts]
+    return ".".join(parts) if parts[-1] != "__init__" or len(parts) == 1 else ".".join(parts[:-1])
+
+
+def layer_of(module: str) -> int | None:
+    first = module.split(".")[0]
+    if first == "_bwprobe":
+        return 0
+    if first in TOP:
+        return LAYERS["cli"]
+    return LAYERS.get(first) if "." in module or first in LAYERS else None
+
+
+def modules() -> dict[str, Path]:
+    out = {module_name(p): p for p in PACKAGE.rglob("*.py") if "configs" not in p.relative_to(PACKAGE).parts}
+    out.update({p.name.split(".")[0]: p for p in PACKAGE.glob("_*.so")})
+    return out
 
 
 def imports_of(path: Path) -> set[str]:
-    """The cputune modules `path` imports, at any depth of its code."""
+    """The cputune modules `path` imports (dotted below cputune), at any depth of its code."""
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "cputune":
-            parts = node.module.split(".")
-            out |= {a.name for a in node.names} if len(parts) == 1 else {parts[1]}
+            parts = node.module.split(".")[1:]
+            if not parts or parts[0] in LAYERS and len(parts) == 1:
+                out |= {".".join([*parts, a.name]) for a in node.names}
+            else:
+                out.add(".".join(parts))
         elif isinstance(node, ast.Import):
-            out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("cputune.")}
+            out |= {a.name.split(".", 1)[1] for a in node.names if a.name.startswith("cputune.")}
     return out
 
 
 def graph() -> dict[str, set[str]]:
-    mods = {p.stem for p in PACKAGE.glob("*.py")} | {p.stem.split(".")[0] for p in PACKAGE.glob("_*.so")}
-    return {p.stem: {m for m in imports_of(p) if m in mods and m != p.stem} for p in PACKAGE.glob("*.py")}
+    mods = modules()
+    return {m: {d for d in imports_of(p) if d in mods and d != m}
+            for m, p in mods.items() if p.suffix == ".py"}
 
 
-def test_every_module_has_a_layer():
-    missing = sorted(set(graph()) - set(RANK))
-    assert not missing, f"give these modules a layer in LAYERS: {missing}"
+def test_every_module_sits_in_a_layer_folder():
+    misplaced = sorted(m for m in modules() if layer_of(m) is None)
+    assert not misplaced, f"put these modules in a layer folder ({', '.join(LAYERS)}): {misplaced}"
+    top = sorted(m for m in modules() if "." not in m and m not in TOP and m not in LAYERS)
+    assert not top, f"only the cli sits at cputune/'s top: move {top} into a layer folder"
 
 
 def test_no_upward_import():
-    bad = [f"{m} ({NAMES[RANK[m]]}) imports {d} ({NAMES[RANK[d]]})"
-           for m, deps in graph().items() for d in deps if d in RANK and m in RANK and RANK[d] > RANK[m]]
+    bad = [f"{m} ({NAMES[layer_of(m)]}) imports {d} ({NAMES[layer_of(d)]})"
+           for m, deps in graph().items() for d in deps
+           if layer_of(m) is not None and layer_of(d) is not None and layer_of(d) > layer_of(m)]
     assert not bad, "\n".join(bad)
 
 
@@ -90,5 +110,11 @@ def test_no_import_cycle():
 
 def test_the_check_sees_function_level_imports(tmp_path):
     f = tmp_path / "m.py"
-    f.write_text("def f():\n    from cputune.selector import ram_needed\n    import cputune.probe\n")
-    assert imports_of(f) == {"selector", "probe"}
+    f.write_text("def f():\n    from cputune.predict.selector import ram_needed\n    import cputune.machine.probe\n"
+                 "    from cputune.core import errors, stats\n    from cputune import cli\n")
+    assert imports_of(f) == {"predict.selector", "machine.probe", "core.errors", "core.stats", "cli"}
+
+
+def test_an_upward_import_is_seen():
+    assert layer_of("core.errors") == 0 and layer_of("predict.selector") == 2 and layer_of("cli") == 4
+    assert layer_of("machine.probe") == layer_of("model.synth") == 1

@@ -49,7 +49,7 @@ def test_the_check_sees_each_import_form():
     src = ("import test_a\nimport tests.test_b as b\nfrom test_c import x\nfrom tests.test_d import y\n"
            "from tests import test_e\nfrom . import test_f\nfrom .test_g import z\nfrom conftest import w\n"
            "import helpers\nfrom helpers import xml_box\nfrom cputune import tune\nimport pytest\n"
-           "from cputune.bench import test_point\nfrom tests.helpers import check_inside\n")
+           "from cputune.engine.bench import test_point\nfrom tests.helpers import check_inside\n")
     found = sorted(n for n in _imported_modules(ast.parse(src)) if _is_test_module(n))
     assert found == ["conftest", "test_a", "test_c", "test_f", "test_g", "tests.test_b", "tests.test_d",
                      "tests.test_e"]

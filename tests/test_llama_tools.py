@@ -14,8 +14,10 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader, LlamaFileType
 
-from cputune import launch, llama_bench, synth
-from cputune.errors import ProcessFailed, describe_exit, exit_message, process_failed
+from cputune.core import launch
+from cputune.engine import llama_bench
+from cputune.model import synth
+from cputune.core.errors import ProcessFailed, describe_exit, exit_message, process_failed
 from helpers import HOST, complete, process_group, serving
 
 FIXTURES = Path(__file__).parent / "fixtures"

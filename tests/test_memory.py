@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cputune.data import load_csv
-from cputune.errors import ConfigError
-from cputune.memory import (
+from cputune.core.data import load_csv
+from cputune.core.errors import ConfigError
+from cputune.machine.memory import (
     Dimm,
     HugepagePool,
     MemorySpec,

@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-from cputune import modelfiles
-from cputune.errors import ConfigError, ModelError
-from cputune.resolve import resolve
+from cputune.model import modelfiles
+from cputune.core.errors import ConfigError, ModelError
+from cputune.model.resolve import resolve
 
 
 @pytest.fixture

@@ -8,11 +8,13 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from cputune import numa_policy, selector, tune
-from cputune.box import plan_settings, resolve_box
-from cputune.catalog import catalog_profile
+from cputune.core import numa_policy
+from cputune.engine import tune
+from cputune.predict import selector
+from cputune.predict.box import plan_settings, resolve_box
+from cputune.model.catalog import catalog_profile
 from cputune.cli import cli
-from cputune.placement import plan_placement
+from cputune.engine.placement import plan_placement
 
 GIB = 1 << 30
 
@@ -51,7 +53,7 @@ def test_predict_select_and_plan_agree(model, quant, policy):
 def test_serve_placement_and_tune_ask_the_same_rule(sysfs_tree):
     """A recorded dual-socket box (hwloc's 2x EPYC 9654 is XML; this is a 2-node sysfs tree): the
     placement's auto and tune's node:N candidate follow numa_policy.fits_one_node."""
-    from cputune.topology import discover_topology
+    from cputune.machine.topology import discover_topology
 
     t = discover_topology(root=sysfs_tree("8em64t-2s2ca2c-buggynuma"))
     nodes = [n for n in t.nodes if n.cpus]

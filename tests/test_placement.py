@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from cputune import serve
-from cputune.errors import ConfigError, EngineError
-from cputune.hwloc_xml import load_hwloc_xml
-from cputune.placement import NumaChoice, llama_visible_nodes, parse_numa, plan_placement
-from cputune.sysfs import format_cpulist
-from cputune.topology import discover_topology
+from cputune.engine import serve
+from cputune.core.errors import ConfigError, EngineError
+from cputune.machine.hwloc_xml import load_hwloc_xml
+from cputune.engine.placement import NumaChoice, llama_visible_nodes, parse_numa, plan_placement
+from cputune.core.sysfs import format_cpulist
+from cputune.machine.topology import discover_topology
 from helpers import SERVER_FLAGS, xml_box
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from cputune import calibrate
-from cputune.gguf_model import profile_from, tensor_bytes, TensorInfo
-from cputune.predictor import (Calibration, MachineBandwidth, Settings, at_read_bandwidth, predict,
+from cputune.predict import calibrate
+from cputune.model.gguf_model import profile_from, tensor_bytes, TensorInfo
+from cputune.predict.predictor import (Calibration, MachineBandwidth, Settings, at_read_bandwidth, predict,
                                read_bandwidth_gbps)
 
 GB = 1e9
@@ -203,7 +203,7 @@ def test_avx512_prefill_factor_applies_only_on_avx512():
 
 
 def test_memory_and_compute_combine_by_the_overlap_exponent():
-    from cputune.predictor import combine
+    from cputune.predict.predictor import combine
 
     assert combine(3.0, 1.0, 0) == 3.0
     assert combine(3.0, 4.0, 2) == pytest.approx(5.0)  # the 2-norm
@@ -314,7 +314,7 @@ def test_fit_tells_the_expert_prefill_efficiency_per_type():
 
 
 def test_calibration_table_shows_the_per_type_expert_efficiencies():
-    from cputune import report
+    from cputune.commands import report
     m = moe_q8()
     cal = dataclasses.replace(CAL, moe_prefill_efficiency_by_type={"Q8_0": 0.42}, elementwise_s=3e-8)
     run = calibrate.CalibrationRun(cal, (calibrate.Point(m, 1, 64, 10.0, 100.0),),

@@ -7,10 +7,10 @@ import dataclasses
 
 import pytest
 
-from cputune import calibrate
-from cputune.box import resolve_box
-from cputune.catalog import catalog_profile
-from cputune.predictor import (
+from cputune.predict import calibrate
+from cputune.predict.box import resolve_box
+from cputune.model.catalog import catalog_profile
+from cputune.predict.predictor import (
     Calibration,
     MachineBandwidth,
     Settings,

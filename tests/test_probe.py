@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cputune import bandwidth, probe
+from cputune.machine import bandwidth, probe
 from cputune.cli import cli
-from cputune.errors import ConfigError
-from cputune.hwloc_xml import load_hwloc_xml
-from cputune.topology import discover_topology
+from cputune.core.errors import ConfigError
+from cputune.machine.hwloc_xml import load_hwloc_xml
+from cputune.machine.topology import discover_topology
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EPYC_9654 = FIXTURES / "hwloc" / "AMD-19h-Zen4-2xEpyc-9654.xml"

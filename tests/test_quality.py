@@ -1,4 +1,4 @@
-"""cputune.quality: the published rows of configs/quant_quality.csv, checked, and the estimate made
+"""cputune.model.quality: the published rows of configs/quant_quality.csv, checked, and the estimate made
 from them (monotone in bits per weight, log-linear between rows, marked when extrapolated)."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from cputune import quality
-from cputune.data import config_path
-from cputune.errors import ConfigError
+from cputune.model import quality
+from cputune.core.data import config_path
+from cputune.core.errors import ConfigError
 
 ROWS = quality.quality_rows()
 FAMILIES = quality.families(ROWS)

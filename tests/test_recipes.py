@@ -7,11 +7,11 @@ from collections import Counter
 
 import pytest
 
-from cputune import catalog
-from cputune.errors import ConfigError, ModelError
-from cputune.gguf_model import tensor_bytes, type_id
-from cputune.quant_rules import QuantModel, allows_quantization, quant_model
-from cputune.recipes import (
+from cputune.model import catalog
+from cputune.core.errors import ConfigError, ModelError
+from cputune.model.gguf_model import tensor_bytes, type_id
+from cputune.model.quant_rules import QuantModel, allows_quantization, quant_model
+from cputune.model.recipes import (
     ENGINES, load_recipes, recipe, recipe_names, recipe_types, unnamed_tensors,
 )
 

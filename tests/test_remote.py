@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cputune import remote, serve, synth
+from cputune.engine import serve
+from cputune.model import remote, synth
 from cputune.cli import cli
-from cputune.errors import GGUFError, ModelError, NetworkError
-from cputune.resolve import bench_target, looks_like_path, resolve
+from cputune.core.errors import GGUFError, ModelError, NetworkError
+from cputune.model.resolve import bench_target, looks_like_path, resolve
 
 SHAPE = synth.Shape("llama", n_layer=4, n_embd=512, n_ff=1408, n_head=8, n_head_kv=4, n_vocab=4000)
 RANGE_RE = re.compile(r"^bytes=(\d+)-(\d*)$")

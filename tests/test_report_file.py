@@ -12,9 +12,10 @@ import stat
 import pytest
 from click.testing import CliRunner
 
-from cputune import report_file, tune
+from cputune.commands import report_file
+from cputune.engine import tune
 from cputune.cli import cli
-from cputune.fsutil import atomic_write_text
+from cputune.core.fsutil import atomic_write_text
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from cputune import resolve as resolver
-from cputune.errors import GGUFError, ModelError
-from cputune.resolve import looks_like_path, resolve
+from cputune.model import resolve as resolver
+from cputune.core.errors import GGUFError, ModelError
+from cputune.model.resolve import looks_like_path, resolve
 
-PACKAGE = Path(resolver.__file__).parent
+PACKAGE = Path(resolver.__file__).parent.parent  # cputune/
 
 
 @pytest.fixture
@@ -105,9 +105,10 @@ def _calls(path: Path) -> set[str]:
 def test_every_command_resolves_through_the_one_resolver():
     """No module but resolve.py decides whether --model is a path: the old is_file/exists/suffix
     tests (four versions that disagreed) must not come back in the command modules."""
-    for name in ("cli.py", "candidates.py", "serve.py", "tune.py", "calibrate.py", "bench.py"):
+    for name in ("cli.py", "predict/candidates.py", "engine/serve.py", "engine/tune.py", "predict/calibrate.py",
+                 "engine/bench.py"):
         src = (PACKAGE / name).read_text()
         assert "Path(model).expanduser()" not in src, name
         assert "Path(req.model).expanduser()" not in src, name
-    assert "resolve" in _calls(PACKAGE / "cli.py") | _calls(PACKAGE / "candidates.py")
-    assert "resolve" in _calls(PACKAGE / "serve.py")
+    assert "resolve" in _calls(PACKAGE / "cli.py") | _calls(PACKAGE / "predict/candidates.py")
+    assert "resolve" in _calls(PACKAGE / "engine/serve.py")

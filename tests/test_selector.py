@@ -12,21 +12,21 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cputune import candidates, hardware, selector
-from cputune.box import resolve_box
-from cputune.catalog import catalog_profile, load_catalog
+from cputune.predict import candidates, hardware, selector
+from cputune.predict.box import resolve_box
+from cputune.model.catalog import catalog_profile, load_catalog
 from cputune.cli import cli
-from cputune.errors import ConfigError
-from cputune.gguf_model import read_model
-from cputune.memory import HugepagePool, MemoryInfo, NodeMemory
-from cputune.predictor import (
+from cputune.core.errors import ConfigError
+from cputune.model.gguf_model import read_model
+from cputune.machine.memory import HugepagePool, MemoryInfo, NodeMemory
+from cputune.predict.predictor import (
     Calibration,
     MachineBandwidth,
     Settings,
     predict,
     read_bandwidth_gbps,
 )
-from cputune.selector import Candidate, Capacity, FitSettings, ram_needed
+from cputune.predict.selector import Candidate, Capacity, FitSettings, ram_needed
 
 GIB = 1 << 30
 CAL = Calibration(bw_efficiency=0.8, decode_gbps_per_core={"Q8_0": 15.0, "Q4_K": 10.0, "F16": 8.0},
@@ -263,7 +263,7 @@ def test_every_catalog_model_and_preset_gets_a_quality_row():
 def test_select_table_says_how_each_quality_was_made(tmp_path, monkeypatch):
     """Each quant's PPL cell is marked (none: the preset's published row, ≈ interpolated, ? extrapolated)
     and the next cell says how, from how many rows of which family; --json carries the same fields."""
-    from cputune import report
+    from cputune.commands import report
 
     monkeypatch.setattr(report.out, "width", 250)  # each cell on one line
     empty = tmp_path / "m"
@@ -291,7 +291,7 @@ def test_select_table_says_how_each_quality_was_made(tmp_path, monkeypatch):
 
 
 def test_plan_table_marks_estimates(monkeypatch):
-    from cputune import report
+    from cputune.commands import report
 
     monkeypatch.setattr(report.out, "width", 250)
     r = run("plan", "--model", "deepseek-r1", "--hardware", "epyc-9655-2s")
@@ -379,7 +379,7 @@ def test_split_files_are_one_model(folder, tiny_split):
 
 
 def read_model_first_shard_only(path: Path) -> int:
-    from cputune.gguf_model import read_raw
+    from cputune.model.gguf_model import read_raw
 
     return sum(t.n_bytes or 0 for t in read_raw(path).tensors)
 
@@ -495,8 +495,8 @@ def test_unknown_names_are_one_line_errors_listing_what_exists(tmp_path, args, m
 
 
 def test_select_on_this_box_reads_the_probe_and_its_hugepage_pools(tmp_path, monkeypatch, tiny_models):
-    from cputune import probe
-    from cputune.bandwidth import BandwidthSummary
+    from cputune.machine import probe
+    from cputune.machine.bandwidth import BandwidthSummary
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     xml = Path(__file__).parent / "fixtures" / "hwloc" / "AMD-19h-Zen4-2xEpyc-9654.xml"

@@ -17,13 +17,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cputune import launch, pagecache, rpc, serve
+from cputune.core import launch
+from cputune.engine import rpc, serve
+from cputune.machine import pagecache
 from cputune.cli import cli
-from cputune.errors import ConfigError, EngineError, NetworkError
-from cputune.placement import plan_placement
-from cputune.rpc import Endpoint, LayerSplit
-from cputune.selector import RamNeed
-from cputune.topology import discover_topology
+from cputune.core.errors import ConfigError, EngineError, NetworkError
+from cputune.engine.placement import plan_placement
+from cputune.engine.rpc import Endpoint, LayerSplit
+from cputune.predict.selector import RamNeed
+from cputune.machine.topology import discover_topology
 from helpers import children
 
 ROOT = Path(__file__).parent.parent
@@ -310,8 +312,8 @@ def test_node_available_bytes_sums_free_and_reclaimable(tmp_path):
 
 
 def test_memory_notes_hugepages_thp_and_mlock(monkeypatch):
-    from cputune.memory import HugepagePool
-    from cputune.probe import memory_from_topology
+    from cputune.machine.memory import HugepagePool
+    from cputune.machine.probe import memory_from_topology
     base = memory_from_topology(one_node_topology(), "test")
     mem = replace(base, thp_enabled="madvise",
                   hugepages=(HugepagePool(None, 2 * MiB, 1024, 1024), HugepagePool(0, 2 * MiB, 1024, 1024)))
@@ -375,7 +377,7 @@ def test_dry_run_json(llama_models):
                "--port", "18080", "--dry-run", "--json", "--", "-np", "1", catch_exceptions=False)
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    assert doc["schema"] == "cputune.serve/1" and doc["cputune_version"]
+    assert doc["schema"] == "cputune.engine.serve/1" and doc["cputune_version"]
     p = doc["plan"]
     assert p["model_path"].endswith("llama-q8_0.gguf") and p["quant"] == "Q8_0"
     assert p["argv"][-2:] == ["-np", "1"] and doc["command"].endswith("--metrics -np 1")
@@ -416,7 +418,7 @@ def test_render_plan_with_page_cache_and_workers(llama_models, tmp_path, capsys,
     assert p.split is not None and p.memory.boxes[1].name == "10.0.0.2:50052"
     assert any(w.startswith("OMP_PROC_BIND=close pins OpenMP threads") for w in p.warnings)
     verdict = pagecache.judge([sample({0: 80})], [1], spread=False)
-    from cputune import report
+    from cputune.commands import report
     report.render_serve_plan(replace(p, page_cache=verdict))
     out = capsys.readouterr().out
     assert "page cache: 80% of the model cached (node 0: 80 of 100 sampled pages), 80% on the wrong node" in out

@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from cputune import stats
+from cputune.core import stats
 
 
 def test_one_run_has_no_sigma_and_says_so():

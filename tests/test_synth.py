@@ -10,8 +10,8 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader, LlamaFileType
 
-from cputune import synth
-from cputune.errors import ConfigError, ProcessFailed
+from cputune.model import synth
+from cputune.core.errors import ConfigError, ProcessFailed
 
 TINY_LLAMA = synth.Shape("llama", n_layer=2, n_embd=256, n_ff=768, n_head=4, n_head_kv=2, n_vocab=512, ctx=2048)
 TINY_DS2 = synth.Shape("deepseek2", 

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from cputune.errors import TopologyError
-from cputune.hwloc_xml import load_hwloc_xml, parse_hwloc_bitmap
-from cputune.memory import HugepagePool, discover_memory
-from cputune.report import plain
-from cputune.sysfs import parse_cpulist
-from cputune.topology import (
+from cputune.core.errors import TopologyError
+from cputune.machine.hwloc_xml import load_hwloc_xml, parse_hwloc_bitmap
+from cputune.machine.memory import HugepagePool, discover_memory
+from cputune.commands.report import plain
+from cputune.core.sysfs import parse_cpulist
+from cputune.machine.topology import (
     NumaNode,
     Topology,
     discover_topology,

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cputune import launch, serve, tune
-from cputune.build import load_engine
+from cputune.core import launch
+from cputune.engine import serve, tune
+from cputune.engine.build import load_engine
 from cputune.cli import cli
-from cputune.errors import ConfigError, ProcessFailed
-from cputune.gguf_model import read_model
-from cputune.topology import discover_topology
+from cputune.core.errors import ConfigError, ProcessFailed
+from cputune.model.gguf_model import read_model
+from cputune.machine.topology import discover_topology
 from helpers import SERVER_FLAGS, xml_box
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -26,7 +27,7 @@ GiB = 1 << 30
 # ---- defaults and the search space ---------------------------------------------------------------
 
 def test_defaults_are_read_from_the_builds_help(llama_bin_dir):
-    from cputune import llama_bench
+    from cputune.engine import llama_bench
 
     d = tune.defaults_from_help(llama_bench.help_text(llama_bin_dir / "llama-bench"), cores=2)
     assert (d.n_batch, d.n_ubatch, d.flash_attn, d.repack, d.cache_type, d.numa) == \
@@ -273,7 +274,7 @@ def test_tune_runs_llama_bench_and_saves_what_serve_reads(probed, tiny_models):
     r = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    assert doc["schema"] == "cputune.tune/1"
+    assert doc["schema"] == "cputune.engine.tune/1"
     res = {x["kind"]: x for x in doc["result"]["results"]}
     assert set(res) == {"tg", "pp"} and res["tg"]["test"] == "tg8" and res["pp"]["test"] == "pp32"
     for x in res.values():

@@ -1,0 +1,1 @@
+"""The ground floor: errors, checks, units, data files, atomic writes, JSON, sysfs, statistics, core families, the NUMA rule, subprocess launching."""

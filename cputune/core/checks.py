@@ -1,0 +1,79 @@
+"""One checker for values read from files and flags (type, finite, range), so every bad value is
+refused in the same words: `<name> must be <what is allowed>, not <value>`.
+
+A leaf beside errors.py: hardware TOMLs, the saved JSON documents and the CLI's option types all
+call it, and none of them has to know the others' wording.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+from cputune.core.errors import ConfigError
+
+# The most threads any option or saved setting may name: 8x ggml's own affinity-mask size
+# (GGML_MAX_N_THREADS = 512, ggml/include/ggml.h), room for a box being planned, not a typo's 100000.
+MAX_THREADS = 4096
+# The most tokens a context, depth or test may hold: 2^24 = 16.8M, above the longest trained
+# context published (Llama 4 Scout, 10M).
+MAX_TOKENS = 1 << 24
+
+
+def shown(value: Any, limit: int = 40) -> str:
+    """A value as the message quotes it: repr, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def range_text(lo: float | None, hi: float | None, *, integer: bool = False, lo_open: bool = False) -> str:
+    """'a whole number from 1 to 32', 'a number above 0 and at most 10000', 'a finite number'."""
+    kind = "a whole number" if integer else "a number"
+    if lo is not None and hi is not None and not lo_open:
+        return f"{kind} from {lo:g} to {hi:g}"
+    parts = []
+    if lo is not None:
+        parts.append(f"above {lo:g}" if lo_open else f"at least {lo:g}")
+    if hi is not None:
+        parts.append(f"at most {hi:g}")
+    return f"{kind} " + " and ".join(parts) if parts else ("a whole number" if integer else "a finite number")
+
+
+def finite(value: Any) -> bool:
+    """A real number that is not NaN or infinite (a bool is not a number)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def number(value: Any, name: str, lo: float | None = None, hi: float | None = None, *,
+           integer: bool = False, lo_open: bool = False, hint: str | None = None) -> int | float:
+    """`value` when it is a number (a bool is not one), finite, whole if `integer`, and within
+    [lo, hi] (lo excluded with lo_open); else a ConfigError naming `name` and the range."""
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    real = whole or isinstance(value, float)
+    ok = (whole if integer else real) and (whole or math.isfinite(value))
+    if ok:
+        ok = ((lo is None or (value > lo if lo_open else value >= lo)) and (hi is None or value <= hi))
+    if not ok:
+        raise ConfigError(f"{name} must be {range_text(lo, hi, integer=integer, lo_open=lo_open)}, "
+                          f"not {shown(value)}", hint=hint)
+    return float(value) if not integer else value
+
+
+def text(value: Any, name: str, choices: Iterable[str] | None = None, *, hint: str | None = None) -> str:
+    """`value` when it is a string (and one of `choices`, if given)."""
+    options = tuple(choices) if choices is not None else None
+    if not isinstance(value, str) or (options is not None and value not in options):
+        what = "one of " + ", ".join(options) if options is not None else "a string"
+        raise ConfigError(f"{name} must be {what}, not {shown(value)}", hint=hint)
+    return value
+
+
+def text_list(value: Any, name: str, choices: Iterable[str] | None = None, *,
+              hint: str | None = None) -> tuple[str, ...]:
+    """A list of strings (each one of `choices`, if given) as a tuple. A bare string is refused
+    rather than read letter by letter."""
+    options = tuple(choices) if choices is not None else None
+    if not isinstance(value, (list, tuple)):
+        what = "a list of strings" + (f" from: {', '.join(options)}" if options else "")
+        raise ConfigError(f"{name} must be {what}, not {shown(value)}", hint=hint)
+    return tuple(text(v, f"{name}[{i}]", options, hint=hint) for i, v in enumerate(value))

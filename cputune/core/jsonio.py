@@ -1,0 +1,144 @@
+"""Dataclasses to JSON-ready values, and JSON documents written atomically.
+
+Below report.py so that library modules (probe's machine profile, tune's results) can save
+documents without importing the rendering layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from cputune import __version__
+from cputune.core.checks import shown
+from cputune.core.errors import ConfigError
+from cputune.core.fsutil import atomic_write_text
+
+
+def plain(obj: Any) -> Any:
+    """Dataclasses, paths and tuples -> JSON-ready values (field names kept, as asdict does)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+_KINDS = {bool: "true or false", int: "a whole number", float: "a finite number", str: "a string",
+          Path: "a path (a string)"}
+
+
+def _wrong(where: str, what: str, value: Any) -> ConfigError:
+    return ConfigError(f"field {where or '(top)'} must be {what}, not {shown(value)}")
+
+
+def _scalar(tp: type, value: Any, where: str) -> Any:
+    # JSON has one number type: an int field takes only whole numbers, a float field any finite
+    # number (json.loads reads NaN and Infinity; plain() never writes them). bool is not an int.
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (str, Path) and isinstance(value, str):
+        return tp(value)
+    if tp is bool and isinstance(value, bool):
+        return value
+    raise _wrong(where, _KINDS[tp], value)
+
+
+def _key(tp: Any, key: str, where: str) -> Any:
+    """A dict key: JSON keys are strings, so an int key is its digits."""
+    if tp is int:
+        try:
+            return int(key)
+        except ValueError:
+            raise ConfigError(f"field {where} has the key {shown(key)}, not a whole number") from None
+    return from_plain(tp, key, where)
+
+
+def from_plain(tp: Any, value: Any, where: str = "") -> Any:
+    """The inverse of plain() for annotated dataclasses: rebuilds nested dataclasses, tuples,
+    dicts with int keys and optionals from their JSON values, checking each value's type on the
+    way. A ConfigError names the field path (`inventory.topology.nodes[2].id`) and its type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return from_plain(a, value, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if len(errors) == 1 else _wrong(where, " or ".join(_describe(a) for a in args), value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _wrong(where, f"an object ({tp.__name__})", value)
+        hints = typing.get_type_hints(tp)
+        kwargs = {}
+        for f in dataclasses.fields(tp):
+            path = f"{where}.{f.name}" if where else f.name
+            if f.name in value:
+                kwargs[f.name] = from_plain(hints[f.name], value[f.name], path)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"field {path} is missing")
+        return tp(**kwargs)
+    if origin in (tuple, list):
+        if not isinstance(value, list):
+            raise _wrong(where, "a list", value)
+        if origin is list or (len(args) == 2 and args[1] is Ellipsis):
+            items = [from_plain(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+            return items if origin is list else tuple(items)
+        if len(value) != len(args):
+            raise _wrong(where, f"a list of {len(args)}", value)
+        return tuple(from_plain(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _wrong(where, "an object", value)
+        return {_key(args[0], k, where): from_plain(args[1], v, f"{where}[{k!r}]") for k, v in value.items()}
+    if tp in _KINDS:
+        return _scalar(tp, value, where)
+    return value
+
+
+def _describe(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    return _KINDS.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def document(schema: str, **payload: Any) -> dict:
+    return {"cputune_version": __version__, "schema": schema, **plain(payload)}
+
+
+def write_json(path: Path | str, doc: dict) -> None:
+    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+
+
+def read_json(path: Path | str, schema: str | None = None) -> dict:
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {path}: {e}",
+                          hint="delete it and create it again") from None
+    if schema and (not isinstance(doc, dict) or doc.get("schema") != schema):
+        raise ConfigError(f"{path} is not a {schema} document",
+                          hint="delete it and create it again") from None
+    return doc

@@ -1,0 +1,1 @@
+"""The box: topology, memory, bandwidth, the probe and its findings."""

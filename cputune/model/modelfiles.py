@@ -1,0 +1,97 @@
+"""The GGUF files a builder has: where the models folder is, what is in it, which file a quant names.
+
+select, serve and bench all resolve `--quant q8_0 [--model NAME]` here, so they agree on which
+file that is. Split files count as one model; the quant comes from the header's file type.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from cputune.core.errors import ConfigError, CputuneError
+from cputune.model.gguf_model import SPLIT_RE, ModelProfile, read_model
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ENV_VAR = "CPUTUNE_MODELS_DIR"
+DEFAULT_DIR = Path.home() / "models"
+
+
+def config_file() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "cputune" / "config.toml"
+
+
+def models_dir(option: Path | str | None = None) -> Path:
+    """--models-dir, else $CPUTUNE_MODELS_DIR, else `models_dir` in ~/.config/cputune/config.toml,
+    else ~/models."""
+    if option:
+        return Path(option).expanduser()
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR]).expanduser()
+    cfg = config_file()
+    if cfg.is_file():
+        try:
+            value = tomllib.loads(cfg.read_text()).get("models_dir")
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{cfg}: not valid TOML ({e})") from None
+        if value:
+            return Path(value).expanduser()
+    return DEFAULT_DIR
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFile:
+    """One model on disk: its first shard, how many shards, and its header's profile."""
+
+    path: Path  # a remote.Url (a str with .name) for a model read over HTTP: resolve.model_file
+    n_shards: int
+    quant: str  # llama-quantize preset name as the header records it (Q4_K_M, Q8_0, F16 ...)
+    profile: ModelProfile
+
+    @property
+    def label(self) -> str:
+        return self.path.name if self.n_shards == 1 else f"{self.path.name} (+{self.n_shards - 1} shards)"
+
+
+def normalize(name: str) -> str:
+    """q4_k_m, Q4-K-M and q4km all name the same quant."""
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def scan(folder: Path) -> tuple[list[ModelFile], list[str]]:
+    """Every model under `folder` (first shards only), and one line per file that could not be read."""
+    if not folder.is_dir():
+        raise ConfigError(f"models folder {folder} does not exist",
+                          hint=f"pass --models-dir DIR or set {ENV_VAR}")
+    found, problems = [], []
+    for path in sorted(folder.rglob("*.gguf")):
+        m = SPLIT_RE.match(path.name)
+        if m and int(m.group("no")) != 1:
+            continue
+        try:
+            prof = read_model(path)
+        except CputuneError as e:
+            # "/models/x.gguf is truncated: ..." reads as "x.gguf is truncated: ..."
+            msg = e.message
+            problems.append(path.name + msg[len(str(path)):] if msg.startswith(str(path))
+                            else f"{path.name}: {msg}")
+            continue
+        except Exception as e:  # noqa: BLE001 - a reader bug must not hide the folder's other models (issue 13)
+            problems.append(f"{path.name}: cputune could not read it ({type(e).__name__}: {e}); "
+                            "please report this")
+            continue
+        found.append(ModelFile(path, prof.n_shards, prof.file_type or "unknown", prof))
+    return found, problems
+
+
+def matches_model(f: ModelFile, model: str) -> bool:
+    want = normalize(model)
+    return want in normalize(f.path.name) or want in normalize(f.profile.name or "")
