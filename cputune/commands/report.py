@@ -199,6 +199,17 @@ def _count(n: int) -> str:
     return str(n)
 
 
+def _share_table(title: str, what: str, by: dict[str, int], total: int) -> Table:
+    """Bytes by type or by role, with each one's share of the weights."""
+    t = Table(title=title, title_justify="left")
+    t.add_column(what)
+    t.add_column("bytes", justify="right")
+    t.add_column("share", justify="right")
+    for name, n in by.items():
+        t.add_row(name, _bytes(n), f"{n / total:.1%}" if total else "-")
+    return t
+
+
 def render_model(m, kv_f16: float) -> None:
     moe = (f"{m.n_expert} experts, {m.n_expert_used} used per token, {m.n_expert_shared} shared, "
            f"{m.n_dense_lead} leading dense blocks" if m.is_moe else "dense")
@@ -215,21 +226,10 @@ def render_model(m, kv_f16: float) -> None:
         ("FLOPs per token", f"{_count(m.flops_per_token)} (+ {m.attn_flops_per_ctx_token} per token of context)"),
         ("KV cache", f"{_bytes(kv_f16)} per token in f16"),
     ]))
-    t = Table(title="Weights by type", title_justify="left")
-    t.add_column("type")
-    t.add_column("bytes", justify="right")
-    t.add_column("share", justify="right")
-    for name, n in m.bytes_by_type.items():
-        t.add_row(name, _bytes(n), f"{n / m.weight_bytes:.1%}" if m.weight_bytes else "-")
-    out.print(t)
+    out.print(_share_table("Weights by type", "type", m.bytes_by_type, m.weight_bytes))
     if m.roles_from_table:
-        r = Table(title=f"Weights by role (configs/architectures/{m.arch}.toml)", title_justify="left")
-        r.add_column("role")
-        r.add_column("bytes", justify="right")
-        r.add_column("share", justify="right")
-        for name, n in m.bytes_by_role.items():
-            r.add_row(name, _bytes(n), f"{n / m.weight_bytes:.1%}" if m.weight_bytes else "-")
-        out.print(r)
+        out.print(_share_table(f"Weights by role ({m.arch} table)", "role",
+                               m.bytes_by_role, m.weight_bytes))
         if "unknown" in m.bytes_by_role:
             warn(f"some tensors of this {m.arch} file are not in cputune's table for it: the file is "
                  "a variant the table does not describe", "its bytes are counted; `--json` lists the roles")
