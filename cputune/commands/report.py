@@ -264,7 +264,9 @@ def render_prediction(model, box, settings, p, decision=None, best=None, huge=No
         rows.append(("best threads", f"-t {best[0]} for decode, -tb {best[1]} for prefill (predicted)"))
     rows += [
         ("memory needed", f"{_bytes(p.memory_needed_bytes)} (weights + KV at this depth); "
-                          f"{_bytes(m.mem_bytes)} in the box"),
+                          f"{_bytes(m.mem_bytes)} in the box"
+                          + ("; served with mmap, llama.cpp also keeps the repacked weights' "
+                             "second copy, which the NUMA rule counts" if decision is not None else "")),
         ("machine", box.source),
         ("constants", box.calibration.source),
         ("range", "80 % of runs a fit did not see fell in it: " + box.calibration.error_band_source),
