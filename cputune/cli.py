@@ -381,8 +381,10 @@ def plan_cmd(hardware_spec, model, quant, target_tps, ctx_tokens, cache_type, nu
 @click.option("--pages", type=click.Choice(("auto", "4K", "2M")), default="auto", show_default=True,
               help="What backs the weights: 4K pages (mmap'd, THP off) or 2M huge pages. auto: this "
                    "box's THP setting; huge pages for a --hardware box.")
+@click.option("--flash-attn", type=click.Choice(("on", "off")), default="on", show_default=True,
+              help="Flash attention (-fa): on is llama.cpp's CPU default and what serve runs.")
 @json_option
-def predict_cmd(model, quant, hardware, threads, numa, depth, cache_type, engine, pages, as_json):
+def predict_cmd(model, quant, hardware, threads, numa, depth, cache_type, engine, pages, flash_attn, as_json):
     """Decode and prefill tokens/s for a model on this box or a described one, the bottleneck, the
     range held-out runs fell in, and the best thread counts."""
     import shutil
@@ -404,7 +406,11 @@ def predict_cmd(model, quant, hardware, threads, numa, depth, cache_type, engine
     settings, decision = box_.plan_settings(box.machine, prof, numa, threads, depth, cache_type,
                                           numactl=box.hardware is not None or bool(shutil.which("numactl")),
                                           engine=engine, page_size=page_size)
+    settings = replace(settings, flash_attn=flash_attn == "on")
     p = predict(prof, box.machine, settings, box.calibration)
+    # At depth, the other attention path may be the faster one (GQA decodes faster without it).
+    other_fa = predict(prof, box.machine, replace(settings, flash_attn=not settings.flash_attn),
+                       box.calibration) if depth else None
     best = best_threads(prof, box.machine, settings, box.calibration)
     huge = predict(prof, box.machine, replace(settings, page_size="2M"), box.calibration) \
         if page_size == "4K" else None
@@ -416,8 +422,8 @@ def predict_cmd(model, quant, hardware, threads, numa, depth, cache_type, engine
             machine=box.machine, machine_source=box.source, calibration_source=box.calibration.source,
             range_source=box.calibration.error_band_source, settings=settings, numa=decision,
             prediction=p, best_threads={"tg": best[0], "pp": best[1]},
-            with_huge_pages=huge))
-    report.render_prediction(prof, box, settings, p, decision, best, huge)
+            with_huge_pages=huge, with_other_flash_attn=other_fa))
+    report.render_prediction(prof, box, settings, p, decision, best, huge, other_fa)
 
 
 @cli.command("calibrate")

@@ -151,3 +151,17 @@ def test_ik_only_types_need_the_ik_engine():
 def test_an_unknown_quant_names_the_recipes_published_for_the_model():
     r = run(["predict", "-m", "deepseek-r1-0528", "-q", "q4_k_xl", "--hardware", "epyc-9655-2s"])
     assert r.exit_code == 1 and "IQ2_K_R4" in r.output and "cputune inspect hf://" in r.output
+
+
+def test_predict_says_when_the_other_attention_path_is_faster_at_depth():
+    r = run(["predict", "-m", "r1-distill-llama-8b", "-q", "q4_k_m", "--hardware", "epyc-9655-2s",
+             "--depth", "16384", "--json"])
+    doc = json.loads(r.stdout)
+    assert doc["settings"]["flash_attn"] is True
+    assert doc["with_other_flash_attn"]["tg_tokens_per_s"] > doc["prediction"]["tg_tokens_per_s"]
+    text = run(["predict", "-m", "r1-distill-llama-8b", "-q", "q4_k_m", "--hardware", "epyc-9655-2s",
+                "--depth", "16384"])
+    assert "flash attention off decodes" in text.output and "-fa off" in text.output
+    off = run(["predict", "-m", "deepseek-r1", "-q", "q4_k_m", "--hardware", "epyc-9655-2s",
+               "--depth", "4096", "--flash-attn", "off"])
+    assert off.exit_code == 0 and "flash attention on decodes" in off.output  # MLA needs it on

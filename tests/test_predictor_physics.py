@@ -182,3 +182,30 @@ def test_calibrate_fits_attention_rates_from_runs_at_depth():
     assert fitted.attn_prefill_gflops_per_core == pytest.approx(25.0, rel=0.1)
     assert fitted.mla_attn_factor == pytest.approx(2.5, rel=0.15)
     assert max(abs(e) for e in calibrate.log_errors(points, small, fitted)) < 0.03
+
+
+def test_flash_attention_off_changes_only_attention_and_by_path():
+    """-fa off: GQA decode attention runs fa_off_decode_factor faster, MLA's falls back to the
+    slow decompressed path; nothing changes at depth 0 (no attention over a cache) for GQA."""
+    from dataclasses import replace as _replace
+
+    from cputune.model import catalog
+    from cputune.predict.predictor import Calibration, MachineBandwidth, Settings, predict
+
+    m = MachineBandwidth(name="box", sockets=1, nodes=1, cores=32, node_read_gbps=200.0,
+                         core_read_gbps=20.0, remote_ratio=1.0, mem_bytes=1 << 40, isa=("avx512f",))
+    cal = Calibration(bw_efficiency=0.9, decode_gbps_per_core={"Q4_K": 5.0, "Q6_K": 4.0, "F32": 8.0},
+                      prefill_gflops_per_core={"Q4_K": 50.0, "Q6_K": 40.0, "F32": 20.0},
+                      overhead_s_per_layer=1e-5, overhead_s_per_layer_thread=1e-7)
+    gqa = catalog.catalog_profile("r1-distill-llama-8b", "q4_k_m")
+    mla = catalog.catalog_profile("deepseek-r1", "q4_k_m")
+    for model in (gqa, mla):
+        at0 = Settings(threads=32)
+        assert predict(model, m, _replace(at0, flash_attn=False), cal).t_attention_s == \
+            predict(model, m, at0, cal).t_attention_s == 0.0
+    deep = Settings(threads=32, depth=8192)
+    on, off = predict(gqa, m, deep, cal), predict(gqa, m, _replace(deep, flash_attn=False), cal)
+    assert off.tg_tokens_per_s > on.tg_tokens_per_s and off.pp_tokens_per_s > on.pp_tokens_per_s
+    assert off.t_attention_s < on.t_attention_s
+    on, off = predict(mla, m, deep, cal), predict(mla, m, _replace(deep, flash_attn=False), cal)
+    assert off.tg_tokens_per_s < on.tg_tokens_per_s

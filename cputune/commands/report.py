@@ -244,7 +244,7 @@ def _range(lo: float, hi: float, digits: int) -> str:
     return f"({lo:.{digits}f}–{hi:.{digits}f})" if hi > lo else ""
 
 
-def render_prediction(model, box, settings, p, decision=None, best=None, huge=None) -> None:
+def render_prediction(model, box, settings, p, decision=None, best=None, huge=None, other_fa=None) -> None:
     m = box.machine
     numa = settings.numa + (f", {p.nodes_used} of {m.nodes} nodes" if m.nodes > 1 else "")
     rows = [
@@ -256,7 +256,8 @@ def render_prediction(model, box, settings, p, decision=None, best=None, huge=No
         ("per token", f"memory {p.t_memory_s * 1e3:.2f} ms, compute {p.t_compute_s * 1e3:.2f} ms "
                       f"(attention {p.t_attention_s * 1e3:.2f}), fixed {p.t_overhead_s * 1e3:.2f} ms"),
         ("settings", f"{settings.engine}, {settings.threads} threads, numa {numa}, depth {settings.depth}, "
-                     f"KV cache {settings.cache_type}, {settings.page_size} pages"),
+                     f"KV cache {settings.cache_type}, {settings.page_size} pages, "
+                     f"flash attention {'on' if settings.flash_attn else 'off'}"),
     ]
     if decision is not None:
         rows.append(("why this numa", decision.reason))
@@ -274,6 +275,12 @@ def render_prediction(model, box, settings, p, decision=None, best=None, huge=No
     out.print(kv_table(f"{model.name or model.path} on {m.name}", rows))
     for note in (*(decision.notes if decision is not None else ()), *p.notes):
         warn(note)
+    if other_fa is not None and other_fa.tg_tokens_per_s > p.tg_tokens_per_s * 1.05:
+        now, other = ("on", "off") if settings.flash_attn else ("off", "on")
+        warn(f"at depth {settings.depth}, flash attention {other} decodes {other_fa.tg_tokens_per_s:.2f} "
+             f"tokens/s (+{other_fa.tg_tokens_per_s / p.tg_tokens_per_s - 1:.0%}, predicted; this is -fa {now})",
+             f"serve it with `cputune serve ... -- -fa {other}` after checking with "
+             f"llama-bench -d {settings.depth} -fa 0,1")
     if huge is not None and huge.tg_tokens_per_s > p.tg_tokens_per_s * 1.02:
         warn(f"4 KiB pages: with 2 MiB huge pages this decodes {huge.tg_tokens_per_s:.2f} tokens/s "
              f"(+{huge.tg_tokens_per_s / p.tg_tokens_per_s - 1:.0%}); set transparent_hugepage to "

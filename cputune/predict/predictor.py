@@ -130,6 +130,15 @@ class Calibration:
     # are a matrix-matrix product and run this much faster per FLOP than GQA's (measured 2.7x
     # for decode and 2.6x for prefill on the same VM, synthetic deepseek2 with R1's head sizes).
     mla_attn_factor: float = 2.7
+    # Attention without flash attention (-fa off), as a factor on the rates above, which are
+    # flash attention's (llama.cpp's -fa auto turns it on for the CPU; serve passes -fa on).
+    # Measured on this project's Zen 4 VM, llama-bench -d 0,4096, 1 thread, -fa 0 vs -fa 1
+    # (benchmarks/README.md): GQA decode 1.9-2.9x faster without it (median 2.2), prefill at depth
+    # 1.6-1.8x (1.6); MLA decode 5x slower (it falls back to the decompressed K/V path, which also
+    # costs at depth 0 and is not modelled further).
+    fa_off_decode_factor: float = 2.2
+    fa_off_prefill_factor: float = 1.6
+    fa_off_mla_decode_factor: float = 0.21
     # SMT: what a sibling thread adds to its core's throughput (0: nothing, < 0: it slows the
     # core down, as llama.cpp's spin barriers and shared load ports make it on most boxes).
     smt_tg_gain: float = 0.0
@@ -173,6 +182,7 @@ class Settings:
     page_size: str = "2M"  # what backs the weights: 4K (mmap'd file, THP off) or 2M huge pages
     engine: str = "llama.cpp"
     threads_batch: int | None = None  # prefill threads (-tb), default `threads`
+    flash_attn: bool = True  # -fa on (serve's and llama.cpp's CPU default) or off
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,8 +387,12 @@ def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
     # Attention over the cache: every head's query against each cached token (for MLA, against
     # the shared latent), then the value mix; the KV bytes are small beside the FLOPs for MLA.
     mla_f = cal.mla_attn_factor if model.mla else 1.0
+    fa_tg = fa_pp = 1.0
+    if not settings.flash_attn:
+        fa_tg = cal.fa_off_mla_decode_factor if model.mla else cal.fa_off_decode_factor
+        fa_pp = cal.fa_off_prefill_factor
     t_attn_cpu = (attn_flops_at(model, settings.depth)
-                  / (w_tg * attn_f * mla_f * cal.attn_gflops_per_core * 1e9))
+                  / (w_tg * attn_f * mla_f * fa_tg * cal.attn_gflops_per_core * 1e9))
     t_attn = combine(t_kv, t_attn_cpu, cal.overlap_p) if settings.depth else 0.0
     t_ovh = (model.n_layer * (cal.overhead_s_per_layer + cal.overhead_s_per_layer_thread * threads)
              * (1 + cal.overhead_node_factor * (nodes - 1)))
@@ -411,7 +425,7 @@ def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
                          / (pp_workers * pp_f * isa_factor * nearest_rate(cal.prefill_gflops_per_core, t) * 1e9))
     # A prompt token attends to the cache before it and to the prompt tokens ahead of it.
     t_pp_attn = (attn_flops_at(model, settings.depth + n_prompt / 2)
-                 / (pp_workers * attn_f * mla_f * isa_factor * cal.attn_prefill_gflops_per_core * 1e9))
+                 / (pp_workers * attn_f * mla_f * fa_pp * isa_factor * cal.attn_prefill_gflops_per_core * 1e9))
     t_pp_cpu += t_pp_attn
     t_pp_cpu *= 1 + cal.prefill_node_factor * (nodes - 1)
     t_pp_mem = model.weight_bytes / settings.n_ubatch / (eff_bw * 1e9)
