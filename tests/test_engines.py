@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from cputune.core import launch
-from cputune.engine import build, engine_args
+from cputune.engine import build, engine_args, llama_bench
 from cputune.cli import cli
 from cputune.core.errors import ConfigError, EngineError, ProcessFailed
 from cputune.model.gguf_model import read_model
@@ -322,9 +322,10 @@ def test_real_ik_build_reports_the_hosts_features(real_ik_build):
     ("llama-bench", "-mla"), ("llama-server", "--mla-use"), ("llama-sweep-bench", "--mla-use"),
     ("llama-quantize", "IQ4_KS"),
 ])
-def test_real_ik_programs_answer_help(real_ik_build, program, shows):
+def test_real_ik_programs_answer_help(real_ik_build, program, shows, tmp_path):
     binary = Path(real_ik_build.binaries[program])
-    p = subprocess.run([str(binary), "--help"], check=False, capture_output=True, text=True, timeout=60)
+    p = subprocess.run([str(binary), "--help"], check=False, capture_output=True, text=True, timeout=60,
+                       cwd=tmp_path)  # ik's common writes llama.log into the working directory
     # llama-bench's print_usage exits 0; llama-quantize's usage, and llama-server's and
     # llama-sweep-bench's through gpt_params_parse (common/common.cpp), exit 1.
     assert p.returncode == (0 if program == "llama-bench" else 1), p.stdout + p.stderr
@@ -421,3 +422,18 @@ def test_ik_refuses_an_mla_model_without_deepseeks_head_sizes(tiny_models, ik_mo
     assert "--engine llama.cpp" in e.value.hint
     engine_args.check_model(build.load_engine(), old)
     engine_args.check_model(build.load_engine(IK), read_model(ik_models["deepseek2"].quantized["q8_0"]))
+
+
+@pytest.mark.llama
+def test_ik_programs_leave_no_llama_log_where_cputune_runs(real_ik_build, tmp_path, monkeypatch):
+    """ik_llama.cpp's common writes llama.log into the working directory (even for --help):
+    cputune reads --help in a scratch folder and gives the server and sweep-bench a --log-file
+    in its logs folder, so the user's directory is left as it was."""
+    monkeypatch.chdir(tmp_path)
+    sweep = Path(real_ik_build.binaries["llama-sweep-bench"])
+    launch._help_text.cache_clear()
+    assert "--sweep-stride" in launch.help_text(sweep)
+    argv = llama_bench.sweep_argv(sweep, Path("m.gguf"), 2, 16, 32)
+    assert argv[argv.index("--log-file") + 1].startswith(str(launch.log_dir()))
+    assert list(tmp_path.iterdir()) == []
+

@@ -94,9 +94,9 @@ def test_old_help_has_the_old_load_flags():
 def test_live_help_is_parsed_once_per_binary_version(llama_bin_dir):
     binary = llama_bin_dir / "llama-server"
     assert launch.help_flags(binary) == NEW_FLAGS  # the fixture is this build's --help
-    before = launch._help_flags.cache_info().hits
+    before = launch._help_text.cache_info().hits
     launch.help_flags(binary)
-    assert launch._help_flags.cache_info().hits == before + 1
+    assert launch._help_text.cache_info().hits == before + 1
     assert launch.help_flags(binary.parent / "no-such-binary") == frozenset()
 
 

@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +29,15 @@ PR_SET_PDEATHSIG = 1  # include/uapi/linux/prctl.h
 
 def log_dir() -> Path:
     return cache_root() / "logs"
+
+
+def engine_log_base(program: str) -> Path:
+    """Where an engine that keeps its own log file (ik_llama.cpp's common writes llama.log into
+    the working directory unless told `--log-file BASE`, adding .log) writes it: the logs folder,
+    one file per program, replaced each run, so the user's directory is left as it was."""
+    d = log_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    return d / f"{program}-own"
 
 
 def new_log_path(program: str) -> Path:
@@ -76,24 +86,33 @@ def parse_help_flags(text: str) -> frozenset[str]:
     return frozenset(flags)
 
 
-def help_flags(binary: Path | str) -> frozenset[str]:
-    """The options this build of a llama.cpp program takes, from its --help (cached per file
-    version): flags get renamed between builds (--no-mmap became --load-mode in PR #20834)."""
+def help_text(binary: Path | str) -> str:
+    """A llama.cpp program's --help, stdout and stderr (llama-quantize prints it and exits 1),
+    cached per file version; "" when it cannot run. Run in a scratch folder: ik_llama.cpp's
+    programs write llama.log into the working directory, even for --help."""
     try:
         st = os.stat(binary)
     except OSError:
-        return frozenset()
-    return _help_flags(str(binary), st.st_mtime_ns, st.st_size)
+        return ""
+    return _help_text(os.path.abspath(binary), st.st_mtime_ns, st.st_size)
 
 
-@functools.lru_cache(maxsize=16)
-def _help_flags(binary: str, mtime_ns: int, size: int) -> frozenset[str]:
+@functools.lru_cache(maxsize=32)
+def _help_text(binary: str, mtime_ns: int, size: int) -> str:
     try:
-        p = subprocess.run([binary, "--help"], capture_output=True, text=True, errors="replace",
-                           timeout=30)
+        with tempfile.TemporaryDirectory(prefix="cputune-help-") as scratch:
+            p = subprocess.run([binary, "--help"], capture_output=True, text=True, errors="replace",
+                               timeout=60, cwd=scratch, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired):
-        return frozenset()
-    return parse_help_flags(p.stdout + p.stderr)
+        return ""
+    return p.stdout + p.stderr
+
+
+def help_flags(binary: Path | str) -> frozenset[str]:
+    """The options this build of a llama.cpp program takes, from its --help: flags get renamed
+    between builds (--no-mmap became --load-mode in PR #20834)."""
+    text = help_text(binary)
+    return parse_help_flags(text) if text else frozenset()
 
 
 def free_port(host: str = "127.0.0.1") -> int:

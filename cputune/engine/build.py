@@ -32,6 +32,7 @@ from cputune import __version__
 from cputune.core.data import load_toml
 from cputune.core.errors import BuildError, ConfigError, EngineError, ProcessFailed
 from cputune.core.fsutil import atomic_write_text, cache_root
+from cputune.core import launch
 from cputune.core.launch import help_flags
 
 MANIFEST = "manifest.json"
@@ -565,13 +566,8 @@ def host_lacks(target_cpu: str, host_flags: set[str]) -> list[str]:
 # ---- what the built programs take ---------------------------------------------------------
 
 def help_text(binary: Path) -> str:
-    """A program's --help, stdout and stderr (llama-quantize prints it and exits 1)."""
-    try:
-        p = subprocess.run([str(binary), "--help"], check=False, capture_output=True, text=True,
-                           errors="replace", timeout=60, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return p.stdout + p.stderr
+    """A program's --help, stdout and stderr (launch.help_text: the one place that runs it)."""
+    return launch.help_text(binary)
 
 
 def resolve_flags(engine: Engine | str, takes: frozenset[str]) -> dict[str, str]:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cputune.core.errors import ConfigError, EngineError, ProcessFailed, process_failed
+from cputune.core import launch
 from cputune.core.launch import die_with_parent, help_flags
 
 SWEEP_BENCH = "llama-sweep-bench"
@@ -102,21 +102,9 @@ def takes_load_mode(binary: Path | str) -> bool:
 
 
 def help_text(binary: Path | str) -> str:
-    """The binary's --help (its defaults and the flags it takes), read once per binary version."""
-    try:
-        st = os.stat(binary)
-    except OSError:
-        return ""  # run() reports the missing binary
-    return _help(str(binary), st.st_mtime_ns, st.st_size)
-
-
-@functools.lru_cache(maxsize=32)
-def _help(binary: str, mtime_ns: int, size: int) -> str:
-    try:
-        p = subprocess.run([binary, "--help"], capture_output=True, text=True, errors="replace", timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return p.stdout + p.stderr
+    """The binary's --help (its defaults and the flags it takes), read once per binary version;
+    "" for a missing binary (run() reports it)."""
+    return launch.help_text(binary)
 
 
 def depth_args(takes: frozenset[str], depth: int, n_prompt: Sequence[int],
@@ -177,6 +165,8 @@ def sweep_argv(binary: Path, model: Path, threads: int, n_prompt: int, depth: in
     argv = [str(binary), "-m", str(model), "-c", str(depth + n_prompt), "-ub", str(n_prompt),
             "-b", str(max(2048, n_prompt)), "-n", "1", "--sweep-stride", str(depth // n_prompt),
             "--output-format", "jsonl", "-t", str(threads), "-tb", str(threads)]
+    # ik's common writes llama.log into the working directory unless given a --log-file base.
+    argv += ["--log-file", str(launch.engine_log_base("ik_llama-sweep-bench"))]
     return argv + ([] if mmap else ["--no-mmap"]) + list(extra)
 
 

@@ -354,9 +354,11 @@ def check_extra_args(extra: Sequence[str]) -> None:
 
 
 def server_argv(binary: Path, flags: frozenset[str], model_path: Path, placement: Placement,
-                req: ServeRequest, split: LayerSplit | None = None) -> tuple[list[str], list[str]]:
+                req: ServeRequest, split: LayerSplit | None = None,
+                own_log: Path | None = None) -> tuple[list[str], list[str]]:
     """The llama-server command line (numactl prefix included) and warnings for flags this build
-    lacks. Only options the build's --help lists are written, except the ones every build has."""
+    lacks. Only options the build's --help lists are written, except the ones every build has.
+    `own_log`: where an engine that writes its own log file is told to (launch.engine_log_base)."""
     warnings = []
     argv = [*placement.numactl_argv, str(binary), "-m", str(model_path), "--host", req.host,
             "--port", str(req.port), "-c", str(req.ctx_tokens), "-t", str(placement.threads)]
@@ -385,6 +387,8 @@ def server_argv(binary: Path, flags: frozenset[str], model_path: Path, placement
         argv += ["--rpc", ",".join(str(e) for e in req.rpc)]
         if split is not None:
             argv += split.llama_args()
+    if own_log is not None and "--log-file" in flags and "--log-file" not in req.extra_args:
+        argv += ["--log-file", str(own_log)]
     argv += list(req.chosen_args) + list(req.tuned_args) + list(req.extra_args)
     return argv, warnings
 
@@ -541,7 +545,8 @@ def plan_serve(req: ServeRequest, root: Path | str = Path("/"), build: Build | N
                 warnings.append(verdict.warning + "; --drop-caches evicts the model's pages before "
                                 "the start (posix_fadvise, no root needed)")
 
-    argv, flag_warnings = server_argv(binary, flags, mf.path, placement, req, split)
+    own_log = launch.engine_log_base(f"{eng.name}-server") if eng.name == "ik_llama" else None
+    argv, flag_warnings = server_argv(binary, flags, mf.path, placement, req, split, own_log)
     env, env_warnings = relevant_env(os.environ)
     mem_warnings, mem_notes = memory_notes(mem, req.load_mode, need.weights_bytes,
                                            huge_pages="huge_pages" in effective)
