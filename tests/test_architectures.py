@@ -208,3 +208,18 @@ def test_inspect_gives_bytes_by_role_from_the_table(tiny):
     assert prof.roles_from_table and "unknown" not in prof.bytes_by_role
     assert sum(prof.bytes_by_role.values()) == prof.weight_bytes
     assert prof.bytes_by_role["expert"] == prof.expert_bytes
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("arch", ["gpt-oss", "qwen3moe"])
+def test_synth_sizes_a_quantized_model_by_the_quantizer_rules(tmp_path, llama_bin_dir, arch):
+    """`synth --size 24MB --quant q4_k_m` lands near 24 MB although gpt-oss's 2880-style rows
+    fall back from Q4_K to Q5_0: the size comes from llama-quantize's rules for the shape, and
+    quantized_bytes says what the real llama-quantize writes."""
+    want = 24 << 20
+    shape = synth.quantized_shape(arch, want, "Q4_K_M")
+    path = synth.make_quantized(tmp_path / f"{arch}.gguf", arch, want, "q4_k_m",
+                                llama_bin_dir / "llama-quantize", make_parents=False)
+    got = path.stat().st_size
+    assert abs(got - want) <= 0.10 * want, f"{got / want:.2f}x the asked size"
+    assert synth.quantized_bytes(shape, "Q4_K_M") == pytest.approx(got, rel=0.01)

@@ -208,7 +208,8 @@ def shape_at(arch: str, w: int, layers: int, experts: int, vocab: int) -> Shape:
 # 2: deepseek2 with DeepSeek's own MLA latent at every width (issue 16).
 # 3: shapes from configs/architectures (same shapes for llama and deepseek2; the writer's keys
 #    follow the tables).
-SHAPES_VERSION = 3
+# 4: make_quantized sizes a quantized model by llama-quantize's rules, not the preset's main type.
+SHAPES_VERSION = 4
 _WIDTHS = (256, 512, 768, 1024, 1536, 2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192)
 # LLAMA_MAX_LAYERS in src/llama-hparams.h.
 _MAX_LAYERS = 512
@@ -478,15 +479,49 @@ def quantize(src: Path | str, dst: Path | str, qtype: str, llama_quantize: Path 
     return dst
 
 
+def quantized_bytes(shape: Shape, preset: str) -> int:
+    """The file size llama-quantize `preset` makes of this shape's f16 file: every tensor at the
+    type quant_rules (its rules, transliterated) gives it, plus the f16 file's header."""
+    from cputune.model.gguf_model import tensor_bytes, type_id
+    from cputune.model.quant_rules import quant_model, tensor_types
+
+    specs = shape.tensors()
+    meta = {"general.architecture": shape.arch, **shape.metadata()}
+    layout = [(t.name, t.ne, "F32" if t.is_float32 else "F16") for t in specs]
+    types = tensor_types(layout, preset, quant_model(meta))
+    data = sum(GGUFWriter.ggml_pad(tensor_bytes(t.ne, type_id(types[t.name])) or 0, 32) for t in specs)
+    return data + estimate_bytes(shape, "f16") - sum(
+        GGUFWriter.ggml_pad(_tensor_bytes(t, GGMLQuantizationType.F16), 32) for t in specs)
+
+
+def quantized_shape(arch: str, size_bytes: int, preset: str) -> Shape:
+    """The f16 shape that llama-quantize `preset` turns into about `size_bytes`. The preset's
+    main type is a first guess: rows it cannot hold fall back to wider types (gpt-oss's 2880-wide
+    rows: Q4_K -> Q5_0) and some tensors keep more bits, so the f16 target is rescaled by the size
+    the quantizer's rules give the shape, twice at most."""
+    from cputune.model.gguf_model import bits_per_weight
+    from cputune.model.quant_rules import preset_types
+
+    p = preset_types(preset)
+    target = int(size_bytes * 16 / bits_per_weight().get(p.default_type, 8.0))
+    shape = shape_for_size(arch, target, "f16")
+    for _ in range(2):
+        got = quantized_bytes(shape, p.name)
+        if abs(got - size_bytes) <= 0.05 * size_bytes:
+            break
+        target = int(target * size_bytes / got)
+        shape = shape_for_size(arch, target, "f16")
+    return shape
+
+
 def make_quantized(out: Path | str, arch: str, size_bytes: int, quant: str,
                    llama_quantize: Path | str, seed: int = 0, make_parents: bool | None = None) -> Path:
     """A model of `arch` about `size_bytes` on disk after quantizing to `quant` (a llama-quantize
-    preset): the f16 shape is scaled by 16 / the preset's main bits per weight, written next to
-    `out`, quantized, and removed. F16/BF16 are written directly.
+    preset): the f16 shape quantized_shape picks is written next to `out`, quantized, and
+    removed. F16/BF16 are written directly.
 
     `make_parents`: create OUT's missing folder (None: only inside cputune's cache, as the twins
     are; `synth --out` names a folder that must exist)."""
-    from cputune.model.gguf_model import bits_per_weight
     from cputune.model.quant_rules import preset_types
 
     out = Path(out)
@@ -494,8 +529,7 @@ def make_quantized(out: Path | str, arch: str, size_bytes: int, quant: str,
     if preset.name in ("F16", "BF16", "F32"):
         return write_model(out, shape_for_size(arch, size_bytes, preset.name.lower()), seed,
                            preset.name.lower(), make_parents=make_parents)[0]
-    bpw = bits_per_weight().get(preset.default_type, 8.0)
-    shape = shape_for_size(arch, int(size_bytes * 16 / bpw), "f16")
+    shape = quantized_shape(arch, size_bytes, preset.name)
     fsutil.check_target(out, make_parents)  # before minutes of writing, not after
     with fsutil.scratch_dir(out.parent, out.name, make_parents=False) as tmp:
         base = write_model(tmp / "f16.gguf", shape, seed, make_parents=False)[0]
