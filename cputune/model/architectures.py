@@ -22,7 +22,7 @@ import math
 import operator
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from cputune.core.data import config_path, tomllib
 from cputune.core.errors import ConfigError
@@ -368,8 +368,16 @@ def _tensor(t: dict, where: str, layer: bool) -> TensorTemplate:
     return TensorTemplate(name, dims, role, Expr(when, w) if when else None, fill, src)
 
 
-def _literal_or_expr(v, where: str):
-    return Expr(v, where) if isinstance(v, str) else v
+def _literal_or_expr(v, where: str, what: str):
+    """A table value: a number or bool as it is, '...' a string literal, any other string an
+    expression; anything else is an error naming `what` it should have been."""
+    if isinstance(v, str) and len(v) >= 2 and v.startswith("'") and v.endswith("'"):
+        return v[1:-1]
+    if isinstance(v, str):
+        return Expr(v, where)
+    if isinstance(v, (bool, int, float)):
+        return v
+    raise ConfigError(f"{where}: {what}")
 
 
 def parse_architecture(table: dict, where: str) -> Architecture:
@@ -391,12 +399,7 @@ def parse_architecture(table: dict, where: str) -> Architecture:
         raise ConfigError(f"{where}: defaults must be a table")
     defaults: dict[str, Any] = {}
     for n, v in defaults_t.items():
-        if isinstance(v, str) and v.startswith("'") and v.endswith("'"):
-            defaults[n] = v[1:-1]  # a string-valued hyperparameter: '...' in the TOML string
-        elif isinstance(v, (bool, int, float, str)):
-            defaults[n] = _literal_or_expr(v, f"{where} defaults.{n}")
-        else:
-            raise ConfigError(f"{where}: defaults.{n} must be a number, bool or expression")
+        defaults[n] = _literal_or_expr(v, f"{where} defaults.{n}", "must be a number, bool, 'string' or expression")
     for n in ("n_layer", "n_embd", "n_vocab"):
         if n not in required:
             raise ConfigError(f"{where}: {n} must be required")
@@ -416,12 +419,7 @@ def parse_architecture(table: dict, where: str) -> Architecture:
             per_layer, gtype, v = bool(v.get("per_layer", False)), v.get("type"), v["value"]
             if gtype is not None and gtype not in _GGUF_TYPES:
                 raise ConfigError(f"{w}: type {gtype!r} is not one of {', '.join(_GGUF_TYPES)}")
-        if isinstance(v, str) and v.startswith("'") and v.endswith("'"):
-            value = v[1:-1]
-        elif isinstance(v, (bool, int, float, str)):
-            value = _literal_or_expr(v, w)
-        else:
-            raise ConfigError(f"{w}: a key's value is a number, bool, 'string' or expression")
+        value = _literal_or_expr(v, w, "a key's value is a number, bool, 'string' or expression")
         keys.append(GGUFKey(k, value, per_layer, gtype))
     parts = {}
     for part in ("head", "layer", "tail"):
@@ -503,7 +501,3 @@ def role_of(arch: str, tensor_name: str) -> str | None:
     tensor the table does not have)."""
     a = load_architectures().get(arch)
     return a.role_of(tensor_name) if a else None
-
-
-def roles_of(arch: str, names: Iterable[str]) -> dict[str, str | None]:
-    return {n: role_of(arch, n) for n in names}

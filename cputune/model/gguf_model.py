@@ -837,18 +837,17 @@ def profile_from(meta: dict, tensors: tuple[TensorInfo, ...] | list[TensorInfo],
     heads, heads_kv = heads[:n_run], heads_kv[:n_run]
     swa, n_swa = table.swa_layers(meta, n_layer) if table else ([False] * n_layer, 0)
     swa = swa[:n_run]
+    k_elems = [k_len * hk for hk in heads_kv]
     if mla:
         # MLA as llama.cpp runs it: K is the compressed latent (kv_lora + rope) with one KV head and
         # no V (the V-less cache, PR #19067); scores and the value mix work on the latent per head.
-        k_elems = [k_len * hk for hk in heads_kv]
         v_elems = [0] * n_run
-        v_lat = hp.int("attention.value_length", 1, MAX_HEAD_DIM, 0)
-        attn = sum(2 * h * (k_len + v_lat) for h in heads)
+        v_mix = hp.int("attention.value_length", 1, MAX_HEAD_DIM, 0)
     else:
-        k_elems = [k_len * hk for hk in heads_kv]
         v_elems = [v_len * hk for hk in heads_kv]
-        attn = sum(2 * h * (k_len + v_len) for h in heads)
-    per_layer_attn = [2 * h * (k_len + (v_lat if mla else v_len)) for h in heads]
+        v_mix = v_len
+    per_layer_attn = [2 * h * (k_len + v_mix) for h in heads]
+    attn = sum(per_layer_attn)
     swa_k = sum(k for k, w in zip(k_elems, swa) if w)
     swa_v = sum(v for v, w in zip(v_elems, swa) if w)
     swa_attn = sum(a for a, w in zip(per_layer_attn, swa) if w)

@@ -161,8 +161,13 @@ def estimate_bytes(shape: Shape, dtype: str = "f16") -> int:
     qtype = _ggml_type(dtype)
     specs = tensor_specs(shape)
     data = sum(GGUFWriter.ggml_pad(_tensor_bytes(t, qtype), 32) for t in specs)
+    return data + _header_bytes(shape, specs)
+
+
+def _header_bytes(shape: Shape, specs) -> int:
+    """The header synth writes: each tensor info, the vocabulary, and 4 KiB for the other keys."""
     infos = sum(8 + len(t.name) + 4 + 8 * len(t.ne) + 4 + 8 for t in specs)
-    return data + infos + _vocab_bytes(shape.n_vocab) + 4096
+    return infos + _vocab_bytes(shape.n_vocab) + 4096
 
 
 @functools.lru_cache(maxsize=None)
@@ -481,7 +486,7 @@ def quantize(src: Path | str, dst: Path | str, qtype: str, llama_quantize: Path 
 
 def quantized_bytes(shape: Shape, preset: str) -> int:
     """The file size llama-quantize `preset` makes of this shape's f16 file: every tensor at the
-    type quant_rules (its rules, transliterated) gives it, plus the f16 file's header."""
+    type quant_rules (its rules, transliterated) gives it, plus the header."""
     from cputune.model.gguf_model import tensor_bytes, type_id
     from cputune.model.quant_rules import quant_model, tensor_types
 
@@ -490,8 +495,7 @@ def quantized_bytes(shape: Shape, preset: str) -> int:
     layout = [(t.name, t.ne, "F32" if t.is_float32 else "F16") for t in specs]
     types = tensor_types(layout, preset, quant_model(meta))
     data = sum(GGUFWriter.ggml_pad(tensor_bytes(t.ne, type_id(types[t.name])) or 0, 32) for t in specs)
-    return data + estimate_bytes(shape, "f16") - sum(
-        GGUFWriter.ggml_pad(_tensor_bytes(t, GGMLQuantizationType.F16), 32) for t in specs)
+    return data + _header_bytes(shape, specs)
 
 
 def quantized_shape(arch: str, size_bytes: int, preset: str) -> Shape:
