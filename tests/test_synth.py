@@ -224,6 +224,17 @@ def test_llama_quantize(models, llama_bin_dir, tmp_path, arch, qtype, ftype, big
 
 
 @pytest.mark.llama
+def test_llama_quantize_options_reach_the_tool(models, llama_bin_dir, tmp_path):
+    """--pure (benchmarks/type_rates.py): every matrix at the one type, the output's Q6_K rule off."""
+    plain = tensors(GGUFReader(synth.quantize(models["llama"], tmp_path / "a.gguf", "Q4_K_M",
+                                              llama_bin_dir / "llama-quantize")))
+    pure = tensors(GGUFReader(synth.quantize(models["llama"], tmp_path / "b.gguf", "Q4_K_M",
+                                             llama_bin_dir / "llama-quantize", options=("--pure",))))
+    assert plain["output.weight"][1] == Q.Q6_K
+    assert {t for n, (_, t) in pure.items() if n.endswith(".weight") and not n.endswith("norm.weight")} == {Q.Q4_K}
+
+
+@pytest.mark.llama
 def test_llama_quantize_failure_is_reported(models, llama_bin_dir, tmp_path):
     with pytest.raises(ProcessFailed) as info:
         synth.quantize(models["llama"], tmp_path / "q.gguf", "NOT_A_TYPE", llama_bin_dir / "llama-quantize")

@@ -456,8 +456,10 @@ def write_model(path: Path | str, shape: Shape, seed: int = 0, dtype: str = "f16
 
 
 def quantize(src: Path | str, dst: Path | str, qtype: str, llama_quantize: Path | str,
-             threads: int | None = None, make_parents: bool | None = None) -> Path:
-    """Run `llama-quantize SRC DST TYPE [THREADS]`, writing DST atomically; qtype is a preset name such as Q4_K_M.
+             threads: int | None = None, make_parents: bool | None = None,
+             options: Sequence[str] = ()) -> Path:
+    """Run `llama-quantize [OPTIONS] SRC DST TYPE [THREADS]`, writing DST atomically; qtype is a
+    preset name such as Q4_K_M (or, with `--pure`, one ggml type for every tensor).
 
     llama-quantize writes a locked temporary file beside DST (fsutil.scratch_file), removed if it
     fails or cputune is interrupted; it dies with cputune (PR_SET_PDEATHSIG), so a killed
@@ -467,7 +469,7 @@ def quantize(src: Path | str, dst: Path | str, qtype: str, llama_quantize: Path 
 
     src, dst = Path(src), Path(dst)
     with fsutil.scratch_file(dst, make_parents) as tmp:
-        argv = [str(llama_quantize), str(src), str(tmp), qtype]
+        argv = [str(llama_quantize), *options, str(src), str(tmp), qtype]
         if threads is not None:
             argv.append(str(threads))
         try:
