@@ -209,3 +209,63 @@ def test_flash_attention_off_changes_only_attention_and_by_path():
     assert off.t_attention_s < on.t_attention_s
     on, off = predict(mla, m, deep, cal), predict(mla, m, _replace(deep, flash_attn=False), cal)
     assert off.tg_tokens_per_s < on.tg_tokens_per_s
+
+
+# --------------------------------------------------------------------------------------------
+# per-type decode cost (issue 14: low-bit i-quant mixes decode no faster than Q4_K_M on big boxes)
+
+
+def test_type_ratios_ship_for_the_recipes_ik_types_and_every_calibration_carries_them():
+    from cputune.model.gguf_model import bits_per_weight
+    from cputune.model.recipes import load_recipes
+
+    ratios = calibrate.decode_type_ratios()
+    assert set(ratios) <= set(bits_per_weight()) and all(0 < r <= 10 for r in ratios.values())
+    # Every type a shipped recipe writes has a rate: a table's or a measured ratio.
+    table = calibrate.default_calibration("published").decode_gbps_per_core
+    used = {r.type for rcps in load_recipes().values() for rcp in rcps for r in rcp.rules}
+    assert {t for t in used if t not in table} <= set(ratios)
+    assert calibrate.default_calibration("published").decode_type_ratio == ratios
+    assert calibrate.default_calibration("default").decode_type_ratio == ratios
+
+
+def test_a_type_without_a_rate_takes_its_measured_ratio_to_q4_k():
+    from cputune.predict.predictor import nearest_rate
+
+    rates = {"Q4_K": 10.0, "Q2_K": 8.0}
+    assert nearest_rate(rates, "IQ1_S_R4", per_byte=True, ratios={"IQ1_S_R4": 0.15}) == pytest.approx(1.5)
+    # Without a ratio it borrows the nearest type in bits per weight, converted through weights/s.
+    from cputune.model.gguf_model import bits_per_weight
+
+    bpw = bits_per_weight()
+    guess = nearest_rate(rates, "IQ1_S_R4", per_byte=True)
+    assert guess == pytest.approx(8.0 * bpw["IQ1_S_R4"] / bpw["Q2_K"])
+    # A type the table has keeps the table's rate.
+    assert nearest_rate(rates, "Q2_K", per_byte=True, ratios={"Q2_K": 0.1}) == 8.0
+
+
+def test_an_iq1_mix_is_no_faster_than_q4_k_m_where_decode_is_compute_bound():
+    """ubergarm's 6980P: the IQ1_S_R4 mix of R1-0528 decodes 7.4 t/s, Q4_K_M 10 (rows 1, 210);
+    its kernels unpack half Q4_K's weights per second, which the measured ratios carry."""
+    box = resolve_box("xeon-6980p-2s")
+    q4 = catalog_profile("deepseek-r1", "Q4_K_M")
+    iq1 = catalog_profile("deepseek-r1", "IQ1_S_R4", as_typed="deepseek-r1-0528")
+    s = Settings(threads=80, engine="ik_llama")
+    cal = box.calibration
+    assert iq1.active_bytes_per_token < 0.65 * q4.active_bytes_per_token
+    assert predict(iq1, box.machine, s, cal).tg_tokens_per_s <= predict(q4, box.machine, s, cal).tg_tokens_per_s
+    # Without the measured ratios the same model was predicted 1.2x faster than Q4_K_M (+42 %).
+    blind = dataclasses.replace(cal, decode_type_ratio={})
+    assert predict(iq1, box.machine, s, blind).tg_tokens_per_s > 1.1 * predict(q4, box.machine, s, blind).tg_tokens_per_s
+
+
+def test_a_bad_ratio_row_is_refused_in_one_line(monkeypatch):
+    from cputune.core.errors import ConfigError
+
+    rows = ({"type": "IQ1_S_R4", "ratio_to_q4_k": "nan"},)
+    monkeypatch.setattr(calibrate, "load_csv", lambda name: rows)
+    with pytest.raises(ConfigError, match="IQ1_S_R4"):
+        calibrate.decode_type_ratios()
+    monkeypatch.setattr(calibrate, "load_csv", lambda name: ({"type": "IQ9_Z", "ratio_to_q4_k": "0.5"},))
+    with pytest.raises(ConfigError, match="IQ9_Z"):
+        calibrate.decode_type_ratios()

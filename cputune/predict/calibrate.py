@@ -19,7 +19,7 @@ from cputune.engine import llama_bench
 from cputune.machine import bandwidth
 from cputune.model import gguf_model, synth
 from cputune.machine.bandwidth import Measurement
-from cputune.core.data import load_toml
+from cputune.core.data import load_csv, load_toml
 from cputune.core.fsutil import cache_root
 from cputune.core.errors import ConfigError
 from cputune.core.jsonio import document, from_plain, read_json, write_json
@@ -57,6 +57,24 @@ class Point:
         return at_read_bandwidth(m, self.threads, self.read_gbps) if self.read_gbps else m
 
 
+def decode_type_ratios() -> dict[str, float]:
+    """configs/decode_type_ratios.csv: each weight type's decode rate per byte over Q4_K's on
+    the same core, measured one type at a time (benchmarks/type_rates.py), each value checked."""
+    known = gguf_model.bits_per_weight()
+    out = {}
+    for r in load_csv("decode_type_ratios.csv"):
+        t, v = r.get("type") or "", r.get("ratio_to_q4_k") or ""
+        try:
+            ratio = float(v)
+        except ValueError:
+            ratio = math.nan
+        if t not in known or not 0 < ratio <= 10:
+            raise ConfigError(f"decode_type_ratios.csv: row {t!r} {v!r} is not a known ggml type with a "
+                              "ratio in (0, 10]", hint="re-run benchmarks/type_rates.py --csv")
+        out[t] = ratio
+    return out
+
+
 def calibration_from(c: dict, where: str = "calibration") -> Calibration:
     """A Calibration from a calibration.toml section or a saved calibration.json, every field
     checked for its type (jsonio.from_plain) and every rate for being positive."""
@@ -77,7 +95,9 @@ def calibration_from(c: dict, where: str = "calibration") -> Calibration:
                                   hint="re-run `cputune calibrate`")
     if not cal.decode_gbps_per_core or not cal.prefill_gflops_per_core:
         raise ConfigError(f"{where}: no per-core rates", hint="re-run `cputune calibrate`")
-    return cal
+    # The types' ratios are the kernels' and the core's, measured once and shipped: every
+    # calibration (a box's own, the published fit) reads them from the data file.
+    return replace(cal, decode_type_ratio=decode_type_ratios())
 
 
 def default_calibration(section: str = "default") -> Calibration:
@@ -413,7 +433,8 @@ def fit(points: Sequence[Point], machine: MachineBandwidth, start: Calibration,
                 "ts_pp": min(c.prefill_thread_scaling, 0.95),
                 # p = 0 means max(); a p-norm near it is a large p.
                 "p": c.overlap_p or 16.0,
-                **{f"tg:{t}": nearest_rate(c.decode_gbps_per_core, t, per_byte=True) for t in types},
+                **{f"tg:{t}": nearest_rate(c.decode_gbps_per_core, t, per_byte=True, ratios=c.decode_type_ratio)
+                   for t in types},
                 **{f"pp:{t}": nearest_rate(c.prefill_gflops_per_core, t) for t in types}}
         return [_to_x(n, vals[n]) for n in names]
 

@@ -154,6 +154,11 @@ class Calibration:
     # Prefill across NUMA nodes: each extra node spanned adds this share to the matrices' time
     # (activations and partial results cross the socket link every layer).
     prefill_node_factor: float = 0.0
+    # Decode rate of a weight type per byte relative to Q4_K's on the same core, for the types a
+    # rate table lacks (ik_llama.cpp's IQ*_K, _R4 and trellis types): measured one type at a time
+    # (configs/decode_type_ratios.csv), since a type's dequantize-and-dot cost is a property of
+    # the kernel and the core, not of the box.
+    decode_type_ratio: dict[str, float] = field(default_factory=dict)
     # Per-core rate tables of other core families ({"zen4": {"decode": {...}, "prefill": {...}}}),
     # used instead of the two tables above on a machine of that family (published.family_calibration).
     family_rates: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
@@ -207,15 +212,20 @@ class Prediction:
     pp_range: tuple[float, float] = (0.0, 0.0)
 
 
-def nearest_rate(rates: dict[str, float], type_name: str, per_byte: bool = False) -> float:
-    """A type not calibrated takes the rate of the calibrated type closest in bits per weight.
+def nearest_rate(rates: dict[str, float], type_name: str, per_byte: bool = False,
+                 ratios: dict[str, float] | None = None) -> float:
+    """A type not calibrated takes its measured ratio to Q4_K on the same core (`ratios`, decode
+    only: Calibration.decode_type_ratio), else the rate of the calibrated type closest in bits
+    per weight.
 
     `per_byte`: the rates are weight bytes per second (decode's dequantize-and-dot), so the
-    borrowed rate is converted through weights per second: a core unpacks about as many weights
-    per second of a 1.56-bit IQ1_S as of the 2.6-bit Q2_K nearest it, which is fewer bytes (a
-    low-bit file is compute-bound sooner, as published big-box runs of IQ1/IQ2 mixes show)."""
+    borrowed rate is converted through weights per second (a low-bit file is compute-bound
+    sooner). That guess is what a type without a measured ratio gets: the measured ones show
+    how wrong it can be, IQ1_S_R4 unpacks half Q4_K's weights per second, not Q2_K's 1.3x."""
     if type_name in rates:
         return rates[type_name]
+    if per_byte and ratios and type_name in ratios and "Q4_K" in rates:
+        return rates["Q4_K"] * ratios[type_name]
     bpw = bits_per_weight()
     want = bpw.get(type_name, 8.0)
     best = min(rates, key=lambda n: abs(bpw.get(n, 8.0) - want))
@@ -382,7 +392,8 @@ def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
     w_tg = workers(threads, machine.cores, cal.thread_scaling, cal.smt_tg_gain, cal.serial_share)
     experts = _expert_bytes_by_type(model, by_type, expert_tok)
     t_cpu = sum((b - experts[t] + experts[t] / cal.moe_decode_efficiency)
-                / (w_tg * tg_f * nearest_rate(cal.decode_gbps_per_core, t, per_byte=True) * 1e9)
+                / (w_tg * tg_f * nearest_rate(cal.decode_gbps_per_core, t, per_byte=True,
+                                                   ratios=cal.decode_type_ratio) * 1e9)
                 for t, b in by_type.items() if b)
     # Attention over the cache: every head's query against each cached token (for MLA, against
     # the shared latent), then the value mix; the KV bytes are small beside the FLOPs for MLA.
