@@ -182,6 +182,20 @@ def published(args) -> bool:
     bands = {k: pub.error_band([h.error for h in held if h.kind == k]) for k in ("tg", "pp")}
     for k, (lo, hi) in bands.items():
         print(f"80 % band ({k}): measured = predicted x {lo:.2f} ... {hi:.2f}")
+    # The rows no fit sees (held_out = true): a box and model apart, predicted by the fit on all.
+    apart = pub.figures(pub.load_published_runs(held_out=True), full)
+    if apart:
+        print(f"held-out box ({', '.join(sorted({r.hardware for r, *_ in apart}))}: never fitted), "
+              "predicted by the fit on all the rows above:")
+        if args.verbose:
+            print(table([(r.row, r.hardware, r.model_id, r.quant, r.engine, r.threads, r.depth, k,
+                          f"{m:.2f}", f"{p:.2f}", f"{p / m - 1:+.0%}") for r, k, p, m in apart],
+                        ("row", "hardware", "model", "quant", "engine", "thr", "depth", "test",
+                         "published", "predicted", "err")))
+        for kind, name in (("tg", "decode "), ("pp", "prefill")):
+            errs = [p / m - 1 for _, k, p, m in apart if k == kind]
+            if errs:
+                print(f"held-out box  {name}: {stats(errs)}  (signed median {statistics.median(errs):+.0%})")
     if args.toml:
         from dataclasses import replace
 

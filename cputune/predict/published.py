@@ -67,7 +67,9 @@ class PublishedRun:
                         engine=ENGINE_OF_ROW[self.engine], threads_batch=self.threads_batch)
 
 
-def load_published_runs() -> list[PublishedRun]:
+def load_published_runs(held_out: bool = False) -> list[PublishedRun]:
+    """The rows the [published] fit is made of; `held_out`: instead, the rows marked held_out =
+    true, which no fit sees (a box and model kept apart as the out-of-sample check)."""
     from cputune.model import catalog
     from cputune.predict import hardware
 
@@ -78,6 +80,11 @@ def load_published_runs() -> list[PublishedRun]:
     machines: dict[str, MachineBandwidth] = {}
     out = []
     for r in data["run"]:
+        flag = r.get("held_out", False)
+        if not isinstance(flag, bool):
+            raise ValueError(f"published_runs.toml row {r.get('row')}: held_out must be true or false, not {flag!r}")
+        if flag != held_out:
+            continue
         key = (r["model"], r["quant"])
         if key not in profiles:
             m = shapes.get(r["model"]) or catalog.catalog_model(r["model"])
