@@ -111,6 +111,8 @@ def test_held_out_rows_are_apart_from_the_fit():
     apart = published.load_published_runs(held_out=True)
     assert apart and {r.row for r in apart}.isdisjoint({r.row for r in fitted})
     assert {r.hardware for r in apart}.isdisjoint({r.hardware for r in fitted})
+    # -ub as published reaches the prediction (sweep-bench -ub 4096 rows 232-234).
+    assert {r.settings().n_ubatch for r in apart} == {512, 4096}
     cal = calibrate.default_calibration("published")
     assert all(p > 0 and m > 0 for _, _, p, m in published.figures(apart, cal))
 

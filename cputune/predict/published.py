@@ -52,6 +52,7 @@ class PublishedRun:
     cache_type: str = "f16"
     hugepages: str = "unknown"
     threads_batch: int | None = None
+    n_ubatch: int = 512  # -ub as published (llama.cpp's and sweep-bench's default 512)
     source: str = ""
 
     @property
@@ -64,7 +65,8 @@ class PublishedRun:
         return Settings(threads=self.threads, numa=self.numa, depth=self.depth,
                         cache_type=self.cache_type, n_prompt=self.pp_tokens,
                         page_size="4K" if self.hugepages == "4K" else "2M",
-                        engine=ENGINE_OF_ROW[self.engine], threads_batch=self.threads_batch)
+                        engine=ENGINE_OF_ROW[self.engine], threads_batch=self.threads_batch,
+                        n_ubatch=self.n_ubatch)
 
 
 def load_published_runs(held_out: bool = False) -> list[PublishedRun]:
@@ -85,6 +87,10 @@ def load_published_runs(held_out: bool = False) -> list[PublishedRun]:
             raise ValueError(f"published_runs.toml row {r.get('row')}: held_out must be true or false, not {flag!r}")
         if flag != held_out:
             continue
+        n_ubatch = r.get("n_ubatch", 512)
+        if not isinstance(n_ubatch, int) or isinstance(n_ubatch, bool) or not 1 <= n_ubatch <= 1 << 16:
+            raise ValueError(f"published_runs.toml row {r.get('row')}: n_ubatch must be an integer in 1..65536, "
+                             f"not {n_ubatch!r}")
         key = (r["model"], r["quant"])
         if key not in profiles:
             m = shapes.get(r["model"]) or catalog.catalog_model(r["model"])
@@ -99,7 +105,7 @@ def load_published_runs(held_out: bool = False) -> list[PublishedRun]:
             tg_tokens_per_s=r.get("tg_tokens_per_s"), pp_tokens_per_s=r.get("pp_tokens_per_s"),
             model=profiles[key], machine=machines[r["hardware"]], depth=r.get("depth", 0),
             pp_tokens=r.get("pp_tokens", 512), cache_type=r.get("cache_type", "f16"),
-            hugepages=r.get("hugepages", "unknown"), threads_batch=r.get("threads_batch"),
+            hugepages=r.get("hugepages", "unknown"), threads_batch=r.get("threads_batch"), n_ubatch=n_ubatch,
             source=r.get("source") or f"configs/published_runs.toml row {r.get('row')} (its header names the thread)"))
     return out
 
