@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import statistics
 
 import pytest
@@ -69,9 +71,33 @@ def test_no_probe_profile_says_what_to_run(tmp_path, monkeypatch):
 
 
 def test_a_hardware_box_gets_the_published_constants():
-    box = resolve_box("epyc-9655-2s")
+    box = resolve_box("xeon-6980p-2s")  # a box whose runs the fit saw: the leave-one-out range
     assert box.calibration == calibrate.default_calibration("published")
     assert "published" in box.calibration.source
+
+
+def test_a_box_the_fit_never_saw_gets_the_leave_one_box_out_range(tmp_path):
+    pub = calibrate.default_calibration("published")
+    assert "epyc-9655-2s" not in pub.fitted_boxes and "xeon-6980p-2s" in pub.fitted_boxes
+    new = resolve_box("epyc-9655-2s").calibration  # the reference box: no published runs
+    assert new.tg_error_band == pub.tg_error_band_new_box and new.pp_error_band == pub.pp_error_band_new_box
+    assert "leave-one-box-out" in new.error_band_source
+    # Wider than a fitted box's, and the same constants otherwise.
+    assert new.tg_error_band[1] - new.tg_error_band[0] > pub.tg_error_band[1] - pub.tg_error_band[0]
+    assert dataclasses.replace(new, tg_error_band=pub.tg_error_band, pp_error_band=pub.pp_error_band,
+                               error_band_source=pub.error_band_source) == pub
+    # A copy of a fitted box's profile elsewhere is a user's description, not the fitted box.
+    copy = tmp_path / "xeon-6980p-2s.toml"
+    copy.write_text((hardware.hardware_dir() / "xeon-6980p-2s.toml").read_text())
+    assert resolve_box(copy).calibration.tg_error_band == pub.tg_error_band_new_box
+
+
+def test_box_weights_make_each_box_count_once():
+    # Nine runs of one box within 0 %, one run of another 2x slow: by runs the band ignores it,
+    # by boxes it is half the weight.
+    errs, boxes = [0.0] * 9 + [1.0], ["a"] * 9 + ["b"]
+    assert published.error_band(errs) == (pytest.approx(0.95), 1.0)
+    assert published.error_band(errs, weights=published.box_weights(boxes)) == (0.5, 1.0)
 
 
 def test_auto_numa_and_default_threads():

@@ -12,9 +12,9 @@ from cputune.core import numa_policy
 from cputune.machine import probe
 from cputune.predict import calibrate
 from cputune.core.errors import ConfigError
-from cputune.predict.hardware import Box, list_hardware, load_hardware, machine_from_hardware
+from cputune.predict.hardware import Box, hardware_dir, list_hardware, load_hardware, machine_from_hardware
 from cputune.core.numa_policy import NumaDecision
-from cputune.predict.predictor import MachineBandwidth, Settings, cache_type_name, check_context
+from cputune.predict.predictor import MachineBandwidth, Settings, cache_type_name, check_context, for_new_box
 from cputune.predict.profile_machine import machine_from_profile
 from cputune.predict.selector import ram_needed
 
@@ -71,7 +71,10 @@ def resolve_box(spec: str | Path | None) -> Box:
     """
     if spec is not None:
         hw = load_hardware(spec)
-        return Box(machine_from_hardware(hw), calibrate.default_calibration("published"),
+        cal = calibrate.default_calibration("published")
+        # A box whose runs the fit never saw gets the range of one (leave-one-box-out): wider.
+        fitted = hw.id in cal.fitted_boxes and Path(hw.path).parent == hardware_dir()
+        return Box(machine_from_hardware(hw), cal if fitted else for_new_box(cal),
                    f"hardware profile {hw.path}", hw)
     path = probe.profile_path()
     if not path.exists():

@@ -473,6 +473,8 @@ def calibration_toml(cal: Calibration, section: str, extra: dict[str, float] | N
             lines.append(f"{f} = {num(v)}")
         elif isinstance(v, tuple) and v and all(isinstance(x, float) for x in v):
             lines.append(f"{f} = [{', '.join(num(x) for x in v)}]")
+        elif isinstance(v, tuple) and v and all(isinstance(x, str) for x in v):
+            lines.append(f"{f} = [{', '.join(chr(34) + x + chr(34) for x in v)}]")
     for k, v in (extra or {}).items():
         lines.append(f"{k} = {num(v)}")
     for table in ("decode_gbps_per_core", "prefill_gflops_per_core", "moe_prefill_efficiency_by_type"):

@@ -167,6 +167,12 @@ class Calibration:
     tg_error_band: tuple[float, float] = (1.0, 1.0)
     pp_error_band: tuple[float, float] = (1.0, 1.0)
     error_band_source: str = "no held-out errors"
+    # The same for a box none of the fitted runs ran on: every fitted box predicted by a fit
+    # without any of its runs (leave-one-box-out), with the held-out box's runs. Wider: the
+    # per-box terms (bandwidth share, fixed cost) are what a new box changes.
+    tg_error_band_new_box: tuple[float, float] = (1.0, 1.0)
+    pp_error_band_new_box: tuple[float, float] = (1.0, 1.0)
+    fitted_boxes: tuple[str, ...] = ()  # the hardware profiles whose runs the fit saw
     source: str = "default"
 
 
@@ -451,6 +457,16 @@ def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
         t_attention_s=t_attn, pp_t_attention_s=t_pp_attn,
         tg_range=(cal.tg_error_band[0] / t_tok, cal.tg_error_band[1] / t_tok),
         pp_range=(cal.pp_error_band[0] / t_pp, cal.pp_error_band[1] / t_pp))
+
+
+def for_new_box(cal: Calibration) -> Calibration:
+    """`cal` with the ranges of a box its fit never saw (Calibration.*_error_band_new_box), when
+    it has them: what a hardware profile without published runs is predicted with."""
+    if cal.tg_error_band_new_box == (1.0, 1.0):
+        return cal
+    return replace(cal, tg_error_band=cal.tg_error_band_new_box, pp_error_band=cal.pp_error_band_new_box,
+                   error_band_source=cal.error_band_source.replace("leave-one-out", "leave-one-box-out", 1)
+                   + ", a box its fit never saw")
 
 
 def best_threads(model: ModelProfile, machine: MachineBandwidth, settings: Settings,

@@ -290,9 +290,49 @@ def leave_one_out(runs: Sequence[PublishedRun], start: Calibration,
     return out
 
 
-def error_band(errors: Sequence[float], coverage: float = 0.8) -> tuple[float, float]:
+def box_weights(boxes: Sequence[str]) -> list[float]:
+    """1 / (figures of that box) for each figure's box: every box weighs the same in a band."""
+    n = {b: boxes.count(b) for b in set(boxes)}
+    return [1 / n[b] for b in boxes]
+
+
+def leave_one_box_out(runs: Sequence[PublishedRun], start: Calibration,
+                      full: Calibration | None = None, progress=None) -> list[HeldOut]:
+    """Each box's runs predicted by a fit on the other boxes' runs: the error a box the fit has
+    never seen can expect (a row left out of leave_one_out still has its box's other rows in)."""
+    full = full or fit_published(runs, start)
+    boxes = sorted({r.hardware for r in runs})
+    out = []
+    for i, box in enumerate(boxes):
+        if progress:
+            progress(i, len(boxes))
+        cal = fit_published([r for r in runs if r.hardware != box], start, warm=full)
+        out += [HeldOut(rr, k, p, m) for rr, k, p, m in figures([r for r in runs if r.hardware == box], cal)]
+    return out
+
+
+def error_band(errors: Sequence[float], coverage: float = 0.8,
+               weights: Sequence[float] | None = None) -> tuple[float, float]:
     """The (low, high) factors on a prediction that held-out errors fall within `coverage` of the
-    time: a measured value m = predicted / (1 + e), so the band is the quantiles of 1 / (1 + e)."""
+    time: a measured value m = predicted / (1 + e), so the band is the quantiles of 1 / (1 + e).
+    `weights` (one per error): weighted quantiles, so that each box counts once however many runs
+    it published (box_weights)."""
+    if weights is not None:
+        pairs = sorted((1 / (1 + e), w) for e, w in zip(errors, weights, strict=True) if w > 0)
+        if not pairs:
+            return 1.0, 1.0
+        total = sum(w for _, w in pairs)
+        lo_q, hi_q = (1 - coverage) / 2, 1 - (1 - coverage) / 2
+
+        def wq(p: float) -> float:
+            acc = 0.0
+            for r, w in pairs:  # the midpoint rule: a value sits at the middle of its weight
+                if acc + w / 2 >= p * total:
+                    return r
+                acc += w
+            return pairs[-1][0]
+
+        return wq(lo_q), wq(hi_q)
     ratios = sorted(1 / (1 + e) for e in errors)
     if not ratios:
         return 1.0, 1.0
