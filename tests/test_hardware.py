@@ -86,6 +86,7 @@ def test_a_box_the_fit_never_saw_gets_the_leave_one_box_out_range(tmp_path):
     assert new.tg_error_band[1] - new.tg_error_band[0] > pub.tg_error_band[1] - pub.tg_error_band[0]
     assert dataclasses.replace(new, tg_error_band=pub.tg_error_band, pp_error_band=pub.pp_error_band,
                                error_band_source=pub.error_band_source) == pub
+    assert new.error_band_source == pub.error_band_source_new_box
     # A copy of a fitted box's profile elsewhere is a user's description, not the fitted box.
     copy = tmp_path / "xeon-6980p-2s.toml"
     copy.write_text((hardware.hardware_dir() / "xeon-6980p-2s.toml").read_text())

@@ -465,8 +465,9 @@ def calibration_toml(cal: Calibration, section: str, extra: dict[str, float] | N
         return text if any(c in text for c in ".e") else text + ".0"
 
     lines = [f"[{section}]", f"source = {cal.source!r}".replace("'", '"')]
-    if cal.error_band_source != Calibration.__dataclass_fields__["error_band_source"].default:
-        lines.append(f"error_band_source = {cal.error_band_source!r}".replace("'", '"'))
+    for f in ("error_band_source", "error_band_source_new_box"):
+        if getattr(cal, f) != Calibration.__dataclass_fields__[f].default:
+            lines.append(f"{f} = {getattr(cal, f)!r}".replace("'", '"'))
     for f in Calibration.__slots__:
         v = getattr(cal, f)
         if isinstance(v, float):

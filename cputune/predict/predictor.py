@@ -172,6 +172,7 @@ class Calibration:
     # per-box terms (bandwidth share, fixed cost) are what a new box changes.
     tg_error_band_new_box: tuple[float, float] = (1.0, 1.0)
     pp_error_band_new_box: tuple[float, float] = (1.0, 1.0)
+    error_band_source_new_box: str = "no held-out errors"
     fitted_boxes: tuple[str, ...] = ()  # the hardware profiles whose runs the fit saw
     source: str = "default"
 
@@ -465,8 +466,7 @@ def for_new_box(cal: Calibration) -> Calibration:
     if cal.tg_error_band_new_box == (1.0, 1.0):
         return cal
     return replace(cal, tg_error_band=cal.tg_error_band_new_box, pp_error_band=cal.pp_error_band_new_box,
-                   error_band_source=cal.error_band_source.replace("leave-one-out", "leave-one-box-out", 1)
-                   + ", a box its fit never saw")
+                   error_band_source=cal.error_band_source_new_box)
 
 
 def best_threads(model: ModelProfile, machine: MachineBandwidth, settings: Settings,

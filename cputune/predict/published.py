@@ -317,12 +317,12 @@ def error_band(errors: Sequence[float], coverage: float = 0.8,
     time: a measured value m = predicted / (1 + e), so the band is the quantiles of 1 / (1 + e).
     `weights` (one per error): weighted quantiles, so that each box counts once however many runs
     it published (box_weights)."""
+    lo_q, hi_q = (1 - coverage) / 2, 1 - (1 - coverage) / 2
     if weights is not None:
         pairs = sorted((1 / (1 + e), w) for e, w in zip(errors, weights, strict=True) if w > 0)
         if not pairs:
             return 1.0, 1.0
         total = sum(w for _, w in pairs)
-        lo_q, hi_q = (1 - coverage) / 2, 1 - (1 - coverage) / 2
 
         def wq(p: float) -> float:
             acc = 0.0
@@ -336,7 +336,6 @@ def error_band(errors: Sequence[float], coverage: float = 0.8,
     ratios = sorted(1 / (1 + e) for e in errors)
     if not ratios:
         return 1.0, 1.0
-    lo_q, hi_q = (1 - coverage) / 2, 1 - (1 - coverage) / 2
 
     def q(p: float) -> float:
         k = p * (len(ratios) - 1)
