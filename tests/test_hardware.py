@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import statistics
@@ -129,6 +130,32 @@ def test_published_runs_resolve_to_catalog_models_and_profiles():
     assert any(r.depth >= 8192 for r in runs) and any(r.pp_tokens >= 8192 for r in runs)
     assert any(r.hugepages == "4K" for r in runs) and any(r.threads > r.machine.cores for r in runs)
     assert any(r.numa != "one-node" and r.machine.nodes > 1 for r in runs)
+
+
+def test_unmeasured_remote_ratio_depends_on_what_separates_the_nodes():
+    """Across sockets the link's 0.45; nodes of one socket share its fabric: EPYC NPS4 0.91,
+    Xeon SNC 0.5 (shared/reference/hardware.md); one node reads only locally."""
+    assert hardware.default_remote_ratio(2, 4, "AMD EPYC 9755") == hardware.DEFAULT_REMOTE_RATIO
+    assert hardware.default_remote_ratio(1, 8, "AMD EPYC 9374F") == 0.91
+    assert hardware.default_remote_ratio(1, 3, "Intel Xeon 6980P") == 0.5
+    assert hardware.default_remote_ratio(1, 1, "AMD EPYC 9554") == 1.0
+    assert hardware.machine_from_hardware(hardware.load_hardware("epyc-9374f")).remote_ratio == 0.91
+
+
+def test_a_published_date_is_checked_and_reaches_the_prediction(monkeypatch):
+    """A row's date is its build's upper bound (which repacks it had); a malformed one is refused."""
+    runs = {r.row: r for r in published.load_published_runs(held_out=True)}
+    assert runs[235].settings().build_date == "2025-01-30" and runs[236].settings().repack is False
+    real = published.load_toml
+
+    def bad(name):
+        data = copy.deepcopy(real(name))  # the loader caches what it read: change a copy
+        data["run"][0]["date"] = "30/01/2025"
+        return data
+
+    monkeypatch.setattr(published, "load_toml", bad)
+    with pytest.raises(ValueError, match="date must be YYYY-MM-DD, not '30/01/2025'"):
+        published.load_published_runs()
 
 
 def test_held_out_rows_are_apart_from_the_fit():

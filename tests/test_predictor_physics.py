@@ -17,6 +17,7 @@ from cputune.predict.predictor import (
     best_threads,
     predict,
     rates_for,
+    repacked_types,
     workers,
 )
 
@@ -104,6 +105,40 @@ def test_distribute_leaves_repacked_weights_on_the_loaders_node(r1):
     plain = dataclasses.replace(BOX, isa=())  # nothing repacked: distribute is local again
     assert predict(r1, plain, Settings(threads=64, numa="distribute"), CAL).effective_bw_gbps \
         == pytest.approx(2 * 400 * 0.8)
+
+
+def test_a_build_older_than_a_repack_leaves_that_type_where_threads_touched_it(r1):
+    """Q4_K's x86 repack came with llama.cpp#12332 (opened 2025-03-11): a run published before
+    it read its Q4_K weights locally under distribute; the pinned build and ik_llama.cpp without
+    -rtr (repack=False: none of mainline's load-time repacks) read them as the settings say."""
+    old = predict(r1, BOX, Settings(threads=64, numa="distribute", build_date="2025-01-30"), CAL)
+    new = predict(r1, BOX, Settings(threads=64, numa="distribute", build_date="2025-12-19"), CAL)
+    pinned = predict(r1, BOX, Settings(threads=64, numa="distribute"), CAL)
+    off = predict(r1, BOX, Settings(threads=64, numa="distribute", repack=False), CAL)
+    assert new.effective_bw_gbps == pinned.effective_bw_gbps < old.effective_bw_gbps
+    assert old.effective_bw_gbps == off.effective_bw_gbps == pytest.approx(2 * 400 * 0.8)
+    assert repacked_types(("avx2",), "2025-01-30") == {"Q4_0", "MXFP4"}
+    assert repacked_types(("avx2",), "2024-11-02") == {"MXFP4"}
+    assert repacked_types(("avx2", "avx512f")) == {"Q4_0", "Q4_K", "IQ4_NL", "MXFP4", "Q2_K"}
+
+
+def test_nodes_of_one_socket_add_no_socket_link_cost(r1):
+    """NPS4 + L3-as-NUMA makes one EPYC socket eight nodes: distribute over them reads every
+    channel like one node of the socket would, and pays no cross-socket barrier or prefill cost."""
+    cal = dataclasses.replace(CAL, overhead_node_factor=0.7, prefill_node_factor=0.1)
+    split = MachineBandwidth(name="nps4", sockets=1, nodes=8, cores=32, node_read_gbps=48.0,
+                             core_read_gbps=24.0, remote_ratio=0.91, mem_bytes=384 << 30, isa=())
+    whole = dataclasses.replace(split, nodes=1, node_read_gbps=8 * 48.0, remote_ratio=1.0)
+    a = predict(r1, split, Settings(threads=32, numa="distribute"), cal)
+    b = predict(r1, whole, Settings(threads=32, numa="one-node"), cal)
+    assert a.nodes_used == 8 and a.tg_tokens_per_s == pytest.approx(b.tg_tokens_per_s)
+    assert a.pp_tokens_per_s == pytest.approx(b.pp_tokens_per_s)
+    two = dataclasses.replace(split, name="2x nps4", sockets=2, nodes=16, cores=64, mem_bytes=768 << 30)
+    assert [two.sockets_spanned(n) for n in (1, 8, 9, 16)] == [1, 1, 2, 2]
+    # Two sockets of it: the link's cost once (1 + 0.7), for 64 threads' fixed cost.
+    assert predict(r1, two, Settings(threads=64, numa="distribute"), cal).t_overhead_s \
+        == pytest.approx(r1.n_layer * (1e-5 + 1e-7 * 64) * 1.7)
+    assert a.t_overhead_s == pytest.approx(r1.n_layer * (1e-5 + 1e-7 * 32))
 
 
 def test_ik_engine_scales_its_rates_only():

@@ -41,7 +41,7 @@ from cputune.core import numa_policy
 from cputune.model.gguf_model import ModelProfile
 from cputune.engine.placement import parse_numa, plan_placement
 from cputune.predict.predictor import Calibration, MachineBandwidth, Settings, cache_type_name, predict
-from cputune.predict.selector import X86_REPACK
+from cputune.predict.predictor import repacked_types
 from cputune.machine.topology import Topology
 
 KINDS = ("tg", "pp")
@@ -283,7 +283,7 @@ def search_space(kind: str, topology: Topology, model: ModelProfile, default: Kn
     if engine.repack_types:  # run-time repacking of the types the engine lists (ik_llama.cpp's -rtr)
         repackable = engine_args.repackable_share(engine, model)[1]
     else:  # mainline repacks by ISA on its own
-        repackable = sorted(t for t in model.matmul_bytes_by_type if X86_REPACK.get(t) in set(topology.isa_flags))
+        repackable = sorted(set(model.matmul_bytes_by_type) & repacked_types(topology.isa_flags))
     if repackable:
         repack = (True, False)
     else:

@@ -35,6 +35,10 @@ ESTIMATED_READ_FRACTION = 0.84
 DEFAULT_CORE_READ_GBPS = 24.0
 # Remote/local read ratio across sockets when unmeasured: 2x Xeon 6980P MLC 247.8 / 554.8.
 DEFAULT_REMOTE_RATIO = 0.45
+# The same between nodes of one socket (NPS2/4 on EPYC, SNC on Xeon), shared/reference/hardware.md:
+# EPYC 9355P NPS4 reads 107 GB/s from another node against 117.33 from its own (Chips and Cheese);
+# Xeon 6980P SNC on, ~94 of ~188 GB/s per node (ubergarm's MLC, ik_llama.cpp discussion #201).
+INTRA_SOCKET_REMOTE_RATIO = {"amd": 0.91, "intel": 0.5}
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,9 +174,20 @@ def parse_hardware(data: dict, hw_id: str, where: str = "profile") -> HardwarePr
         node_read_gbps=node_bw,
         core_read_gbps=bw.float("core_read_gbps", node_bw, default=min(DEFAULT_CORE_READ_GBPS, node_bw),
                                 hint=f"one core reads at most what its node does ({node_bw:.1f} GB/s)"),
-        remote_ratio=bw.float("remote_ratio", 1.0,
-                              default=DEFAULT_REMOTE_RATIO if sockets > 1 or nps > 1 else 1.0),
+        remote_ratio=bw.float("remote_ratio", 1.0, default=default_remote_ratio(sockets, nps, cpu.str("model"))),
         bandwidth_measured=measured, source=data.get("source", ""))
+
+
+def default_remote_ratio(sockets: int, nodes_per_socket: int, cpu_model: str) -> float:
+    """Remote/local read ratio of a profile that does not give one: across sockets on a
+    multi-socket box (most of its remote nodes are over the link), else between the nodes one
+    socket is split into, which still share its memory fabric (far less so on Xeon's SNC)."""
+    if sockets > 1:
+        return DEFAULT_REMOTE_RATIO
+    if nodes_per_socket > 1:
+        amd = any(w in cpu_model.upper() for w in ("AMD", "EPYC", "RYZEN", "THREADRIPPER"))
+        return INTRA_SOCKET_REMOTE_RATIO["amd" if amd else "intel"]
+    return 1.0
 
 
 def hardware_dir() -> Path:

@@ -63,6 +63,12 @@ class MachineBandwidth:
     def logical_cpus(self) -> int:
         return self.cores * max(self.threads_per_core, 1)
 
+    def sockets_spanned(self, nodes: int) -> int:
+        """Sockets that `nodes` NUMA nodes lie on (nodes are numbered socket by socket): NPS2/4 or
+        SNC split a socket into nodes that still share its fabric, not the socket link."""
+        per_socket = max(self.nodes // max(self.sockets, 1), 1)
+        return max(1, min(self.sockets, -(-nodes // per_socket)))
+
 
 @dataclass(frozen=True, slots=True)
 class Calibration:
@@ -78,8 +84,9 @@ class Calibration:
         prompt processing (a 512-token batch gives each expert only a few rows).
     avx512_prefill_factor: prefill rates scale by this on AVX-512 machines when the rates were
         fitted across ISAs (the published fit); a box's own calibration keeps 1.
-    overhead_node_factor: the fixed cost grows by this share per extra NUMA node spanned
-        (barriers across sockets); fitted to the published two-socket runs.
+    overhead_node_factor: the fixed cost grows by this share per extra socket spanned (barriers
+        across the socket link); fitted to the published two-socket runs. Nodes of one socket
+        (NPS2/4, SNC) do not add it: their cores share the socket's fabric either way.
     overlap_p: how memory and compute time combine: 0 takes the larger (perfect overlap);
         p > 0 takes (mem^p + cpu^p)^(1/p), slower where both are close, as a box whose cores
         are busy dequantizing cannot also keep every load in flight.
@@ -151,7 +158,7 @@ class Calibration:
     ik_tg_factor: float = 1.0
     ik_pp_factor: float = 1.0
     ik_attn_factor: float = 1.0
-    # Prefill across NUMA nodes: each extra node spanned adds this share to the matrices' time
+    # Prefill across sockets: each extra socket spanned adds this share to the matrices' time
     # (activations and partial results cross the socket link every layer).
     prefill_node_factor: float = 0.0
     # Decode rate of a weight type per byte relative to Q4_K's on the same core, for the types a
@@ -195,6 +202,10 @@ class Settings:
     engine: str = "llama.cpp"
     threads_batch: int | None = None  # prefill threads (-tb), default `threads`
     flash_attn: bool = True  # -fa on (serve's and llama.cpp's CPU default) or off
+    # The engine build's date (YYYY-MM-DD) when it is older than the pinned one (a published
+    # run): weight types repacked only by later builds stay where the threads touched them.
+    build_date: str | None = None
+    repack: bool = True  # mainline's load-time repacking (off: --no-repack, or ik_llama.cpp without -rtr)
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,18 +280,34 @@ def read_bandwidth_gbps(m: MachineBandwidth, threads: int, numa: str) -> tuple[f
 
 
 # Weight types llama.cpp's CPU backend copies into its repack buffer on x86 (ggml-cpu/repack.cpp
-# @0c1e57098, extra buffer types), and the ISA flag each needs; ik_llama.cpp's -rtr repacks all.
-X86_REPACK = {"Q4_0": "avx2", "Q4_K": "avx2", "IQ4_NL": "avx2", "MXFP4": "avx2", "Q2_K": "avx512f"}
+# @0c1e57098, extra buffer types), the ISA flag each needs, and the date the pull request that
+# added it was opened (a build older than that cannot have it; None: before any published row):
+# Q4_K ggml-org/llama.cpp#12332, Q2_K #14373, IQ4_NL #14904; Q4_0 on AVX2 came with #10446 (its
+# thread agreed to merge on 2024-12-07). ik_llama.cpp's -rtr repacks all.
+X86_REPACK = {"Q4_0": ("avx2", "2024-12-07"), "Q4_K": ("avx2", "2025-03-11"), "IQ4_NL": ("avx2", "2025-07-27"),
+              "MXFP4": ("avx2", None), "Q2_K": ("avx512f", "2025-06-25")}
 
 
-def repacked_share(by_type: dict[str, float], machine: MachineBandwidth, engine: str) -> float:
+def repacked_types(isa, build_date: str | None = None) -> frozenset[str]:
+    """The weight types mainline llama.cpp repacks at load on a CPU with these ISA flags, in the
+    pinned build or (`build_date`, YYYY-MM-DD) in an older one."""
+    flags = set(isa)
+    return frozenset(t for t, (need, since) in X86_REPACK.items()
+                     if need in flags and not (build_date and since and build_date < since))
+
+
+def repacked_share(by_type: dict[str, float], machine: MachineBandwidth, engine: str,
+                   build_date: str | None = None, repack: bool = True) -> float:
     """The share of the bytes read per token that sit in repacked copies: the loading thread
-    writes those, so under --numa distribute they are all on its node (first touch)."""
+    writes those, so under --numa distribute they are all on its node (first touch).
+    `build_date` (YYYY-MM-DD): a mainline build of that date, which lacks the later repacks."""
     total = sum(by_type.values()) or 1.0
     if engine == "ik_llama":
         return 1.0
-    isa = set(machine.isa)
-    return sum(b for t, b in by_type.items() if X86_REPACK.get(t) in isa) / total
+    if not repack:
+        return 0.0
+    types = repacked_types(machine.isa, build_date)
+    return sum(b for t, b in by_type.items() if t in types) / total
 
 
 def at_read_bandwidth(m: MachineBandwidth, threads: int, gbps: float, numa: str = "one-node") -> MachineBandwidth:
@@ -380,6 +407,7 @@ def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
     tg_f, pp_f, attn_f = engine_rates(cal, settings.engine)
     phys = min(threads, machine.cores)  # siblings add no memory-level parallelism of their own
     bw, nodes = read_bandwidth_gbps(machine, phys, settings.numa)
+    sockets = machine.sockets_spanned(nodes)
     eff_bw = bw * cal.bw_efficiency * (cal.page_4k_efficiency if settings.page_size == "4K" else 1.0)
     kv_read = kv_read_bytes(model, settings.depth, settings.cache_type)
     bytes_tok = model.active_bytes_per_token + kv_read
@@ -387,7 +415,7 @@ def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
     by_type = _active_bytes_by_type(model)
     if settings.numa == "distribute" and nodes > 1:
         # Repacked weights sit on the loading thread's node; the rest where threads touched them.
-        share = repacked_share(by_type, machine, settings.engine)
+        share = repacked_share(by_type, machine, settings.engine, settings.build_date, settings.repack)
         off_bw, _ = read_bandwidth_gbps(machine, phys, "off")
         eff_bw = 1 / (share / (off_bw * eff_bw / bw) + (1 - share) / eff_bw)
     # The weights' matmuls and the attention over the cache are separate ops, run one after the
@@ -413,7 +441,7 @@ def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
                   / (w_tg * attn_f * mla_f * fa_tg * cal.attn_gflops_per_core * 1e9))
     t_attn = combine(t_kv, t_attn_cpu, cal.overlap_p) if settings.depth else 0.0
     t_ovh = (model.n_layer * (cal.overhead_s_per_layer + cal.overhead_s_per_layer_thread * threads)
-             * (1 + cal.overhead_node_factor * (nodes - 1)))
+             * (1 + cal.overhead_node_factor * (sockets - 1)))
     t_tok = combine(t_mem_w, t_cpu, cal.overlap_p) + t_attn + t_ovh
     bottleneck = "memory" if t_mem >= t_cpu + t_attn_cpu else "compute"
     if t_ovh > max(t_mem, t_cpu + t_attn_cpu):
@@ -445,7 +473,7 @@ def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
     t_pp_attn = (attn_flops_at(model, settings.depth + n_prompt / 2)
                  / (pp_workers * attn_f * mla_f * fa_pp * isa_factor * cal.attn_prefill_gflops_per_core * 1e9))
     t_pp_cpu += t_pp_attn
-    t_pp_cpu *= 1 + cal.prefill_node_factor * (nodes - 1)
+    t_pp_cpu *= 1 + cal.prefill_node_factor * (sockets - 1)
     t_pp_mem = model.weight_bytes / settings.n_ubatch / (eff_bw * 1e9)
     t_pp = combine(t_pp_cpu, t_pp_mem, cal.overlap_p) + t_ovh / settings.n_ubatch
     need = model.weight_bytes + int(kv_cache_bytes(model, settings.depth + n_prompt, settings.cache_type))

@@ -17,6 +17,7 @@ What the fit sets (everything else is physics the predictor computes from the mo
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from dataclasses import dataclass, replace
 from typing import Sequence
@@ -54,6 +55,7 @@ class PublishedRun:
     threads_batch: int | None = None
     n_ubatch: int = 512  # -ub as published (llama.cpp's and sweep-bench's default 512)
     source: str = ""
+    date: str | None = None  # YYYY-MM-DD the run was published: its build is no newer
 
     @property
     def label(self) -> str:
@@ -66,7 +68,9 @@ class PublishedRun:
                         cache_type=self.cache_type, n_prompt=self.pp_tokens,
                         page_size="4K" if self.hugepages == "4K" else "2M",
                         engine=ENGINE_OF_ROW[self.engine], threads_batch=self.threads_batch,
-                        n_ubatch=self.n_ubatch)
+                        n_ubatch=self.n_ubatch, build_date=self.date,
+                        # ik_llama.cpp without -rtr has none of mainline's load-time repacking
+                        repack=self.engine != "ik-plain")
 
 
 def load_published_runs(held_out: bool = False) -> list[PublishedRun]:
@@ -91,6 +95,9 @@ def load_published_runs(held_out: bool = False) -> list[PublishedRun]:
         if not isinstance(n_ubatch, int) or isinstance(n_ubatch, bool) or not 1 <= n_ubatch <= 1 << 16:
             raise ValueError(f"published_runs.toml row {r.get('row')}: n_ubatch must be an integer in 1..65536, "
                              f"not {n_ubatch!r}")
+        date = r.get("date")
+        if date is not None and not (isinstance(date, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", date)):
+            raise ValueError(f"published_runs.toml row {r.get('row')}: date must be YYYY-MM-DD, not {date!r}")
         key = (r["model"], r["quant"])
         if key not in profiles:
             m = shapes.get(r["model"]) or catalog.catalog_model(r["model"])
@@ -106,6 +113,7 @@ def load_published_runs(held_out: bool = False) -> list[PublishedRun]:
             model=profiles[key], machine=machines[r["hardware"]], depth=r.get("depth", 0),
             pp_tokens=r.get("pp_tokens", 512), cache_type=r.get("cache_type", "f16"),
             hugepages=r.get("hugepages", "unknown"), threads_batch=r.get("threads_batch"), n_ubatch=n_ubatch,
+            date=date,
             source=r.get("source") or f"configs/published_runs.toml row {r.get('row')} (its header names the thread)"))
     return out
 

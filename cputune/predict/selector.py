@@ -20,7 +20,7 @@ from cputune.core.numa_policy import NumaDecision
 from cputune.machine.memory import MemoryInfo, theoretical_peak_gbps
 from cputune.model.quality import Quality, QualityRow, quality_of, quality_rows  # noqa: F401  (re-exported)
 from cputune.predict.predictor import (  # noqa: F401  (the cache-type names are re-exported for callers)
-    X86_REPACK, FLOAT_CACHE_TYPES, read_bandwidth_gbps, KV_CACHE_TYPES, NUMA_POLICIES, Calibration, MachineBandwidth, Prediction, Settings,
+    repacked_types, FLOAT_CACHE_TYPES, read_bandwidth_gbps, KV_CACHE_TYPES, NUMA_POLICIES, Calibration, MachineBandwidth, Prediction, Settings,
     cache_type_name, predict,
 )
 
@@ -49,9 +49,8 @@ class RamNeed:
 
 def repacked_bytes(model: ModelProfile, isa: tuple[str, ...] | frozenset[str]) -> int:
     """Bytes of the weight matrices llama.cpp repacks at load on a CPU with these flags."""
-    flags = set(isa)
-    return sum(b for t, b in model.matmul_bytes_by_type.items()
-               if t in X86_REPACK and X86_REPACK[t] in flags)
+    types = repacked_types(isa)
+    return sum(b for t, b in model.matmul_bytes_by_type.items() if t in types)
 
 
 def compute_buffer_bytes(model: ModelProfile, ctx_tokens: int, n_ubatch: int = 512,
