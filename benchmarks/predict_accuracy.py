@@ -217,7 +217,7 @@ def published(args) -> bool:
                           tg_error_band_new_box=new_bands["tg"], pp_error_band_new_box=new_bands["pp"],
                           fitted_boxes=tuple(sorted({r.hardware for r in runs})),
                           error_band_source_new_box=f"leave-one-box-out over {len(runs)} published runs "
-                                                    "and the held-out box's, a box the fit never saw "
+                                                    "and the held-out boxes' runs, a box the fit never saw "
                                                     "(benchmarks/predict_accuracy.py --published-only)",
                           error_band_source=f"leave-one-out over {len(runs)} published runs "
                                             "(benchmarks/predict_accuracy.py --published-only)")

@@ -5,6 +5,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 import pytest
 
 from cputune.predict import calibrate
@@ -311,6 +316,16 @@ def test_fit_tells_the_expert_prefill_efficiency_per_type():
     assert list(fitted.moe_prefill_efficiency_by_type) == ["Q8_0"]
     assert max(abs(e) for e in calibrate.log_errors(points, SMALL, fitted)) < 0.03
     assert "[published.moe_prefill_efficiency_by_type]\nQ8_0 = " in calibrate.calibration_toml(fitted, "published")
+
+
+def test_a_shipped_section_reads_back_whatever_its_strings_hold():
+    """calibration_toml writes TOML basic strings: an apostrophe or a quote in a source text
+    (\"the held-out boxes' runs\") reads back as written, not as broken TOML."""
+    cal = dataclasses.replace(CAL, source='fitted to "x"', error_band_source="the held-out boxes' runs",
+                              error_band_source_new_box="a\\b", fitted_boxes=("epyc-9374f",))
+    back = calibrate.calibration_from(tomllib.loads(calibrate.calibration_toml(cal, "s"))["s"])
+    assert (back.source, back.error_band_source, back.error_band_source_new_box, back.fitted_boxes) == \
+        (cal.source, cal.error_band_source, cal.error_band_source_new_box, cal.fitted_boxes)
 
 
 def test_calibration_table_shows_the_per_type_expert_efficiencies():

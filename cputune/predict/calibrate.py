@@ -6,6 +6,7 @@ predictor.predict, so what is calibrated is exactly what is predicted.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, replace
@@ -464,10 +465,13 @@ def calibration_toml(cal: Calibration, section: str, extra: dict[str, float] | N
         text = f"{v:.3g}"
         return text if any(c in text for c in ".e") else text + ".0"
 
-    lines = [f"[{section}]", f"source = {cal.source!r}".replace("'", '"')]
+    def text(v: str) -> str:  # a TOML basic string: JSON's escapes are TOML's (an apostrophe stays one)
+        return json.dumps(v, ensure_ascii=False)
+
+    lines = [f"[{section}]", f"source = {text(cal.source)}"]
     for f in ("error_band_source", "error_band_source_new_box"):
         if getattr(cal, f) != Calibration.__dataclass_fields__[f].default:
-            lines.append(f"{f} = {getattr(cal, f)!r}".replace("'", '"'))
+            lines.append(f"{f} = {text(getattr(cal, f))}")
     for f in Calibration.__slots__:
         v = getattr(cal, f)
         if isinstance(v, float):
@@ -475,7 +479,7 @@ def calibration_toml(cal: Calibration, section: str, extra: dict[str, float] | N
         elif isinstance(v, tuple) and v and all(isinstance(x, float) for x in v):
             lines.append(f"{f} = [{', '.join(num(x) for x in v)}]")
         elif isinstance(v, tuple) and v and all(isinstance(x, str) for x in v):
-            lines.append(f"{f} = [{', '.join(chr(34) + x + chr(34) for x in v)}]")
+            lines.append(f"{f} = [{', '.join(text(x) for x in v)}]")
     for k, v in (extra or {}).items():
         lines.append(f"{k} = {num(v)}")
     for table in ("decode_gbps_per_core", "prefill_gflops_per_core", "moe_prefill_efficiency_by_type"):
