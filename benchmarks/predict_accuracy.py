@@ -20,6 +20,7 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from cputune.engine import build
@@ -154,10 +155,12 @@ def published(args) -> bool:
     from cputune.predict import published as pub
 
     runs = pub.load_published_runs()
+    # Held-out rows (held_out = true) never reach the pooled terms; they calibrate their own box.
+    box_only = pub.load_published_runs(held_out=True)
     start = calibrate.default_calibration()
     t0 = time.time()
-    full = pub.fit_published(runs, start)
-    held = pub.leave_one_out(runs, start, full, progress=lambda i, n: print(
+    full = pub.fit_with_boxes(runs, runs + box_only, start)
+    held = pub.leave_one_out(runs, start, full, box_only=box_only, progress=lambda i, n: print(
         f"  [{time.time() - t0:5.0f} s] leave-one-out {i + 1}/{n}", file=sys.stderr, flush=True)
         if i % 20 == 0 else None)
     rows = [(h.run.row, h.run.hardware, h.run.model_id, h.run.quant, h.run.engine, h.run.threads,
@@ -167,14 +170,22 @@ def published(args) -> bool:
         print(table(rows, ("row", "hardware", "model", "quant", "engine", "thr", "numa", "depth", "pp_n",
                            "pages", "test", "published", "held-out", "err")))
         print()
-    print(f"published runs: {len(runs)} rows, {len(held)} figures; fit on all, then one fit per row "
-          f"without it ({time.time() - t0:.0f} s)")
+    print(f"published runs: {len(runs)} rows in the pooled fit and {len(box_only)} held-out rows that only "
+          f"calibrate their box, {len(held)} figures; fit on all, then one fit per row without it "
+          f"({time.time() - t0:.0f} s)")
+    print("box terms (bw: share of the profile's bandwidth reached, fixed: fixed cost, x the pooled terms): "
+          + ", ".join(f"{b} {t['bw']:.2f}/{t['fixed']:.2f}" for b, t in sorted(full.box_terms.items())))
     ok = True
     for engine in ("all", "mainline", "ik", "ik-plain"):
         for kind, name in (("tg", "decode "), ("pp", "prefill")):
             errs = [h.error for h in held if h.kind == kind and engine in ("all", h.run.engine)]
             if errs:
                 print(f"leave-one-out {engine:8} {name}: {stats(errs)}")
+    for box in sorted({r.hardware for r in box_only}):
+        for kind, name in (("tg", "decode "), ("pp", "prefill")):
+            errs = [h.error for h in held if h.kind == kind and h.run.hardware == box]
+            if errs:
+                print(f"leave-one-out {box} (held out: its box's other runs only) {name}: {stats(errs)}")
     tg = [abs(h.error) for h in held if h.kind == "tg"]
     pp = [abs(h.error) for h in held if h.kind == "pp"]
     ok = statistics.median(tg) <= 0.10 and max(tg) <= 0.30 and statistics.median(pp) <= 0.15
@@ -182,8 +193,8 @@ def published(args) -> bool:
     bands = {k: pub.error_band([h.error for h in held if h.kind == k]) for k in ("tg", "pp")}
     for k, (lo, hi) in bands.items():
         print(f"80 % band ({k}): measured = predicted x {lo:.2f} ... {hi:.2f}")
-    # The rows no fit sees (held_out = true): a box and model apart, predicted by the fit on all.
-    apart = pub.figures(pub.load_published_runs(held_out=True), full)
+    # The held-out rows as a box the fit never saw: the pooled terms alone, no box terms.
+    apart = pub.figures(box_only, replace(full, box_terms={}))
     # A box the fit never saw: each fitted box by a fit on the others, and the held-out box.
     boxed = pub.leave_one_box_out(runs, start, full, progress=lambda i, n: print(
         f"  [{time.time() - t0:5.0f} s] leave-one-box-out {i + 1}/{n}", file=sys.stderr, flush=True))
@@ -199,27 +210,27 @@ def published(args) -> bool:
     for k, (lo, hi) in new_bands.items():
         print(f"80 % band, a box the fit never saw ({k}): measured = predicted x {lo:.2f} ... {hi:.2f}")
     if apart:
-        print(f"held-out box ({', '.join(sorted({r.hardware for r, *_ in apart}))}: never fitted), "
-              "predicted by the fit on all the rows above:")
+        print(f"held-out boxes ({', '.join(sorted({r.hardware for r, *_ in apart}))}: never in the pooled fit), "
+              "predicted by the pooled terms alone, as a box without runs is:")
         if args.verbose:
             print(table([(r.row, r.hardware, r.model_id, r.quant, r.engine, r.threads, r.depth, k,
                           f"{m:.2f}", f"{p:.2f}", f"{p / m - 1:+.0%}") for r, k, p, m in apart],
                         ("row", "hardware", "model", "quant", "engine", "thr", "depth", "test",
                          "published", "predicted", "err")))
-        for kind, name in (("tg", "decode "), ("pp", "prefill")):
-            errs = [p / m - 1 for _, k, p, m in apart if k == kind]
-            if errs:
-                print(f"held-out box  {name}: {stats(errs)}  (signed median {statistics.median(errs):+.0%})")
+        for box in sorted({r.hardware for r, *_ in apart}) + ["all"]:
+            for kind, name in (("tg", "decode "), ("pp", "prefill")):
+                errs = [p / m - 1 for r, k, p, m in apart if k == kind and box in ("all", r.hardware)]
+                if errs:
+                    print(f"held-out {box:12} {name}: {stats(errs)}  (signed median {statistics.median(errs):+.0%})")
     if args.toml:
-        from dataclasses import replace
-
         shipped = replace(full, tg_error_band=bands["tg"], pp_error_band=bands["pp"],
                           tg_error_band_new_box=new_bands["tg"], pp_error_band_new_box=new_bands["pp"],
-                          fitted_boxes=tuple(sorted({r.hardware for r in runs})),
+                          fitted_boxes=tuple(sorted(full.box_terms)),
                           error_band_source_new_box=f"leave-one-box-out over {len(runs)} published runs "
                                                     "and the held-out boxes' runs, a box the fit never saw "
                                                     "(benchmarks/predict_accuracy.py --published-only)",
-                          error_band_source=f"leave-one-out over {len(runs)} published runs "
+                          error_band_source=f"leave-one-out over {len(runs) + len(box_only)} published runs, "
+                                            "each by the fit on the others and its box's other runs "
                                             "(benchmarks/predict_accuracy.py --published-only)")
         print()
         print(calibrate.calibration_toml(shipped, "published"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 
 import statistics
 
@@ -12,7 +13,7 @@ import pytest
 from cputune.predict import calibrate, hardware, published
 from cputune.predict.box import numa_decision, resolve_box
 from cputune.core.errors import ConfigError
-from cputune.predict.predictor import Settings, predict
+from cputune.predict.predictor import Settings, for_box, predict
 
 
 def test_every_shipped_profile_loads_and_the_reference_box_is_there():
@@ -71,10 +72,20 @@ def test_no_probe_profile_says_what_to_run(tmp_path, monkeypatch):
     assert "cputune probe" in e.value.hint and "--hardware" in e.value.hint
 
 
-def test_a_hardware_box_gets_the_published_constants():
-    box = resolve_box("xeon-6980p-2s")  # a box whose runs the fit saw: the leave-one-out range
-    assert box.calibration == calibrate.default_calibration("published")
-    assert "published" in box.calibration.source
+def test_a_hardware_box_gets_the_published_constants_and_its_own_terms():
+    """A box with published runs: the pooled constants, times the factors its own runs gave
+    (box_terms: bandwidth share and fixed cost), and the leave-one-out range."""
+    pub = calibrate.default_calibration("published")
+    box = resolve_box("xeon-6980p-2s")
+    assert box.calibration == for_box(pub, "xeon-6980p-2s") and "published" in box.calibration.source
+    # The 9965's runs (held out of the pooled fit) say its MLC figure undersells it: its box
+    # reaches more of the profile's bandwidth at a lower fixed cost than the pooled terms give.
+    k = resolve_box("epyc-9965-2s").calibration
+    f = pub.box_terms["epyc-9965-2s"]
+    assert f["bw"] > 1.2 and f["fixed"] < 1
+    assert k.bw_efficiency == pytest.approx(pub.bw_efficiency * f["bw"])
+    assert k.overhead_s_per_layer_thread == pytest.approx(pub.overhead_s_per_layer_thread * f["fixed"])
+    assert k.tg_error_band == pub.tg_error_band
 
 
 def test_a_box_the_fit_never_saw_gets_the_leave_one_box_out_range(tmp_path):
@@ -187,6 +198,32 @@ def test_shipped_published_constants_match_the_runs():
     assert statistics.median(pp) <= 0.15
     lo, hi = cal.tg_error_band
     assert 0.5 < lo < 1 < hi < 2 and "leave-one-out" in cal.error_band_source
+
+
+def test_a_boxs_own_runs_give_its_terms_and_nothing_else():
+    """fit_box_terms holds the pooled constants and finds, from one box's decode runs, the factors
+    that made them: runs made by bw x1.3 and fixed x0.8 give those back (a little toward 1, the
+    pooled terms, from the prior), and a box without decode runs gets no terms."""
+    pooled = dataclasses.replace(calibrate.default_calibration("published"), box_terms={})
+    runs = [r for r in published.load_published_runs(held_out=True) if r.hardware == "epyc-9965-2s"]
+    truth = dataclasses.replace(pooled, box_terms={"epyc-9965-2s": {"bw": 1.3, "fixed": 0.8}})
+    made = [dataclasses.replace(r, tg_tokens_per_s=p) for r, k, p, _ in published.figures(runs, truth) if k == "tg"]
+    got = published.fit_box_terms(made, pooled)["epyc-9965-2s"]
+    assert got["bw"] == pytest.approx(1.3, rel=0.05) and got["fixed"] == pytest.approx(0.8, rel=0.1)
+    assert published.fit_box_terms([dataclasses.replace(r, tg_tokens_per_s=None) for r in made], pooled) == {}
+    # The pooled fit never carries box terms, whatever it starts from.
+    assert published.fit_published(published.load_published_runs()[:20], truth, warm=truth).box_terms == {}
+
+
+@pytest.mark.parametrize("terms, message", [
+    ({"epyc-9965-2s": {"bw": 0.0}}, "box_terms.epyc-9965-2s.bw must be one of bw, fixed with a factor in 0.2..5.0"),
+    ({"epyc-9965-2s": {"speed": 1.1}}, "box_terms.epyc-9965-2s.speed must be one of bw, fixed"),
+    ({"x": {"fixed": float("nan")}}, "field box_terms['x']['fixed'] must be a finite number, not nan"),
+])
+def test_a_wrong_box_term_is_refused_in_one_line(terms, message):
+    section = dict(calibrate.load_toml("calibration.toml")["published"], box_terms=terms)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        calibrate.calibration_from(section, "calibration.toml [published]")
 
 
 def test_refit_reproduces_the_shipped_constants():

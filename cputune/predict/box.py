@@ -14,7 +14,7 @@ from cputune.predict import calibrate
 from cputune.core.errors import ConfigError
 from cputune.predict.hardware import Box, hardware_dir, list_hardware, load_hardware, machine_from_hardware
 from cputune.core.numa_policy import NumaDecision
-from cputune.predict.predictor import MachineBandwidth, Settings, cache_type_name, check_context, for_new_box
+from cputune.predict.predictor import MachineBandwidth, Settings, cache_type_name, check_context, for_box, for_new_box
 from cputune.predict.profile_machine import machine_from_profile
 from cputune.predict.selector import ram_needed
 
@@ -74,7 +74,8 @@ def resolve_box(spec: str | Path | None) -> Box:
         cal = calibrate.default_calibration("published")
         # A box whose runs the fit never saw gets the range of one (leave-one-box-out): wider.
         fitted = hw.id in cal.fitted_boxes and Path(hw.path).parent == hardware_dir()
-        return Box(machine_from_hardware(hw), cal if fitted else for_new_box(cal),
+        # A fitted box also gets what its own runs said of its bandwidth share and fixed cost.
+        return Box(machine_from_hardware(hw), for_box(cal, hw.id) if fitted else for_new_box(cal),
                    f"hardware profile {hw.path}", hw)
     path = probe.profile_path()
     if not path.exists():

@@ -25,7 +25,8 @@ from cputune.core.fsutil import cache_root
 from cputune.core.errors import ConfigError
 from cputune.core.jsonio import document, from_plain, read_json, write_json
 from cputune.model.gguf_model import ModelProfile
-from cputune.predict.predictor import Calibration, MachineBandwidth, Settings, at_read_bandwidth, nearest_rate, predict
+from cputune.predict.predictor import (BOX_TERM_RANGE, BOX_TERMS, Calibration, MachineBandwidth, Settings,
+                                      at_read_bandwidth, nearest_rate, predict)
 
 MIB = 1 << 20
 PRIOR_WEIGHT = 0.01
@@ -94,6 +95,12 @@ def calibration_from(c: dict, where: str = "calibration") -> Calibration:
             if not r > 0:
                 raise ConfigError(f"{where}: {name}.{t} must be above 0, not {r}",
                                   hint="re-run `cputune calibrate`")
+    lo, hi = BOX_TERM_RANGE
+    for box, terms in cal.box_terms.items():
+        for k, v in terms.items():
+            if k not in BOX_TERMS or not (math.isfinite(v) and lo <= v <= hi):
+                raise ConfigError(f"{where}: box_terms.{box}.{k} must be one of {', '.join(BOX_TERMS)} "
+                                  f"with a factor in {lo}..{hi}, not {v}", hint="re-run `cputune calibrate`")
     if not cal.decode_gbps_per_core or not cal.prefill_gflops_per_core:
         raise ConfigError(f"{where}: no per-core rates", hint="re-run `cputune calibrate`")
     # The types' ratios are the kernels' and the core's, measured once and shipped: every
@@ -487,6 +494,9 @@ def calibration_toml(cal: Calibration, section: str, extra: dict[str, float] | N
             continue
         lines += ["", f"[{section}.{table}]"]
         lines += [f"{t} = {num(r)}" for t, r in getattr(cal, table).items()]
+    for box, terms in sorted(cal.box_terms.items()):
+        lines += ["", f"[{section}.box_terms.{text(box)}]"]
+        lines += [f"{k} = {num(v)}" for k, v in terms.items()]
     for fam, tables in sorted(cal.family_rates.items()):
         for kind, table in tables.items():
             lines += ["", f"[{section}.family_rates.{fam}.{kind}]"]

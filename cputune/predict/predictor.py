@@ -181,6 +181,11 @@ class Calibration:
     pp_error_band_new_box: tuple[float, float] = (1.0, 1.0)
     error_band_source_new_box: str = "no held-out errors"
     fitted_boxes: tuple[str, ...] = ()  # the hardware profiles whose runs the fit saw
+    # What each fitted box's own runs say of the per-box terms, as factors on the pooled ones
+    # ({"xeon-6980p-2s": {"bw": 0.97, "fixed": 1.2}}): `bw` on the share of the profile's read
+    # bandwidth decode reaches, `fixed` on the per-token fixed cost. A box without runs takes the
+    # pooled terms (factor 1) and the new-box range; for_box applies them.
+    box_terms: dict[str, dict[str, float]] = field(default_factory=dict)
     source: str = "default"
 
 
@@ -486,6 +491,23 @@ def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
         t_attention_s=t_attn, pp_t_attention_s=t_pp_attn,
         tg_range=(cal.tg_error_band[0] / t_tok, cal.tg_error_band[1] / t_tok),
         pp_range=(cal.pp_error_band[0] / t_pp, cal.pp_error_band[1] / t_pp))
+
+
+BOX_TERMS = ("bw", "fixed")
+# A box's factors stay within this of the pooled terms: its runs correct the profile's bandwidth
+# figure (an MLC read, an estimate) and its fixed cost, not the physics.
+BOX_TERM_RANGE = (0.2, 5.0)
+
+
+def for_box(cal: Calibration, box: str | None) -> Calibration:
+    """`cal` with the per-box terms its fit found for hardware profile `box` (Calibration.box_terms),
+    or `cal` itself for a box it has none for."""
+    f = cal.box_terms.get(box or "")
+    if not f:
+        return cal
+    bw, fixed = f.get("bw", 1.0), f.get("fixed", 1.0)
+    return replace(cal, bw_efficiency=cal.bw_efficiency * bw, overhead_s_per_layer=cal.overhead_s_per_layer * fixed,
+                   overhead_s_per_layer_thread=cal.overhead_s_per_layer_thread * fixed)
 
 
 def for_new_box(cal: Calibration) -> Calibration:

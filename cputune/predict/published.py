@@ -26,7 +26,7 @@ from cputune.core import cores
 from cputune.predict.calibrate import PRIOR_WEIGHT, best_fit, least_squares
 from cputune.core.data import load_toml
 from cputune.model.gguf_model import ModelProfile
-from cputune.predict.predictor import Calibration, MachineBandwidth, Settings, predict
+from cputune.predict.predictor import BOX_TERM_RANGE, BOX_TERMS, Calibration, MachineBandwidth, Settings, for_box, predict
 
 # Row engines: "ik" = ik_llama.cpp with its CPU flags (-fmoe, -rtr or R4 quants, -mla, -fa);
 # "ik-plain" = ik_llama.cpp without them, which runs mainline's kernels; "mainline" = llama.cpp.
@@ -119,10 +119,11 @@ def load_published_runs(held_out: bool = False) -> list[PublishedRun]:
 
 
 def figures(runs: Sequence[PublishedRun], cal: Calibration) -> list[tuple[PublishedRun, str, float, float]]:
-    """(run, "tg"|"pp", predicted, measured) for every published figure."""
+    """(run, "tg"|"pp", predicted, measured) for every published figure, each run's box with the
+    terms the fit found for it (for_box)."""
     out = []
     for r in runs:
-        p = predict(r.model, r.machine, r.settings(), cal)
+        p = predict(r.model, r.machine, r.settings(), for_box(cal, r.hardware))
         if r.tg_tokens_per_s:
             out.append((r, "tg", p.tg_tokens_per_s, r.tg_tokens_per_s))
         if r.pp_tokens_per_s:
@@ -155,6 +156,11 @@ TERMS = {
     "ik_pp": ("ik_pp_factor", "log"),
     "ik_attn": ("ik_attn_factor", "log"),
 }
+
+
+# How strongly a box's own terms are pulled toward the pooled ones (factor 1), in squared log
+# errors per term: 0.25 makes a factor of 1.2 cost what one figure 10 % off costs.
+BOX_PRIOR_WEIGHT = 0.25
 
 
 # Where the fit starts the terms whose shipped default sits on a boundary (1, 0), and so has no
@@ -230,7 +236,8 @@ def fit_published(runs: Sequence[PublishedRun], start: Calibration,
             d, p = scale[borrowed(f, "tg")][0], scale[borrowed(f, "pp")][1]
             rates[f] = {"decode": {t: r * d for t, r in base_d.items()},
                         "prefill": {t: r * p for t, r in base_p.items()}}
-        return replace(start, **fields, family_rates={**start.family_rates, **rates},
+        # The pooled terms only: a box's own terms come after (fit_box_terms).
+        return replace(start, **fields, family_rates={**start.family_rates, **rates}, box_terms={},
                        source=f"fitted to {len(runs)} published big-server runs (configs/published_runs.toml)")
 
     def x_of(c: Calibration, interior: bool = False) -> list[float]:
@@ -266,6 +273,36 @@ def fit_published(runs: Sequence[PublishedRun], start: Calibration,
     return unpack(best_fit(residuals, [x0, alt]))
 
 
+def fit_box_terms(runs: Sequence[PublishedRun], pooled: Calibration) -> dict[str, dict[str, float]]:
+    """Each box's own terms (Calibration.box_terms), with the pooled ones held: a factor on the
+    share of its profile's bandwidth figure that decode reaches (`bw`) and one on its fixed cost
+    (`fixed`), fitted to its decode runs alone and pulled toward 1 by BOX_PRIOR_WEIGHT. They are
+    what a box's runs say of it that the profile does not (an MLC figure that undersells the
+    box, a fabric with cheaper barriers): the pooled terms stay what a box without runs gets."""
+    lo, hi = BOX_TERM_RANGE
+    out = {}
+    for box in sorted({r.hardware for r in runs if r.tg_tokens_per_s}):
+        mine = [r for r in runs if r.hardware == box and r.tg_tokens_per_s]
+
+        def residuals(x: Sequence[float]) -> list[float]:
+            f = {k: min(max(math.exp(v), lo), hi) for k, v in zip(BOX_TERMS, x)}
+            cal = replace(pooled, box_terms={box: f})
+            return ([math.log(p / m) for _, k, p, m in figures(mine, cal) if k == "tg"]
+                    + [math.sqrt(BOX_PRIOR_WEIGHT) * v for v in x])
+
+        x = least_squares(residuals, [0.0] * len(BOX_TERMS), iters=50)
+        out[box] = {k: round(min(max(math.exp(v), lo), hi), 3) for k, v in zip(BOX_TERMS, x)}
+    return out
+
+
+def fit_with_boxes(runs: Sequence[PublishedRun], box_runs: Sequence[PublishedRun], start: Calibration,
+                   warm: Calibration | None = None) -> Calibration:
+    """The pooled fit on `runs`, then every box's own terms from `box_runs` (its fitted runs and
+    any held-out runs of it: those calibrate their box, never the pooled terms)."""
+    pooled = fit_published(runs, start, warm=warm)
+    return replace(pooled, box_terms=fit_box_terms(box_runs, pooled))
+
+
 # --------------------------------------------------------------------------------------------
 # held-out errors and the range they give
 
@@ -285,16 +322,21 @@ class HeldOut:
 
 
 def leave_one_out(runs: Sequence[PublishedRun], start: Calibration,
-                  full: Calibration | None = None, progress=None) -> list[HeldOut]:
-    """Each run predicted by a fit on all the others (warm-started from the fit on all)."""
+                  full: Calibration | None = None, progress=None,
+                  box_only: Sequence[PublishedRun] = ()) -> list[HeldOut]:
+    """Each run predicted by a fit on all the others (warm-started from the fit on all): the
+    pooled terms without it, and its box's own terms from that box's other runs. `box_only`:
+    runs that calibrate their box but not the pooled terms (held out); each is predicted the
+    same way, by the pooled fit and its box's other runs."""
     full = full or fit_published(runs, start)
+    every = list(runs) + list(box_only)
     out = []
-    for i, r in enumerate(runs):
+    for i, r in enumerate(every):
         if progress:
-            progress(i, len(runs))
-        rest = [x for j, x in enumerate(runs) if j != i]
-        cal = fit_published(rest, start, warm=full)
-        out += [HeldOut(rr, k, p, m) for rr, k, p, m in figures([r], cal)]
+            progress(i, len(every))
+        pooled = fit_published([x for x in runs if x is not r], start, warm=full) if i < len(runs) else full
+        terms = fit_box_terms([x for x in every if x.hardware == r.hardware and x is not r], pooled)
+        out += [HeldOut(rr, k, p, m) for rr, k, p, m in figures([r], replace(pooled, box_terms=terms))]
     return out
 
 
