@@ -86,6 +86,7 @@ def test_a_hardware_box_gets_the_published_constants_and_its_own_terms():
     assert k.bw_efficiency == pytest.approx(pub.bw_efficiency * f["bw"])
     assert k.overhead_s_per_layer_thread == pytest.approx(pub.overhead_s_per_layer_thread * f["fixed"])
     assert k.tg_error_band == pub.tg_error_band
+    assert f"epyc-9965-2s's own runs: bandwidth share x{f['bw']:.2f}" in k.source  # said where it came from
 
 
 def test_a_box_the_fit_never_saw_gets_the_leave_one_box_out_range(tmp_path):
