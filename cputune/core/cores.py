@@ -52,6 +52,12 @@ def core_family(cpu_model: str | None = None, vendor: str | None = None, cpu_fam
     return None
 
 
+def vendor_of(cpu_model: str) -> str | None:
+    """The x86 vendor ("AuthenticAMD", "GenuineIntel") of a CPU by its model name, from the same
+    rows core_family matches; None if no row knows it."""
+    return next((r.vendor for r in core_rows() if r.model_regex.search(cpu_model)), None)
+
+
 def nearest_family(known: set[str] | frozenset[str] | tuple[str, ...], isa: tuple[str, ...] | frozenset[str],
                    vendor: str | None = None) -> str | None:
     """For a core no table knows: the known family with the same widest vector ISA (AVX-512 or

@@ -40,8 +40,8 @@ from cputune.core.fsutil import cache_root
 from cputune.core import numa_policy
 from cputune.model.gguf_model import ModelProfile
 from cputune.engine.placement import parse_numa, plan_placement
-from cputune.predict.predictor import Calibration, MachineBandwidth, Settings, cache_type_name, predict
-from cputune.predict.predictor import repacked_types
+from cputune.predict.predictor import (Calibration, MachineBandwidth, Settings, cache_type_name, predict,
+                                      repacked_types)
 from cputune.machine.topology import Topology
 
 KINDS = ("tg", "pp")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cputune.core import checks
-from cputune.core.cores import core_family
+from cputune.core.cores import core_family, vendor_of
 from cputune.core.data import config_path
 from cputune.core.errors import ConfigError
 from cputune.machine.memory import MEMORY_MTS, check_mts, theoretical_peak_gbps
@@ -185,8 +185,8 @@ def default_remote_ratio(sockets: int, nodes_per_socket: int, cpu_model: str) ->
     if sockets > 1:
         return DEFAULT_REMOTE_RATIO
     if nodes_per_socket > 1:
-        amd = any(w in cpu_model.upper() for w in ("AMD", "EPYC", "RYZEN", "THREADRIPPER"))
-        return INTRA_SOCKET_REMOTE_RATIO["amd" if amd else "intel"]
+        # An unknown CPU gets the lower (SNC) figure.
+        return INTRA_SOCKET_REMOTE_RATIO["amd" if vendor_of(cpu_model) == "AuthenticAMD" else "intel"]
     return 1.0
 
 
