@@ -125,6 +125,18 @@ def test_fit_recovers_constants_from_runs_it_generated():
     assert fitted.prefill_gflops_per_core["Q8_0"] == pytest.approx(70.0, rel=0.05)
 
 
+def test_fit_of_the_rates_alone_keeps_every_other_constant():
+    """A core family's tables are fitted beside the default constants (rates_only): the rates move
+    to what the runs say, the fixed cost and thread scaling stay where the start has them."""
+    truth = dataclasses.replace(CAL, decode_gbps_per_core={"Q8_0": 3.0, "F16": 8.0},
+                                prefill_gflops_per_core={"Q8_0": 70.0, "F16": 40.0})
+    start = dataclasses.replace(CAL, thread_scaling=0.8)
+    fitted = calibrate.fit(runs_made_by(truth), SMALL, start, fit_efficiency=False, rates_only=True)
+    assert fitted.prefill_gflops_per_core["Q8_0"] == pytest.approx(70.0, rel=0.15)
+    assert (fitted.overhead_s_per_layer, fitted.thread_scaling, fitted.overlap_p) == \
+        (start.overhead_s_per_layer, 0.8, start.overlap_p)
+
+
 def test_at_read_bandwidth_is_the_machine_at_the_read_of_the_moment():
     # SMALL: 2 threads pull min(2 x 18, 30) = 30 GB/s. Read 60 just before a run: everything x2.
     now = at_read_bandwidth(SMALL, 2, 60.0)

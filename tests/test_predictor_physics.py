@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 
+from cputune.core import cores
 from cputune.predict import calibrate
 from cputune.predict.box import resolve_box
 from cputune.model.catalog import catalog_profile
@@ -166,6 +167,31 @@ def test_core_family_rates_and_the_nearest_family():
     m = catalog_profile("deepseek-r1", "Q8_0")
     assert any("per-core rates of zen4" in n for n in predict(m, other, Settings(threads=8), cal).notes)
     assert rates_for(CAL, zen4) == (CAL, None)  # a box's own calibration has no family tables
+
+
+def test_a_family_without_rates_takes_another_scaled_by_its_simd_width():
+    only_zen4 = dataclasses.replace(CAL, family_rates={"zen4": {"decode": {"Q8_0": 30.0},
+                                                                "prefill": {"Q8_0": 100.0}}})
+    # Zen 1 (AVX2 cracked into 128-bit halves) has no AVX2 table to take: Zen 4's, at half.
+    zen1 = dataclasses.replace(BOX, core_family="zen1", isa=("avx2", "fma"))
+    c, used = rates_for(only_zen4, zen1)
+    assert used == "zen4"
+    assert c.decode_gbps_per_core == {"Q8_0": 15.0} and c.prefill_gflops_per_core == {"Q8_0": 50.0}
+    m = catalog_profile("deepseek-r1", "Q8_0")
+    assert any("x0.5 for its SIMD width" in n for n in predict(m, zen1, Settings(threads=8), only_zen4).notes)
+    # An AVX2 family first when there is one: Zen 3 from Zen 1's table, twice as wide.
+    with_zen1 = dataclasses.replace(CAL, family_rates={**only_zen4.family_rates,
+                                                       "zen1": {"decode": {"Q8_0": 5.0}, "prefill": {"Q8_0": 20.0}}})
+    c, used = rates_for(with_zen1, dataclasses.replace(BOX, core_family="zen3", isa=("avx2",)))
+    assert used == "zen1" and c.prefill_gflops_per_core == {"Q8_0": 40.0}
+    # 512-bit units count as 256 (the published fit: Zen 5 and Granite Rapids per core = Zen 4).
+    assert cores.vector_scale("graniterapids", "zen4") == 1.0
+    assert cores.vector_scale("sierraforest", "zen3") == 0.5
+    # A core of no known family keeps the table as it is.
+    c, used = rates_for(only_zen4, dataclasses.replace(BOX, core_family=None, isa=("avx2",)))
+    assert used == "zen4" and c.prefill_gflops_per_core == {"Q8_0": 100.0}
+    assert cores.core_family("Intel(R) Xeon(R) CPU E5-2699 v4 @ 2.20GHz") == "broadwell"
+    assert cores.core_family(vendor="GenuineIntel", cpu_family=6, model=63) == "haswell"
 
 
 def test_every_prediction_carries_its_range(r1):

@@ -21,6 +21,7 @@ class CoreRow:
     cpu_family: int
     models: tuple[tuple[int, int], ...]
     model_regex: re.Pattern
+    datapath_bits: int  # the width of its vector execution units
     source: str
 
 
@@ -35,7 +36,15 @@ def _ranges(text: str) -> tuple[tuple[int, int], ...]:
 @functools.lru_cache(maxsize=None)
 def core_rows() -> tuple[CoreRow, ...]:
     return tuple(CoreRow(r["core"], r["vendor"], int(r["cpu_family"]), _ranges(r["models"]),
-                         re.compile(r["model_regex"]), r["source"]) for r in load_csv("core_families.csv"))
+                         re.compile(r["model_regex"]), _bits(r["datapath_bits"]),
+                         r["source"]) for r in load_csv("core_families.csv"))
+
+
+def _bits(text: str) -> int:
+    v = int(text)
+    if v not in (128, 256, 512):
+        raise ValueError(f"core_families.csv: vector width {v} is not 128, 256 or 512")
+    return v
 
 
 def core_family(cpu_model: str | None = None, vendor: str | None = None, cpu_family: int | None = None,
@@ -59,12 +68,37 @@ def vendor_of(cpu_model: str) -> str | None:
 
 
 def nearest_family(known: set[str] | frozenset[str] | tuple[str, ...], isa: tuple[str, ...] | frozenset[str],
-                   vendor: str | None = None) -> str | None:
+                   vendor: str | None = None, any_isa: bool = False) -> str | None:
     """For a core no table knows: the known family with the same widest vector ISA (AVX-512 or
-    AVX2), preferring one of the same vendor; None when none is known."""
+    AVX2), preferring one of the same vendor; with `any_isa`, one of the other width when none
+    has the same (vector_scale converts its rates); None when none is known."""
     wide = "avx512f" in isa
-    order = (["zen4", "zen5", "sapphirerapids", "graniterapids", "icelake", "skylake"] if wide else
-             ["zen3", "zen2", "zen1", "skylake"])
+    avx512 = ["zen4", "zen5", "sapphirerapids", "graniterapids", "icelake", "skylake"]
+    avx2 = ["zen3", "zen2", "zen1", "broadwell", "haswell", "sierraforest", "skylake"]
+    order = avx512 if wide else avx2
+    if any_isa:
+        order = order + [c for c in (avx2 if wide else avx512) if c not in order]
     if vendor == "GenuineIntel":
-        order.sort(key=lambda c: not c.endswith(("rapids", "lake")))
+        order.sort(key=lambda c: not c.endswith(("rapids", "lake", "well", "forest")))
     return next((c for c in order if c in known), None)
+
+
+def _row(core: str) -> CoreRow | None:
+    return next((r for r in core_rows() if r.core == core), None)
+
+
+def vector_scale(target: str, source: str) -> float | None:
+    """How fast a `target` core runs llama.cpp's SIMD kernels against a `source` core, from the
+    width of their vector units; None when either family is unknown.
+
+    Units narrower than 256 bits take two passes for each AVX2 instruction (Zen 1, E-cores), so
+    they do proportionally less; wider ones count as 256: the published fit's per-core prefill
+    rates of Zen 5 and Granite Rapids (512-bit units) are Zen 4's (256-bit), and Skylake-SP's
+    (512-bit, AVX-512) are below Zen 3's (256-bit, AVX2), so neither the width beyond 256 nor the
+    ISA carries over between families. Clock speed is not in it either: a first-order estimate for
+    a family no calibration has measured, until `cputune calibrate` measures the box.
+    """
+    t, s = _row(target), _row(source)
+    if t is None or s is None:
+        return None
+    return min(t.datapath_bits, 256) / min(s.datapath_bits, 256)

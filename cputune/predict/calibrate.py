@@ -376,11 +376,14 @@ def log_errors(points: Sequence[Point], machine: MachineBandwidth, cal: Calibrat
 
 
 def fit(points: Sequence[Point], machine: MachineBandwidth, start: Calibration,
-        fit_efficiency: bool = True) -> Calibration:
+        fit_efficiency: bool = True, rates_only: bool = False) -> Calibration:
     """Least squares on ln(predicted/measured) over tg and pp, in log-parameters (all positive).
 
     bw_efficiency is capped at 1: a fit that wants more says the runs were compute-bound and
     cannot tell it; `fit_efficiency=False` keeps the starting value (from published runs).
+    `rates_only` fits the per-core rate tables alone, every other constant kept at `start`'s:
+    a core family's tables (calibration.toml [default.family_rates]) that predict beside the
+    default constants, as an uncalibrated box of that family will use them.
     """
     types = fitted_types(points)
     # MoE prefill efficiency per routed-expert type (the scalar where the runs have none).
@@ -401,6 +404,8 @@ def fit(points: Sequence[Point], machine: MachineBandwidth, start: Calibration,
     shape += ["attn_ts"] if len({p.threads for p in deep if p.model.mla}) > 1 else []
     names = (["eff"] if fit_efficiency else []) + ["ovh", "ovh_t"] + moe + shape + \
         [f"tg:{t}" for t in types] + [f"pp:{t}" for t in types]
+    if rates_only:
+        names = [n for n in names if n.startswith(("tg:", "pp:"))]
 
     def unpack(x: list[float]) -> Calibration:
         v = {n: _from_x(n, a) for n, a in zip(names, x)}
@@ -413,7 +418,8 @@ def fit(points: Sequence[Point], machine: MachineBandwidth, start: Calibration,
             thread_scaling=v.get("ts", start.thread_scaling),
             prefill_thread_scaling=v.get("ts_pp", start.prefill_thread_scaling),
             overlap_p=v.get("p", start.overlap_p),
-            overhead_s_per_layer=v["ovh"], overhead_s_per_layer_thread=v["ovh_t"],
+            overhead_s_per_layer=v.get("ovh", start.overhead_s_per_layer),
+            overhead_s_per_layer_thread=v.get("ovh_t", start.overhead_s_per_layer_thread),
             elementwise_s=v.get("elem", start.elementwise_s),
             attn_gflops_per_core=v.get("attn", start.attn_gflops_per_core),
             attn_prefill_gflops_per_core=v.get("attn_pp", start.attn_prefill_gflops_per_core),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from cputune.core.cores import nearest_family
+from cputune.core.cores import nearest_family, vector_scale
 from cputune.core.errors import ConfigError
 from cputune.model.gguf_model import ModelProfile, attn_flops_at, bits_per_weight, kv_cache_bytes, kv_read_bytes
 
@@ -388,16 +388,27 @@ def engine_rates(cal: Calibration, engine: str) -> tuple[float, float, float]:
 
 def rates_for(cal: Calibration, machine: MachineBandwidth) -> tuple[Calibration, str | None]:
     """`cal` with the per-core rate tables of the machine's core family (Calibration.family_rates),
-    or of the nearest family it has when this core is not among them (same vector ISA), and the
-    family used; `cal` itself when it holds no family tables (a box's own calibration)."""
+    or of the nearest family it has when this core is not among them (same vector ISA first),
+    scaled by how much SIMD work each core does per cycle (cores.vector_scale), and the family
+    used; `cal` itself when it holds no family tables (a box's own calibration)."""
     if not cal.family_rates:
         return cal, None
     fam = machine.core_family if machine.core_family in cal.family_rates else \
-        nearest_family(frozenset(cal.family_rates), machine.isa)
+        nearest_family(frozenset(cal.family_rates), machine.isa, any_isa=True)
     if fam is None:
         return cal, None
     t = cal.family_rates[fam]
-    return replace(cal, decode_gbps_per_core=t["decode"], prefill_gflops_per_core=t["prefill"]), fam
+    k = family_scale(machine, fam)
+    return replace(cal, decode_gbps_per_core={n: v * k for n, v in t["decode"].items()},
+                   prefill_gflops_per_core={n: v * k for n, v in t["prefill"].items()}), fam
+
+
+def family_scale(machine: MachineBandwidth, fam: str) -> float:
+    """The factor on family `fam`'s per-core rates for this machine's cores: 1 for its own family
+    or a core of unknown family, else cores.vector_scale."""
+    if not machine.core_family or machine.core_family == fam:
+        return 1.0
+    return vector_scale(machine.core_family, fam) or 1.0
 
 
 def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
@@ -405,7 +416,9 @@ def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
     notes = []
     cal, fam = rates_for(cal, machine)
     if fam and fam != machine.core_family:
-        notes.append(f"per-core rates of {fam} cores: the nearest family calibrated to a "
+        k = family_scale(machine, fam)
+        scaled = f", x{k:.2g} for its SIMD width (configs/core_families.csv)" if k != 1 else ""
+        notes.append(f"per-core rates of {fam} cores{scaled}: the nearest family calibrated to a "
                      f"{machine.core_family or 'core of unknown family'}")
     logical = max(machine.logical_cpus, machine.cores)
     asked = max(1, settings.threads)
