@@ -137,6 +137,21 @@ def test_fit_of_the_rates_alone_keeps_every_other_constant():
         (start.overhead_s_per_layer, 0.8, start.overlap_p)
 
 
+def test_a_fit_started_from_family_tables_predicts_with_the_rates_it_fitted():
+    """The default calibration carries core-family tables, which predict swaps in for a box's
+    rates: a fit that kept them fitted nothing (its rates overridden, the width cost absorbing
+    the difference). It starts from them and drops them."""
+    truth = dataclasses.replace(CAL, decode_gbps_per_core={"Q8_0": 3.0, "F16": 8.0},
+                                prefill_gflops_per_core={"Q8_0": 70.0, "F16": 40.0})
+    wrong = {"decode": {"Q8_0": 12.0, "F16": 30.0}, "prefill": {"Q8_0": 300.0, "F16": 160.0}}
+    start = dataclasses.replace(CAL, family_rates={"zen4": wrong})
+    points = runs_made_by(truth)
+    fitted = calibrate.fit(points, SMALL, start, fit_efficiency=False)
+    assert fitted.family_rates == {}
+    assert max(abs(e) for e in calibrate.log_errors(points, SMALL, fitted)) < 0.03
+    assert fitted.prefill_gflops_per_core["Q8_0"] == pytest.approx(70.0, rel=0.1)
+
+
 def test_at_read_bandwidth_is_the_machine_at_the_read_of_the_moment():
     # SMALL: 2 threads pull min(2 x 18, 30) = 30 GB/s. Read 60 just before a run: everything x2.
     now = at_read_bandwidth(SMALL, 2, 60.0)

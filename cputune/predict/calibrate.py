@@ -26,7 +26,7 @@ from cputune.core.errors import ConfigError
 from cputune.core.jsonio import document, from_plain, read_json, write_json
 from cputune.model.gguf_model import ModelProfile
 from cputune.predict.predictor import (BOX_TERM_RANGE, BOX_TERMS, Calibration, MachineBandwidth, Settings,
-                                      at_read_bandwidth, nearest_rate, predict)
+                                      at_read_bandwidth, nearest_rate, predict, rates_for)
 
 MIB = 1 << 20
 PRIOR_WEIGHT = 0.01
@@ -385,6 +385,9 @@ def fit(points: Sequence[Point], machine: MachineBandwidth, start: Calibration,
     a core family's tables (calibration.toml [default.family_rates]) that predict beside the
     default constants, as an uncalibrated box of that family will use them.
     """
+    # The start's core-family tables (the default calibration's) are where the rates start; the
+    # fit then drops them, or predict would keep swapping them in for the rates it fits.
+    start = replace(rates_for(start, machine)[0], family_rates={})
     types = fitted_types(points)
     # MoE prefill efficiency per routed-expert type (the scalar where the runs have none).
     expert_types = fitted_types(points, experts=True)
