@@ -83,8 +83,13 @@ def nearest_family(known: set[str] | frozenset[str] | tuple[str, ...], isa: tupl
     return next((c for c in order if c in known), None)
 
 
+@functools.lru_cache(maxsize=None)
+def _by_core() -> dict[str, CoreRow]:
+    return {r.core: r for r in core_rows()}
+
+
 def _row(core: str) -> CoreRow | None:
-    return next((r for r in core_rows() if r.core == core), None)
+    return _by_core().get(core)
 
 
 def vector_scale(target: str, source: str) -> float | None:
