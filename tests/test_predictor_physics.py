@@ -167,6 +167,10 @@ def test_core_family_rates_and_the_nearest_family():
     m = catalog_profile("deepseek-r1", "Q8_0")
     assert any("per-core rates of zen4" in n for n in predict(m, other, Settings(threads=8), cal).notes)
     assert rates_for(CAL, zen4) == (CAL, None)  # a box's own calibration has no family tables
+    # A family told only by caches and flags (the VM hid the model) is said to be so.
+    told = dataclasses.replace(other, core_told="caches")
+    assert any("graniterapids told by its caches" in n for n in predict(m, told, Settings(threads=8), cal).notes)
+    assert not any("told by" in n for n in predict(m, other, Settings(threads=8), cal).notes)
 
 
 def test_a_family_without_rates_takes_another_scaled_by_its_simd_width():

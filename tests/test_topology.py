@@ -3,6 +3,7 @@ hwloc's own reading of each tree), hwloc's lstopo XMLs of modern servers, and th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from cputune.core import cores
 from cputune.core.errors import TopologyError
 from cputune.machine.hwloc_xml import load_hwloc_xml, parse_hwloc_bitmap
 from cputune.machine.memory import HugepagePool, discover_memory
@@ -25,6 +27,7 @@ from cputune.machine.topology import (
     Topology,
     discover_topology,
     merge_inconsistent_nodes,
+    own_caches,
     parse_cpuinfo,
     parse_meminfo,
 )
@@ -583,3 +586,73 @@ def test_parse_cpulist(text, cpus):
 def test_parse_cpulist_rejects_a_group_form_without_group_size():
     with pytest.raises(ValueError):
         parse_cpulist("0-7:2")
+
+
+# --------------------------------------------------------------------------------------------
+# the core family where a VM hides the CPU's model (cores.identify_core's signatures)
+
+# What each recorded box's cores have: its vendor, the flags its generation added (these lstopo
+# files carry no flags), and the family its name and numbers say.
+RECORDED_CORES = {
+    "AMD-17h-Zen-2xEpyc-7451": ("AuthenticAMD", ("avx2", "fma"), "zen1"),
+    "AMD-19h-Zen3-2xEpyc-7763": ("AuthenticAMD", ("avx2", "fma", "vaes", "clwb"), "zen3"),
+    "AMD-19h-Zen4-2xEpyc-9654": ("AuthenticAMD", ("avx2", "avx512f", "avx512ifma", "vaes", "clwb"), "zen4"),
+    "Intel-CascadeLake-2xXeon6230": ("GenuineIntel", ("avx2", "avx512f", "avx512_vnni", "clwb"), "skylake"),
+    "Intel-SapphireRapids-2xXeonMax9460": ("GenuineIntel", ("avx512f", "avx512ifma", "avx512_fp16",
+                                                            "amx_tile", "vaes", "clwb"), "sapphirerapids"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECORDED_CORES))
+def test_recorded_boxes_name_their_core_by_caches_alone(name):
+    t = xml_topology(name)
+    vendor, flags, family = RECORDED_CORES[name]
+    assert t.l1d_bytes and t.l1i_bytes and t.l2_bytes  # read from the L1Cache/L1iCache/L2Cache objects
+    # By its numbers (hwloc's CPUFamilyNumber/CPUModelNumber) and its name, as before ...
+    assert cores.identify_core(t.cpu_model, t.cpu_vendor, t.cpu_family_id, t.cpu_model_id) == (family, "numbers")
+    assert cores.identify_core(t.cpu_model) == (family, "name")
+    # ... and with both hidden, as a KVM guest may show it, by its own caches and flags.
+    assert cores.identify_core(None, vendor, 6 if vendor == "GenuineIntel" else 25, 250, flags,
+                               own_caches(t)) == (family, "caches")
+
+
+def test_a_vm_that_hides_a_granite_rapids_core_is_told_by_its_caches(tmp_path):
+    # This project's VM on 2026-12-02: KVM says "Intel(R) Xeon(R) Processor", family 6 model 167
+    # (no Xeon has it), with Redwood Cove's 64 KiB L1i and 2 MiB L2.
+    cpu = tmp_path / "sys/devices/system/cpu"
+    flags = "fpu sse2 avx avx2 fma f16c avx512f avx512dq avx512ifma clwb avx512bw avx512vl vaes " \
+            "avx512_vnni avx512_bf16 avx512_fp16 amx_bf16 amx_tile amx_int8"
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/cpuinfo").write_text("".join(
+        f"processor\t: {i}\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 167\n"
+        f"model name\t: Intel(R) Xeon(R) Processor\nphysical id\t: 0\ncore id\t\t: {i}\nflags\t\t: {flags}\n\n"
+        for i in range(2)))
+    (cpu).mkdir(parents=True)
+    (cpu / "online").write_text("0-1\n")
+    for i in range(2):
+        (cpu / f"cpu{i}/topology").mkdir(parents=True)
+        (cpu / f"cpu{i}/topology/core_cpus_list").write_text(f"{i}\n")
+        for k, (level, kind, size) in enumerate(((1, "Data", "48K"), (1, "Instruction", "64K"),
+                                                 (2, "Unified", "2048K"), (3, "Unified", "491520K"))):
+            d = cpu / f"cpu{i}/cache/index{k}"
+            d.mkdir(parents=True)
+            (d / "level").write_text(f"{level}\n")
+            (d / "type").write_text(f"{kind}\n")
+            (d / "size").write_text(f"{size}\n")
+            (d / "shared_cpu_list").write_text("0-1\n" if level == 3 else f"{i}\n")
+    t = discover_topology(tmp_path)
+    assert (t.l1d_bytes, t.l1i_bytes, t.l2_bytes) == (48 * KiB, 64 * KiB, 2 * MiB)
+    assert cores.core_family(t.cpu_model, t.cpu_vendor, t.cpu_family_id, t.cpu_model_id) is None
+    assert cores.identify_core(t.cpu_model, t.cpu_vendor, t.cpu_family_id, t.cpu_model_id, t.isa_flags,
+                               own_caches(t)) == ("graniterapids", "caches")
+    # Sapphire Rapids' Golden Cove has half the L1i; a Zen 4 has no AMX; an L2 no row has: unknown.
+    assert cores.core_family(vendor="GenuineIntel", flags=t.isa_flags,
+                             caches={**own_caches(t), "l1i": 32 * KiB}) == "sapphirerapids"
+    assert cores.core_family(vendor="GenuineIntel", flags=t.isa_flags, caches={**own_caches(t), "l2": 3 * MiB}) is None
+    assert cores.core_family(vendor="AuthenticAMD", flags=t.isa_flags, caches=own_caches(t)) is None
+
+
+def test_a_damaged_cache_size_counts_as_unknown():
+    t = dataclasses.replace(xml_topology("AMD-19h-Zen4-2xEpyc-9654"), l2_bytes=-1, l1d_bytes=1 << 40)
+    assert own_caches(t) == {"l1d": None, "l1i": 32 * KiB, "l2": None}
+    assert cores.core_family(vendor="AuthenticAMD", flags=("avx512f",), caches=own_caches(t)) is None

@@ -22,7 +22,42 @@ class CoreRow:
     models: tuple[tuple[int, int], ...]
     model_regex: re.Pattern
     datapath_bits: int  # the width of its vector execution units
+    signature: Signature | None  # how it is told by flags and caches alone (None: it cannot be)
     source: str
+
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    """ISA flags a core has and lacks, and the sizes of its own caches in KiB (l1d, l1i, l2)."""
+    has: frozenset[str]
+    lacks: frozenset[str]
+    caches_kib: tuple[tuple[str, int], ...]
+
+    def matches(self, flags: frozenset[str], caches_kib: dict[str, int | None]) -> bool:
+        return (self.has <= flags and not (self.lacks & flags)
+                and all(caches_kib.get(k) == v for k, v in self.caches_kib))
+
+
+_CACHES = ("l1d", "l1i", "l2")
+
+
+def _signature(text: str) -> Signature | None:
+    if not text.strip():
+        return None
+    has, lacks, caches = set(), set(), []
+    for tok in text.split():
+        key, eq, val = tok.partition("=")
+        if eq:
+            if key not in _CACHES or not val.isdigit() or not 1 <= int(val) <= 1 << 20:
+                raise ValueError(f"core_families.csv: signature term {tok!r} is not l1d/l1i/l2=KiB")
+            caches.append((key, int(val)))
+        elif tok.startswith("!"):
+            lacks.add(tok[1:])
+        else:
+            has.add(tok)
+    if not caches:
+        raise ValueError(f"core_families.csv: signature {text!r} names no cache size")
+    return Signature(frozenset(has), frozenset(lacks), tuple(caches))
 
 
 def _ranges(text: str) -> tuple[tuple[int, int], ...]:
@@ -37,7 +72,7 @@ def _ranges(text: str) -> tuple[tuple[int, int], ...]:
 def core_rows() -> tuple[CoreRow, ...]:
     return tuple(CoreRow(r["core"], r["vendor"], int(r["cpu_family"]), _ranges(r["models"]),
                          re.compile(r["model_regex"]), _bits(r["datapath_bits"]),
-                         r["source"]) for r in load_csv("core_families.csv"))
+                         _signature(r["signature"]), r["source"]) for r in load_csv("core_families.csv"))
 
 
 def _bits(text: str) -> int:
@@ -48,17 +83,34 @@ def _bits(text: str) -> int:
 
 
 def core_family(cpu_model: str | None = None, vendor: str | None = None, cpu_family: int | None = None,
-                model: int | None = None) -> str | None:
-    """The core family of a CPU, by its numbers first and its model name second; None if unknown."""
+                model: int | None = None, flags: tuple[str, ...] | frozenset[str] = (),
+                caches: dict[str, int | None] | None = None) -> str | None:
+    """The core family of a CPU, by its numbers first, its model name second and, where a VM hides
+    both, its ISA flags and own cache sizes in bytes (`caches`: l1d, l1i, l2) when exactly one
+    family's signature matches them; None if unknown."""
+    return identify_core(cpu_model, vendor, cpu_family, model, flags, caches)[0]
+
+
+def identify_core(cpu_model: str | None = None, vendor: str | None = None, cpu_family: int | None = None,
+                  model: int | None = None, flags: tuple[str, ...] | frozenset[str] = (),
+                  caches: dict[str, int | None] | None = None) -> tuple[str | None, str]:
+    """core_family, and how it was told: "numbers", "name", "caches" or "" (not told)."""
     if vendor and cpu_family is not None and model is not None:
         for r in core_rows():
             if r.vendor == vendor and r.cpu_family == cpu_family and any(a <= model <= b for a, b in r.models):
-                return r.core
+                return r.core, "numbers"
     if cpu_model:
         for r in core_rows():
             if r.model_regex.search(cpu_model):
-                return r.core
-    return None
+                return r.core, "name"
+    if vendor and caches:
+        kib = {k: v // 1024 if v else None for k, v in caches.items()}
+        fl = frozenset(flags)
+        hits = [r.core for r in core_rows()
+                if r.vendor == vendor and r.signature is not None and r.signature.matches(fl, kib)]
+        if len(hits) == 1:
+            return hits[0], "caches"
+    return None, ""
 
 
 def vendor_of(cpu_model: str) -> str | None:

@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from cputune.core.errors import TopologyError
-from cputune.machine.topology import NumaNode, Topology, build_topology, merge_inconsistent_nodes
+from cputune.machine.topology import NumaNode, Topology, build_topology, merge_inconsistent_nodes, small_int
 
 
 def parse_hwloc_bitmap(text: str | None) -> tuple[int, ...] | None:
@@ -34,6 +34,22 @@ def _is_l3(elem: ET.Element) -> bool:
     # hwloc 2.x names caches by level ("L3Cache"); 1.x writes type="Cache" with depth="3".
     kind = elem.get("type")
     return kind == "L3Cache" or (kind == "Cache" and elem.get("depth") == "3")
+
+
+def _own_cache(elem: ET.Element) -> str | None:
+    """"l1d", "l1i" or "l2" for a per-core cache object, else None. hwloc 2.x: L1Cache, L1iCache,
+    L2Cache; 1.x: type="Cache" with depth and cache_type (0 unified, 1 data, 2 instruction)."""
+    kind, ctype = elem.get("type"), elem.get("cache_type")
+    if kind == "Cache":
+        kind = {("1", "1"): "L1Cache", ("1", "0"): "L1Cache", ("1", "2"): "L1iCache",
+                ("2", "0"): "L2Cache", ("2", "1"): "L2Cache"}.get((elem.get("depth"), ctype))
+    return {"L1Cache": "l1d", "L1iCache": "l1i", "L2Cache": "l2"}.get(kind or "")
+
+
+def _size_attr(elem: ET.Element) -> int | None:
+    """An object's cache_size in bytes, or None when absent or not a number."""
+    text = (elem.get("cache_size") or "").strip()
+    return int(text) if text.isdigit() and len(text) < 16 else None
 
 
 def _distances(root: ET.Element, gp_to_os: dict[str, int], node_ids: list[int]) -> dict[int, tuple[int, ...]]:
@@ -87,6 +103,8 @@ def load_hwloc_xml(path: Path | str) -> Topology:
     gp_to_os: dict[str, int] = {}
     model = vendor = None
     flags: list[str] = []
+    own: dict[str, int | None] = {}  # the first per-core caches' sizes (l1d, l1i, l2)
+    numbers: dict[str, int | None] = {}
 
     def visit(elem: ET.Element, pkg: int, core: tuple[int, int | None] | None, l3: int | None) -> None:
         nonlocal model, vendor
@@ -95,6 +113,10 @@ def load_hwloc_xml(path: Path | str) -> Topology:
         infos = _infos(elem)
         model = model or (infos.get("CPUModel") or "").strip() or None
         vendor = vendor or infos.get("CPUVendor") or None
+        # x86 hwloc records cpuid's numbers too (CPUFamilyNumber, CPUModelNumber): they name the core.
+        for k, key in (("family", "CPUFamilyNumber"), ("model", "CPUModelNumber")):
+            if numbers.get(k) is None:
+                numbers[k] = small_int(infos.get(key))
         # hwloc has no ISA field; a user may add one with `hwloc-annotate ... info CPUFlags "..."`.
         if not flags and infos.get("CPUFlags"):
             flags.extend(infos["CPUFlags"].split())
@@ -104,7 +126,9 @@ def load_hwloc_xml(path: Path | str) -> Topology:
             core = (next(counter), int(os_index) if os_index is not None else None)
         elif _is_l3(elem):
             l3 = next(counter)
-            l3_size[l3] = int(elem.get("cache_size")) if elem.get("cache_size") else None
+            l3_size[l3] = _size_attr(elem)
+        elif _own_cache(elem) and _own_cache(elem) not in own:
+            own[_own_cache(elem)] = _size_attr(elem)
         elif kind == "NUMANode" and os_index is not None:
             mem = elem.get("local_memory")
             raw_nodes.append((int(os_index), parse_hwloc_bitmap(elem.get("cpuset")),
@@ -155,6 +179,8 @@ def load_hwloc_xml(path: Path | str) -> Topology:
     return build_topology(
         cpu_model=model,
         cpu_vendor=vendor,
+        cpu_family_id=numbers.get("family"),
+        cpu_model_id=numbers.get("model"),
         online_cpus=online,
         offline_cpus=set(complete) - set(online),
         package_of=package_of,
@@ -169,4 +195,5 @@ def load_hwloc_xml(path: Path | str) -> Topology:
         isa_flags=flags,
         source="hwloc-xml",
         notes=notes,
+        l1d_bytes=own.get("l1d"), l1i_bytes=own.get("l1i"), l2_bytes=own.get("l2"),
     )

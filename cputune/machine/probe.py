@@ -23,7 +23,8 @@ from cputune.core.jsonio import document, from_plain, read_json, write_json
 from cputune.machine.memory import MemoryInfo, NodeMemory, discover_memory, parse_memory_spec
 from cputune.machine.peak import Peak, peak_bandwidth
 from cputune.core.sysfs import SysRoot
-from cputune.machine.topology import Topology, discover_topology
+from cputune.core.cores import identify_core
+from cputune.machine.topology import Topology, discover_topology, own_caches
 
 SCHEMA = "cputune.machine/1"
 REPROBE = "re-run `cputune probe` to write it again"
@@ -205,8 +206,14 @@ def summary_rows(p: MachineProfile) -> list[tuple[str, str]]:
                     f"(from {peak.source})")
     else:
         mem_text = "DIMMs unknown (pass --memory '24x DDR5-6000')"
+    fam, told = identify_core(t.cpu_model, t.cpu_vendor, t.cpu_family_id, t.cpu_model_id, t.isa_flags,
+                              own_caches(t))
+    core_text = {"numbers": f"{fam} (by its family/model numbers)", "name": f"{fam} (by its model name)",
+                 "caches": f"{fam} (by its caches and ISA flags: the CPU hides its model)"}.get(
+        told, "unknown (predictions take the nearest calibrated family)")
     rows = [
         ("cpu", f"{t.cpu_model or '?'}"),
+        ("core family", core_text),
         ("layout", f"{plural(len(t.packages), 'socket')}, {plural(len(t.nodes), 'NUMA node')}, "
                    f"{plural(len(t.cores), 'core')}, {plural(len(t.online_cpus), 'CPU')} "
                    f"(SMT {'on' if t.smt_on else 'off'})"),

@@ -20,6 +20,9 @@ ISA_FLAGS: tuple[str, ...] = (
     "avx2", "fma", "f16c",
     "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16", "avx512vbmi",
     "avx_vnni", "amx_tile", "amx_int8", "amx_bf16",
+    # not used by the engines' kernels choice, but they tell core generations apart
+    # (configs/core_families.csv signatures): Zen 2 added clwb, Zen 3 vaes, Ice Lake avx512ifma.
+    "avx512ifma", "avx512_fp16", "vaes", "clwb",
 )
 
 _CPU = "sys/devices/system/cpu"
@@ -96,6 +99,11 @@ class Topology:
     # where a VM hides the model name (this project's VM says only "AMD EPYC").
     cpu_family_id: int | None = None
     cpu_model_id: int | None = None
+    # The first online CPU's own caches in bytes (L1 data, L1 instruction, L2): with the ISA flags
+    # they tell the core family where a VM hides the model numbers too (cores.core_family).
+    l1d_bytes: int | None = None
+    l1i_bytes: int | None = None
+    l2_bytes: int | None = None
 
     @property
     def smt_on(self) -> bool:
@@ -141,7 +149,7 @@ class Topology:
 # assembly shared by the sysfs reader and the hwloc XML importer
 
 
-def _small_int(text: str | None) -> int | None:
+def small_int(text: str | None) -> int | None:
     """A cpuinfo number such as "25" or "0x19", or None when absent or not a small number."""
     try:
         v = int(str(text).strip(), 0)
@@ -170,6 +178,9 @@ def build_topology(
     isa_flags: Iterable[str],
     source: str,
     notes: Iterable[str] = (),
+    l1d_bytes: int | None = None,
+    l1i_bytes: int | None = None,
+    l2_bytes: int | None = None,
 ) -> Topology:
     """Group per-CPU facts into cores, L3 groups and packages; every list is sorted."""
     online = tuple(sorted(set(online_cpus)))
@@ -241,7 +252,21 @@ def build_topology(
         isa_flags=tuple(f for f in ISA_FLAGS if f in present),
         source=source,
         notes=tuple(notes),
+        l1d_bytes=_cache_size(l1d_bytes),
+        l1i_bytes=_cache_size(l1i_bytes),
+        l2_bytes=_cache_size(l2_bytes),
     )
+
+
+def own_caches(t: Topology) -> dict[str, int | None]:
+    """The first CPU's own cache sizes in bytes as core_family takes them (l1d, l1i, l2); a size
+    outside 1 KiB-1 GiB (a damaged profile) counts as unknown."""
+    return {"l1d": _cache_size(t.l1d_bytes), "l1i": _cache_size(t.l1i_bytes), "l2": _cache_size(t.l2_bytes)}
+
+
+def _cache_size(v: int | None) -> int | None:
+    """A per-core cache size in bytes, or None when absent or not a plausible one (1 KiB-1 GiB)."""
+    return v if isinstance(v, int) and not isinstance(v, bool) and (1 << 10) <= v <= (1 << 30) else None
 
 
 def _fmt(cpus: Iterable[int]) -> str:
@@ -442,6 +467,17 @@ def _size_bytes(text: str | None) -> int | None:
     return int(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2).upper()]
 
 
+def _own_caches(sr: SysRoot, cpu: int) -> dict[str, int | None]:
+    """CPU `cpu`'s L1 data, L1 instruction and L2 sizes from its cache/index* directories."""
+    out: dict[str, int | None] = {}
+    for idx in sr.glob(f"{_CPU}/cpu{cpu}/cache/index*"):
+        level, kind = sr.int(f"{idx}/level"), sr.text(f"{idx}/type") or ""
+        key = {(1, "Data"): "l1d", (1, "Instruction"): "l1i", (2, "Unified"): "l2"}.get((level, kind.strip()))
+        if key and key not in out:
+            out[key] = _size_bytes(sr.text(f"{idx}/size"))
+    return out
+
+
 def _cpu_dirs(sr: SysRoot) -> list[int]:
     return sorted(int(d[3:]) for d in sr.listdir(_CPU) if re.fullmatch(r"cpu\d+", d))
 
@@ -580,6 +616,7 @@ def discover_topology(root: Path | str = Path("/")) -> Topology:
                     l3_size_of[cpu] = _size_bytes(sr.text(f"{idx}/size"))
                 break
 
+    own = _own_caches(sr, online[0]) if online else {}
     nodes, notes = _read_nodes(sr, online, meminfo)
 
     # Allowed CPUs: /proc/self/status (the live process's affinity, cgroup included)
@@ -604,8 +641,8 @@ def discover_topology(root: Path | str = Path("/")) -> Topology:
     return build_topology(
         cpu_model=first.get("model name") or first.get("cpu model") or None,
         cpu_vendor=first.get("vendor_id") or first.get("CPU implementer") or None,
-        cpu_family_id=_small_int(first.get("cpu family")),
-        cpu_model_id=_small_int(first.get("model")),
+        cpu_family_id=small_int(first.get("cpu family")),
+        cpu_model_id=small_int(first.get("model")),
         online_cpus=online,
         offline_cpus=set(present) - set(online),
         package_of=package_of,
@@ -618,6 +655,7 @@ def discover_topology(root: Path | str = Path("/")) -> Topology:
         allowed_node_ids=allowed_nodes,
         cgroup_memory_limit_bytes=_cgroup_memory_limit(sr, cg),
         isa_flags=first.get("flags", "").split(),
+        l1d_bytes=own.get("l1d"), l1i_bytes=own.get("l1i"), l2_bytes=own.get("l2"),
         source="sysfs",
         notes=notes,
     )

@@ -53,7 +53,8 @@ class MachineBandwidth:
     mem_bytes: int
     isa: tuple[str, ...] = ()
     threads_per_core: int = 1  # 2 with SMT: siblings llama.cpp may also run threads on
-    core_family: str | None = None  # zen4, graniterapids ... (configs/cpu_models.csv), for per-core rates
+    core_family: str | None = None  # zen4, graniterapids ... (configs/core_families.csv), for per-core rates
+    core_told: str = ""  # how: "numbers", "name", "caches" (cores.identify_core)
 
     @property
     def cores_per_node(self) -> int:
@@ -420,6 +421,9 @@ def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
         scaled = f", x{k:.2g} for its SIMD width (configs/core_families.csv)" if k != 1 else ""
         notes.append(f"per-core rates of {fam} cores{scaled}: the nearest family calibrated to a "
                      f"{machine.core_family or 'core of unknown family'}")
+    if machine.core_told == "caches":
+        notes.append(f"core family {machine.core_family} told by its caches and ISA flags: the CPU "
+                     f"reports no model cputune knows (configs/core_families.csv)")
     logical = max(machine.logical_cpus, machine.cores)
     asked = max(1, settings.threads)
     threads = min(asked, logical)

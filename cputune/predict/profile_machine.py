@@ -4,8 +4,9 @@ checked as a hardware profile's are, so a damaged machine.json names its field."
 from __future__ import annotations
 
 from cputune.core import checks
-from cputune.core.cores import core_family
+from cputune.core.cores import identify_core
 from cputune.core.errors import ConfigError
+from cputune.machine.topology import own_caches
 from cputune.predict.hardware import (GIB, MAX_CHANNELS_PER_SOCKET, MAX_CORES_PER_SOCKET, MAX_DIMM_GIB,
                               MAX_DIMMS_PER_CHANNEL, MAX_GBPS, MAX_NODES_PER_SOCKET, MAX_SOCKETS)
 from cputune.predict.predictor import MachineBandwidth
@@ -38,10 +39,12 @@ def machine_from_profile(profile) -> MachineBandwidth:
     mem = profile.inventory.memory.mem_total_bytes or 0
     checks.number(mem, "field profile.inventory.memory.mem_total_bytes", 0, MAX_SOCKETS * MAX_CHANNELS_PER_SOCKET
                   * MAX_DIMMS_PER_CHANNEL * (MAX_DIMM_GIB * GIB), integer=True)
+    family, told = identify_core(t.cpu_model, t.cpu_vendor, t.cpu_family_id, t.cpu_model_id, t.isa_flags,
+                                 own_caches(t))
     return MachineBandwidth(
         name=profile.hostname, sockets=len(t.packages), nodes=len(cpu_nodes),
         cores=cores, node_read_gbps=node_bw, core_read_gbps=min(one_core, node_bw),
         # A remote read measured a little above the local one is noise: the ratio is at most 1.
         remote_ratio=min(min(remote), 1.0) if remote else 1.0,
         mem_bytes=mem, isa=t.isa_flags, threads_per_core=max(t.threads_per_core, 1),
-        core_family=core_family(t.cpu_model, t.cpu_vendor, t.cpu_family_id, t.cpu_model_id))
+        core_family=family, core_told=told)
