@@ -83,6 +83,7 @@ class Engine:
     mla_kv_width: int = 0  # the one latent KV width per layer its loader takes (0: any)
     mla_head_multiple: int = 1
     args: dict = field(default_factory=dict)  # program style -> setting -> {value: argv words}
+    compiled_out: tuple[str, ...] = ()  # ISA features left out of every build (a known crash)
 
     @property
     def label_prefix(self) -> str:
@@ -109,7 +110,7 @@ def load_engine(name: str = DEFAULT_ENGINE) -> Engine:
     if name not in engines:
         raise EngineError(f"unknown engine {name!r}", hint="choose one of: " + ", ".join(engines))
     d = dict(engines[name])
-    for k in ("binaries", "reported_features", "snapshot_sha256", "repack_types"):
+    for k in ("binaries", "reported_features", "snapshot_sha256", "repack_types", "compiled_out"):
         d[k] = tuple(d.get(k, ()))
     d["flags"] = {k: tuple(v) for k, v in d.get("flags", {}).items()}
     return Engine(name=name, **d)
@@ -480,7 +481,7 @@ def cmake_options(target_cpu: str, extra: Iterable[str] = (),
         opts.update(eng.explicit_options)
         wanted = set(t.get("features", []))
         for feat, opt in eng.isa_options.items():
-            opts[opt] = "ON" if feat in wanted else "OFF"
+            opts[opt] = "ON" if feat in wanted and feat not in eng.compiled_out else "OFF"
     for arg in extra:
         m = re.fullmatch(r"-D([A-Za-z0-9_]+)(?::[A-Z]+)?=(.*)", arg)
         if not m:
@@ -553,7 +554,8 @@ def missing_features(target_cpu: str, features: Mapping[str, int], host_flags: s
         wanted = [f for f in t["features"] if f in FEATURE_CPUINFO_FLAG]
     else:
         wanted = [f for f, flag in FEATURE_CPUINFO_FLAG.items() if flag in host_flags]
-    return [f for f in wanted if f in reported and features.get(f, 0) != 1]
+    out = _engine(engine).compiled_out
+    return [f for f in wanted if f in reported and f not in out and features.get(f, 0) != 1]
 
 
 def host_lacks(target_cpu: str, host_flags: set[str]) -> list[str]:
@@ -754,7 +756,7 @@ def _build_locked(spec: BuildSpec, bdir: Path, root: Path, jobs: int, progress: 
         # Built for another CPU: its code may not run here (SIGILL), so trust the flags.
         system_info = f"(not run: this host lacks {', '.join(lacking)})"
         features = {f: 1 for f in load_toml("target_cpus.toml")[spec.target_cpu]["features"]
-                    if f in eng.reported_features}
+                    if f in eng.reported_features and f not in eng.compiled_out}
     else:
         system_info = read_system_info(build_dir / eng.libraries["llama"])
         features = parse_system_info(system_info)
