@@ -12,6 +12,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 import pytest
 
+from cputune.core.errors import ConfigError
 from cputune.predict import calibrate
 from cputune.model.gguf_model import profile_from, tensor_bytes, TensorInfo
 from cputune.predict.predictor import (Calibration, MachineBandwidth, Settings, at_read_bandwidth, predict,
@@ -365,3 +366,19 @@ def test_calibration_table_shows_the_per_type_expert_efficiencies():
         report.render_calibration(run, None)
     text = cap.get()
     assert "of prefill compute Q8_0 0.42" in text and "30.0 ns per layer" in text
+
+
+@pytest.mark.parametrize("field,value", [
+    ("bw_efficiency", 0.0), ("bw_efficiency", -1.0), ("page_4k_efficiency", 0.0),
+    ("thread_scaling", 1e6), ("overhead_s_per_layer", -1.0), ("elementwise_s", 1e10),
+    ("serial_share", 2.0), ("fa_off_decode_factor", -1.0), ("overlap_p", 1e-300),
+    ("smt_tg_gain", -1.0), ("tg_error_band", [5.0, 0.1]), ("pp_error_band_new_box", [0.0, 1.0]),
+])
+def test_a_damaged_calibration_constant_is_refused_by_name(field, value):
+    # Each of these once divided by zero, overflowed a power or predicted a negative speed.
+    doc = tomllib.loads(calibrate.calibration_toml(calibrate.default_calibration(), "s"))["s"]
+    doc[field] = value
+    with pytest.raises(ConfigError, match=rf"^calibration\.json: {field} must be"):
+        calibrate.calibration_from(doc, "calibration.json")
+    # The shipped sections stay inside every range.
+    calibrate.default_calibration("published")

@@ -77,6 +77,41 @@ def decode_type_ratios() -> dict[str, float]:
     return out
 
 
+# Each scalar constant's range (lo, hi, lo_open): wide enough for any fit of a real box, narrow
+# enough that a damaged file cannot divide by zero, overflow a power or predict a negative speed.
+_SCALAR_RANGES: dict[str, tuple[float, float, bool]] = {
+    **{k: (0.0, 10.0, True) for k in ("bw_efficiency", "moe_bw_efficiency", "moe_prefill_efficiency",
+                                      "moe_decode_efficiency", "page_4k_efficiency", "avx512_prefill_factor")},
+    **{k: (0.0, 1e6, True) for k in ("attn_gflops_per_core", "attn_prefill_gflops_per_core")},
+    **{k: (0.0, 100.0, True) for k in ("mla_attn_factor", "fa_off_decode_factor", "fa_off_prefill_factor",
+                                       "fa_off_mla_decode_factor", "ik_tg_factor", "ik_pp_factor", "ik_attn_factor")},
+    **{k: (0.0, 2.0, False) for k in ("thread_scaling", "prefill_thread_scaling", "mla_attn_prefill_thread_scaling")},
+    **{k: (0.0, 1.0, False) for k in ("overhead_s_per_layer", "overhead_s_per_layer_thread")},
+    "elementwise_s": (0.0, 1e-3, False),
+    **{k: (0.0, 100.0, False) for k in ("overhead_node_factor", "prefill_node_factor")},
+    **{k: (0.0, 0.99, False) for k in ("serial_share", "prefill_serial_share")},
+    **{k: (-0.99, 1.0, False) for k in ("smt_tg_gain", "smt_pp_gain")},
+    "overlap_p": (0.0, 64.0, False),
+}
+_BANDS = ("tg_error_band", "pp_error_band", "tg_error_band_new_box", "pp_error_band_new_box")
+
+
+def _check_scalars(cal: Calibration, where: str) -> None:
+    for name, (lo, hi, lo_open) in _SCALAR_RANGES.items():
+        v = getattr(cal, name)
+        ok = math.isfinite(v) and (lo < v if lo_open else lo <= v) and v <= hi
+        if name == "overlap_p":
+            ok = ok and (v == 0 or v >= 0.05)  # 0 is max(); a p-norm's 2^(1/p) overflows below
+        if not ok:
+            span = f"{'above ' + str(lo) if lo_open else 'from ' + str(lo)} to {hi:g}"
+            raise ConfigError(f"{where}: {name} must be a number {span}, not {v}", hint="re-run `cputune calibrate`")
+    for name in _BANDS:
+        lo, hi = getattr(cal, name)
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi <= 100):
+            raise ConfigError(f"{where}: {name} must be [low, high] with 0 < low <= high <= 100, not "
+                              f"[{lo}, {hi}]", hint="re-run `cputune calibrate`")
+
+
 def calibration_from(c: dict, where: str = "calibration") -> Calibration:
     """A Calibration from a calibration.toml section or a saved calibration.json, every field
     checked for its type (jsonio.from_plain) and every rate for being positive."""
@@ -86,14 +121,15 @@ def calibration_from(c: dict, where: str = "calibration") -> Calibration:
         cal = from_plain(Calibration, {k: v for k, v in c.items() if k in Calibration.__slots__})
     except ConfigError as e:
         raise ConfigError(f"{where}: {e.message}", hint="re-run `cputune calibrate`") from None
+    _check_scalars(cal, where)
     tables = [("decode_gbps_per_core", cal.decode_gbps_per_core),
               ("prefill_gflops_per_core", cal.prefill_gflops_per_core),
               ("moe_prefill_efficiency_by_type", cal.moe_prefill_efficiency_by_type)]
     tables += [(f"family_rates.{f}.{k}", t) for f, fr in cal.family_rates.items() for k, t in fr.items()]
     for name, table in tables:
         for t, r in table.items():
-            if not r > 0:
-                raise ConfigError(f"{where}: {name}.{t} must be above 0, not {r}",
+            if not (math.isfinite(r) and 0 < r <= 1e9):
+                raise ConfigError(f"{where}: {name}.{t} must be a number above 0 (at most 1e9), not {r}",
                                   hint="re-run `cputune calibrate`")
     lo, hi = BOX_TERM_RANGE
     for box, terms in cal.box_terms.items():
