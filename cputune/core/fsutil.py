@@ -9,6 +9,9 @@ replaced by something else if cputune dies mid-way or is pointed at the wrong pa
 - A symbolic link at the target is refused too, not followed (see `check_target`).
 - A missing folder is an error for a path the user chose (`--out`, `synth --out`); cputune's own
   cache folders are created (`make_parents`).
+- State and settings files are read through `read_small_text` (or `open_regular`): only a
+  regular file, opened without blocking, at most MAX_SMALL_FILE_BYTES, so a link to /dev/zero
+  or a FIFO in their place is one line, not a 4 GB read or a hang.
 - Temporary files and folders are named `.cputune-tmp-PID-XXXXXXXX.NAME` and hold an flock
   while their writer lives. A writer that was killed (SIGKILL, OOM, power) cannot remove its
   own; the next write into the same folder does (`clean_stale`).
@@ -28,7 +31,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cputune.core.errors import WriteError
+from cputune.core.errors import ConfigError, WriteError
 
 TEMP_PREFIX = ".cputune-tmp-"
 _TEMP = re.compile(r"^\.cputune-tmp-(\d+)-")
@@ -67,6 +70,65 @@ def _kind(mode: int) -> str:
         if test(mode):
             return name
     return "not a regular file"
+
+
+# No file cputune reads whole (machine.json, calibration.json, tuned.json, a hardware TOML,
+# config.toml) comes near this: the largest, a tuned.json of many models, is a few hundred KB.
+MAX_SMALL_FILE_BYTES = 64 << 20
+
+
+def open_regular(path: Path | str, hint: str | None = None) -> tuple[int, os.stat_result]:
+    """(fd, fstat) of a regular file opened for reading; ConfigError naming `path` for a missing
+    one, anything else there (a folder, a device, a FIFO, a socket) or a failed open. It never
+    blocks: a FIFO is refused by its stat, and O_NONBLOCK covers one swapped in after it."""
+    path = Path(path)
+    try:
+        st = os.stat(path)  # before open(): opening some devices (a tape, a watchdog) acts on them
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist", hint=hint) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {path} ({e.strerror})", hint=hint) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{path} is {_kind(st.st_mode)}, not a file", hint=hint or "give the path of a file")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise ConfigError(f"cannot read {path} ({e.strerror})", hint=hint) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ConfigError(f"{path} is {_kind(st.st_mode)}, not a file", hint=hint or "give the path of a file")
+    return fd, st
+
+
+def read_small_text(path: Path | str, limit: int = MAX_SMALL_FILE_BYTES, hint: str | None = None) -> str:
+    """The text of a small regular file (a state document, a TOML of settings), read safely:
+    open_regular's checks, at most `limit` bytes whatever the file claims (a /proc file says 0),
+    UTF-8. Every failure is a ConfigError naming `path`."""
+    path = Path(path)
+    fd, st = open_regular(path, hint)
+    too_big = ConfigError(f"{path} is larger than {limit >> 20} MiB, far more than any file cputune "
+                          "reads; it is not one of cputune's files", hint=hint)
+    try:
+        if st.st_size > limit:
+            raise too_big
+        chunks, total = [], 0
+        while total <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > limit:
+            raise too_big
+    except OSError as e:
+        raise ConfigError(f"cannot read {path} ({e.strerror or e})", hint=hint) from None
+    finally:
+        os.close(fd)
+    try:
+        return b"".join(chunks).decode()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start})", hint=hint) from None
 
 
 def check_target(path: Path | str, make_parents: bool | None = None) -> Path:

@@ -17,7 +17,7 @@ from typing import Any
 from cputune import __version__
 from cputune.core.checks import shown
 from cputune.core.errors import ConfigError
-from cputune.core.fsutil import atomic_write_text
+from cputune.core.fsutil import atomic_write_text, read_small_text
 
 
 def plain(obj: Any) -> Any:
@@ -130,15 +130,21 @@ def write_json(path: Path | str, doc: dict) -> None:
 
 
 def read_json(path: Path | str, schema: str | None = None) -> dict:
+    """A saved document, read through fsutil.read_small_text (a regular file of at most 64 MiB:
+    never a device, a FIFO or a 4 GB read); every failure is a ConfigError naming the file."""
     path = Path(path)
+    redo = "delete it and create it again"
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist")
+    text = read_small_text(path, hint=redo)
     try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path} does not exist") from None
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read {path}: {e}",
-                          hint="delete it and create it again") from None
+        doc = json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"cannot read {path}: {e}", hint=redo) from None
+    except RecursionError:
+        raise ConfigError(f"cannot read {path}: it is nested too deeply to be a cputune document",
+                          hint=redo) from None
     if schema and (not isinstance(doc, dict) or doc.get("schema") != schema):
         raise ConfigError(f"{path} is not a {schema} document",
-                          hint="delete it and create it again") from None
+                          hint=redo) from None
     return doc

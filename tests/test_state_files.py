@@ -1,0 +1,104 @@
+"""The files cputune reads back (machine.json, calibration.json, tuned.json, a hardware TOML,
+config.toml, bench-history.jsonl) damaged or replaced by something that is not a file: each is one
+line naming the file, never a traceback, a hang or a read without end (fault-injection run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+
+import pytest
+from click.testing import CliRunner
+
+from cputune.cli import cli
+from cputune.commands import report_file
+from cputune.core import fsutil
+from cputune.core.errors import ConfigError
+from cputune.core.jsonio import read_json
+from cputune.engine import bench
+from cputune.model import modelfiles
+from cputune.predict import hardware
+
+ROOT = os.geteuid() == 0
+HW_TOML = ('[cpu]\nmodel = "x"\nsockets = 1\ncores_per_socket = 8\n'
+           '[memory]\nchannels_per_socket = 2\nmts = 5600\ndimm_gib = 32\n')
+
+
+@pytest.fixture(autouse=True)
+def own_dirs(tmp_path, monkeypatch):
+    """A cache and a config folder of the test's own."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
+    monkeypatch.delenv(modelfiles.ENV_VAR, raising=False)
+    (tmp_path / "cache" / "cputune").mkdir(parents=True)
+    (tmp_path / "cfg" / "cputune").mkdir(parents=True)
+
+
+def fails(*args: str, env: dict | None = None) -> str:
+    r = CliRunner().invoke(cli, list(args), env=env)
+    assert r.exit_code == 1 and "Traceback" not in r.output and r.output.startswith("Error: "), r.output
+    return r.output
+
+
+def not_a_file(tmp_path, kind: str):
+    """A path that is `kind`: a link to /dev/zero (endless zeros), a FIFO (open blocks), a folder."""
+    p = tmp_path / f"thing-{kind}"
+    if kind == "zero":
+        p.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(p)
+    else:
+        p.mkdir()
+    return p, {"zero": "a character device", "fifo": r"a FIFO \(named pipe\)", "dir": "a folder"}[kind]
+
+
+# --- the one reader: fsutil.read_small_text ------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["zero", "fifo", "dir"])
+def test_small_text_refuses_what_is_not_a_regular_file_at_once(tmp_path, kind):
+    p, what = not_a_file(tmp_path, kind)
+    with pytest.raises(ConfigError, match=f"is {what}, not a file"):
+        fsutil.read_small_text(p)
+
+
+def test_small_text_caps_the_size_and_reads_proc_files_that_claim_nothing(tmp_path):
+    p = tmp_path / "big.json"
+    p.write_bytes(b" " * 101)
+    with pytest.raises(ConfigError, match="larger than"):
+        fsutil.read_small_text(p, limit=100)
+    assert fsutil.read_small_text(p, limit=101) == " " * 101
+    # /proc/self/status says 0 bytes in its stat; it is read to the end all the same.
+    assert "Pid:" in fsutil.read_small_text("/proc/self/status")
+    with pytest.raises(ConfigError, match="larger than"):  # and one that claims 0 is cut at the cap
+        fsutil.read_small_text("/proc/self/status", limit=10)
+    with pytest.raises(ConfigError, match=r"cannot read /proc/self/mem \(Input/output error\)"):
+        fsutil.read_small_text("/proc/self/mem")  # EIO even as root
+
+
+# --- 1. the JSON state files ----------------------------------------------------------------------
+
+def test_deeply_nested_json_is_a_config_error(tmp_path):
+    p = tmp_path / "calibration.json"
+    p.write_text("[" * 200000)
+    with pytest.raises(ConfigError, match="nested too deeply") as e:
+        read_json(p)
+    assert str(p) in e.value.message and e.value.hint
+
+
+@pytest.mark.parametrize("kind", ["zero", "fifo"])
+def test_a_state_file_that_is_a_device_or_fifo_is_refused_at_once(tmp_path, kind):
+    p, what = not_a_file(tmp_path, kind)
+    with pytest.raises(ConfigError, match=f"is {what}, not a file"):
+        read_json(p)
+
+
+@pytest.mark.parametrize("kind", ["zero", "fifo"])
+def test_predict_with_machine_json_linked_to_dev_zero_or_a_fifo_is_one_line(tmp_path, kind):
+    """`cputune predict` on this box reads machine.json: a link to /dev/zero there used to read
+    3.8 GB and die of MemoryError, a FIFO to block for ever."""
+    p, what = not_a_file(tmp_path, kind)
+    (tmp_path / "cache" / "cputune" / "machine.json").symlink_to(p)
+    out = fails("predict", "-m", "deepseek-r1", "-q", "q4_k_m")
+    assert re.search(f"machine.json is {what}, not a file", out)
