@@ -102,3 +102,76 @@ def test_predict_with_machine_json_linked_to_dev_zero_or_a_fifo_is_one_line(tmp_
     (tmp_path / "cache" / "cputune" / "machine.json").symlink_to(p)
     out = fails("predict", "-m", "deepseek-r1", "-q", "q4_k_m")
     assert re.search(f"machine.json is {what}, not a file", out)
+
+
+# --- 2. the TOML files: --hardware FILE and config.toml -------------------------------------------
+
+@pytest.mark.parametrize("content, message", [
+    ("a = " + "[" * 3000 + "]" * 3000 + "\n", "not valid TOML (nested too deeply)"),
+    (b"\xff\xfe", "is not UTF-8 text"),
+])
+def test_hardware_toml_nested_or_not_text_is_one_line(tmp_path, content, message):
+    p = tmp_path / "box.toml"
+    p.write_bytes(content if isinstance(content, bytes) else content.encode())
+    out = fails("predict", "-m", "deepseek-r1", "-q", "q4_k_m", "--hardware", str(p))
+    assert message in out and str(p) in out
+
+
+def test_hardware_file_that_cannot_be_read_says_why(tmp_path):
+    out = fails("predict", "-m", "deepseek-r1", "-q", "q4_k_m", "--hardware", "/proc/self/mem")
+    assert "cannot read /proc/self/mem (Input/output error)" in out
+    p, _ = not_a_file(tmp_path, "fifo")
+    fifo = p.rename(tmp_path / "fifo.toml")
+    with pytest.raises(ConfigError, match="is a FIFO"):
+        hardware.load_hardware(fifo)
+
+
+@pytest.mark.skipif(ROOT, reason="root reads a chmod 000 file")
+def test_hardware_file_without_read_permission(tmp_path):
+    p = tmp_path / "box.toml"
+    p.write_text(HW_TOML)
+    p.chmod(0)
+    with pytest.raises(ConfigError, match=r"cannot read .*box.toml \(Permission denied\)"):
+        hardware.load_hardware(p)
+
+
+def config_toml(tmp_path):
+    return tmp_path / "cfg" / "cputune" / "config.toml"
+
+
+@pytest.mark.parametrize("content, message", [
+    ("models_dir = " + "[" * 3000 + "]" * 3000 + "\n", r"not valid TOML \(nested too deeply\)"),
+    ("models_dir = 5\n", "models_dir in .*config.toml must be a string, not 5"),
+    ("models_dir = [1]\n", r"must be a string, not \[1\]"),
+    ("[models_dir]\nx = 1\n", r"must be a string, not \{'x': 1\}"),
+    ('models_dir = "~nosuchuser/m"\n', "there is no user 'nosuchuser'"),
+])
+def test_config_toml_models_dir_is_checked(tmp_path, content, message):
+    config_toml(tmp_path).write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        modelfiles.models_dir()
+
+
+@pytest.mark.parametrize("kind", ["zero", "fifo"])
+def test_config_toml_that_is_not_a_file_is_refused_not_skipped(tmp_path, kind):
+    p, what = not_a_file(tmp_path, kind)
+    config_toml(tmp_path).symlink_to(p)
+    with pytest.raises(ConfigError, match=f"is {what}, not a file"):
+        modelfiles.models_dir()
+
+
+def test_config_toml_unreadable_says_why(tmp_path):
+    config_toml(tmp_path).symlink_to("/proc/self/mem")
+    with pytest.raises(ConfigError, match=r"cannot read .*config.toml \(Input/output error\)"):
+        modelfiles.models_dir()
+
+
+# --- 3. ~user in --models-dir and $CPUTUNE_MODELS_DIR ---------------------------------------------
+
+def test_an_unknown_user_in_a_models_dir_is_a_config_error(monkeypatch):
+    with pytest.raises(ConfigError, match=r"--models-dir '~nosuchuser/m': there is no user 'nosuchuser'"):
+        modelfiles.models_dir("~nosuchuser/m")
+    monkeypatch.setenv(modelfiles.ENV_VAR, "~nosuchuser")
+    with pytest.raises(ConfigError, match=f"{modelfiles.ENV_VAR} '~nosuchuser'"):
+        modelfiles.models_dir()
+    assert modelfiles.models_dir("~/m") == modelfiles.Path.home() / "m"

@@ -12,7 +12,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from cputune.core import checks
 from cputune.core.errors import ConfigError, CputuneError
+from cputune.core.fsutil import read_small_text
 from cputune.model.gguf_model import SPLIT_RE, ModelProfile, read_model
 
 if sys.version_info >= (3, 11):
@@ -29,21 +31,38 @@ def config_file() -> Path:
     return Path(base) / "cputune" / "config.toml"
 
 
+def _expanded(value: str, source: str) -> Path:
+    """`value` with a leading ~ or ~user made a home folder; ConfigError when there is none."""
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:  # ~nosuchuser, or ~ with neither $HOME nor a passwd entry
+        user = value[1:].split("/", 1)[0]
+        why = (f"there is no user {user!r} on this machine, so ~{user} names no folder" if user
+               else "~ names no folder here ($HOME is not set)")
+        raise ConfigError(f"{source} {value!r}: {why}", hint="give the folder's full path") from None
+
+
 def models_dir(option: Path | str | None = None) -> Path:
     """--models-dir, else $CPUTUNE_MODELS_DIR, else `models_dir` in ~/.config/cputune/config.toml,
     else ~/models."""
     if option:
-        return Path(option).expanduser()
+        return _expanded(str(option), "--models-dir")
     if os.environ.get(ENV_VAR):
-        return Path(os.environ[ENV_VAR]).expanduser()
+        return _expanded(os.environ[ENV_VAR], ENV_VAR)
     cfg = config_file()
-    if cfg.is_file():
+    if cfg.exists():
+        # A regular file of at most 64 MiB, never blocking (a FIFO, /dev/zero): fsutil's one reader.
+        text = read_small_text(cfg, hint=f"fix or remove {cfg}")
         try:
-            value = tomllib.loads(cfg.read_text()).get("models_dir")
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            value = tomllib.loads(text).get("models_dir")
+        except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{cfg}: not valid TOML ({e})") from None
+        except RecursionError:
+            raise ConfigError(f"{cfg}: not valid TOML (nested too deeply)") from None
+        if value is not None:
+            checks.text(value, f"models_dir in {cfg}", hint='write models_dir = "/path/to/models"')
         if value:
-            return Path(value).expanduser()
+            return _expanded(value, f"models_dir in {cfg}")
     return DEFAULT_DIR
 
 

@@ -15,6 +15,7 @@ from cputune.core import checks
 from cputune.core.cores import core_family, vendor_of
 from cputune.core.data import config_path
 from cputune.core.errors import ConfigError
+from cputune.core.fsutil import read_small_text
 from cputune.machine.memory import MEMORY_MTS, check_mts, theoretical_peak_gbps
 from cputune.predict.predictor import Calibration, MachineBandwidth
 from cputune.machine.topology import ISA_FLAGS
@@ -201,16 +202,20 @@ def list_hardware() -> list[str]:
 def load_hardware(spec: str | Path) -> HardwareProfile:
     """A shipped profile by name (`epyc-9655-2s`) or any TOML file by path."""
     path = Path(spec)
-    if path.suffix != ".toml" and not path.exists():
+    if path.suffix != ".toml" and (not path.exists() or path.is_dir()):
         path = hardware_dir() / f"{spec}.toml"
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"no hardware profile '{spec}'",
                           hint="shipped profiles: " + ", ".join(list_hardware())
                           + "; or give the path of a TOML file")
+    # A regular file of at most 64 MiB, never blocking (a FIFO, /dev/zero): fsutil's one reader.
+    text = read_small_text(path, hint="give the path of a hardware profile TOML")
     try:
-        data = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid TOML (nested too deeply)") from None
     hw = parse_hardware(data, path.stem, where=str(path))
     return HardwareProfile(**{**{f: getattr(hw, f) for f in hw.__slots__}, "path": str(path)})
 
