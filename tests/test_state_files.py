@@ -175,3 +175,70 @@ def test_an_unknown_user_in_a_models_dir_is_a_config_error(monkeypatch):
     with pytest.raises(ConfigError, match=f"{modelfiles.ENV_VAR} '~nosuchuser'"):
         modelfiles.models_dir()
     assert modelfiles.models_dir("~/m") == modelfiles.Path.home() / "m"
+
+
+# --- 4. a damaged bench-history.jsonl -------------------------------------------------------------
+
+GOOD = {"at": "2026-01-01T00:00:00+00:00", "machine": "vm", "model": "/m/x.gguf", "model_name": "x",
+        "file_type": "Q8_0", "test": "tg32", "kind": "tg", "threads": 2, "depth": 0,
+        "median_tokens_per_s": 10.0, "mean_tokens_per_s": 10.0, "stddev_tokens_per_s": None,
+        "min_tokens_per_s": 10.0, "max_tokens_per_s": 10.0, "samples_tokens_per_s": [10.0],
+        "predicted_tokens_per_s": 11.0, "roofline_tokens_per_s": 20.0, "build_commit": "abc",
+        "bytes_per_token": 1e9, "effective_bw_gbps": 20.0, "read_gbps": None, "read_samples_gbps": [],
+        "predicted_at_read_tokens_per_s": None, "engine": "llama.cpp", "args": []}
+DAMAGED = ["[1,2]", "5", json.dumps({**GOOD, "median_tokens_per_s": "fast"}), json.dumps({"threads": [1]}),
+           json.dumps({**GOOD, "bytes_per_token": "x"}), "[" * 100000, json.dumps({**GOOD, "threads": True}),
+           json.dumps({**GOOD, "median_tokens_per_s": float("inf")}), json.dumps({**GOOD, "threads": 10**9}),
+           json.dumps({**GOOD, "samples_tokens_per_s": ["a"]}), '{"b": ']
+
+
+def history(tmp_path) -> os.PathLike:
+    return tmp_path / "cache" / "cputune" / "bench-history.jsonl"
+
+
+def test_history_keeps_what_bench_wrote_and_counts_the_rest(tmp_path):
+    h = history(tmp_path)
+    h.write_text("\n".join([json.dumps(GOOD), *DAMAGED, json.dumps({**GOOD, "threads": 4})]) + "\n")
+    got = bench.load_history(h)
+    assert [r["threads"] for r in got.records] == [2, 4] and got.skipped == len(DAMAGED)
+    assert bench.read_history(h) == list(got.records)
+
+
+def test_a_report_on_a_damaged_history_is_written_and_says_what_it_skipped(tmp_path):
+    history(tmp_path).write_text("\n".join([json.dumps(GOOD), *DAMAGED]) + "\n")
+    out = tmp_path / "r.html"
+    r = CliRunner().invoke(cli, ["report", "--no-charts", "-o", str(out)])
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    text = out.read_text()
+    assert f"Skipped {len(DAMAGED)} damaged lines of the bench history" in text
+    assert "<td>tg32</td>" in text
+
+
+def test_latest_runs_leaves_out_records_bench_could_not_have_written():
+    runs = report_file.latest_runs([GOOD, [1, 2], {"threads": [1]}, {**GOOD, "bytes_per_token": "x"}])
+    assert runs == [GOOD]
+    assert report_file.bench_blocks(None, [5, {"median_tokens_per_s": "fast", "predicted_tokens_per_s": 1.0}],
+                                    False)[1].text.startswith("No bench results yet")
+
+
+def test_a_history_that_is_not_a_file_is_one_line(tmp_path):
+    p, what = not_a_file(tmp_path, "fifo")
+    history(tmp_path).symlink_to(p)
+    with pytest.raises(ConfigError, match=f"is {what}, not a file"):
+        bench.load_history()
+
+
+def test_an_endless_line_and_a_huge_history_stay_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "MAX_LINE_BYTES", 1000)
+    monkeypatch.setattr(bench, "HISTORY_BYTES", 4000)
+    h = history(tmp_path)
+    line = json.dumps(GOOD) + "\n"
+    assert len(line) < 1000
+    h.write_text(line + "x" * 2500 + "\n" + line)
+    got = bench.load_history(h)
+    assert len(got.records) == 2 and got.skipped == 1
+    with h.open("a") as f:
+        f.write(line * 20)  # beyond HISTORY_BYTES: the oldest lines are not read
+    got = bench.load_history(h)
+    assert 0 < len(got.records) <= 4000 // len(line) + 1 and got.skipped == 0
+    assert stat.S_ISREG(h.stat().st_mode)  # the history itself untouched

@@ -59,6 +59,7 @@ class ReportData:
     history: tuple[dict, ...]
     tuned: tuple[tune.TuneResult, ...]
     sources: dict[str, str]  # what was read from where
+    history_skipped: int = 0  # damaged bench-history lines left out (bench.load_history)
 
 
 def collect(profile_path: Path | None = None, history_path: Path | None = None,
@@ -72,8 +73,10 @@ def collect(profile_path: Path | None = None, history_path: Path | None = None,
         tuned = tuple(tune.load_all(tp).values())
     except ConfigError:
         tuned = ()
-    return ReportData(machine, tuple(bench.read_history(hp)), tuned,
-                      {"machine profile": str(pp), "bench history": str(hp), "tuned settings": str(tp)})
+    history = bench.load_history(hp)
+    return ReportData(machine, history.records, tuned,
+                      {"machine profile": str(pp), "bench history": str(hp), "tuned settings": str(tp)},
+                      history.skipped)
 
 
 # ---- blocks ---------------------------------------------------------------------------------------
@@ -116,17 +119,24 @@ def machine_blocks(m: probe.MachineProfile | None, charts: bool) -> list[Block]:
 
 
 def latest_runs(history: Sequence[dict]) -> list[dict]:
-    """The newest result of each (model, test, threads): the history keeps every run."""
+    """The newest result of each (model, test, threads): the history keeps every run. A record
+    bench could not have written (bench.history_record_ok) is left out here too."""
     latest: dict[tuple, dict] = {}
     for h in history:
+        if not bench.history_record_ok(h):
+            continue
         latest[(h.get("model"), h.get("test"), h.get("threads"))] = h
     return list(latest.values())
 
 
-def bench_blocks(m: probe.MachineProfile | None, history: Sequence[dict], charts: bool) -> list[Block]:
+def bench_blocks(m: probe.MachineProfile | None, history: Sequence[dict], charts: bool,
+                 skipped: int = 0) -> list[Block]:
     from cputune.commands import plots
 
     out: list[Block] = [Heading("Measured against predicted")]
+    if skipped:
+        out.append(Para(f"Skipped {skipped} damaged line{'s' if skipped != 1 else ''} of the bench history "
+                        "(cut by a crash, edited, or not bench's): they are left out below."))
     runs = latest_runs(history)
     if not runs:
         return out + [Para("No bench results yet: run `cputune bench -m MODEL` (or `--twin 2GB` "
@@ -214,7 +224,7 @@ def build_blocks(data: ReportData, charts: bool = True) -> list[Block]:
     head: list[Block] = [Heading(title, 1),
                          Para(f"cputune {__version__}; read from " +
                               ", ".join(f"{k} {v}" for k, v in data.sources.items()) + ".")]
-    return (head + machine_blocks(data.machine, charts) + bench_blocks(data.machine, data.history, charts)
+    return (head + machine_blocks(data.machine, charts) + bench_blocks(data.machine, data.history, charts, data.history_skipped)
             + tune_blocks(data.tuned, charts))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -17,8 +18,9 @@ from cputune.engine import llama_bench
 from cputune.machine import bandwidth
 from cputune.machine.bandwidth import Measurement
 from cputune.engine.build import DEFAULT_ENGINE
-from cputune.core.errors import EngineError
-from cputune.core.fsutil import cache_root
+from cputune.core.checks import MAX_THREADS, MAX_TOKENS, finite
+from cputune.core.errors import ConfigError, EngineError
+from cputune.core.fsutil import cache_root, open_regular
 from cputune.model.gguf_model import ModelProfile
 from cputune.predict.hardware import Box
 from cputune.predict.predictor import Prediction, Settings, at_read_bandwidth, predict
@@ -156,14 +158,91 @@ def append_history(results: Sequence[BenchResult], model: ModelProfile, machine_
     return path
 
 
-def read_history(path: Path | None = None) -> list[dict]:
+# What append_history writes on a line, and what each field may hold when a line has it: text, a
+# whole number in range, or a finite number in range (None where the result allows it). An older
+# line may lack later fields; a field of the wrong kind makes the line damaged (a report
+# must not die on `"threads": [1]` or `"median_tokens_per_s": "fast"`).
+_TEXT = {"at", "machine", "test", "kind", "build_commit", "engine"}
+_TEXT_OR_NONE = {"model", "model_name", "file_type"}  # model: None for a catalog profile
+_WHOLE = {"threads": (1, MAX_THREADS), "depth": (0, MAX_TOKENS)}
+_RATE = (0.0, 1e9)  # tokens/s
+_NUMBERS = {"median_tokens_per_s": _RATE, "mean_tokens_per_s": _RATE, "min_tokens_per_s": _RATE,
+            "max_tokens_per_s": _RATE, "predicted_tokens_per_s": _RATE}
+_NUMBERS_OR_NONE = {"stddev_tokens_per_s": _RATE, "roofline_tokens_per_s": _RATE,
+                    "predicted_at_read_tokens_per_s": _RATE, "bytes_per_token": (0.0, 1e15),
+                    "effective_bw_gbps": (0.0, 1e6), "read_gbps": (0.0, 1e6)}
+_NUMBER_LISTS = {"samples_tokens_per_s": _RATE, "read_samples_gbps": (0.0, 1e6)}
+# A history line is about 1 KB; one far longer is not one of bench's, and only the newest
+# HISTORY_BYTES of a history are read (memory stays bounded however long it grows).
+MAX_LINE_BYTES = 1 << 20
+HISTORY_BYTES = 16 << 20
+
+
+def _in(value, lo: float, hi: float) -> bool:
+    return finite(value) and lo <= value <= hi
+
+
+def history_record_ok(rec) -> bool:
+    """Whether one parsed history line is a record bench could have written (see the tables)."""
+    if not isinstance(rec, dict):
+        return False
+    for k, v in rec.items():
+        if k in _TEXT and not isinstance(v, str) or k in _TEXT_OR_NONE and not (v is None or isinstance(v, str)):
+            return False
+        if k in _WHOLE and not (isinstance(v, int) and _in(v, *_WHOLE[k])):
+            return False
+        if k in _NUMBERS and not _in(v, *_NUMBERS[k]) or k in _NUMBERS_OR_NONE and not (v is None or _in(v, *_NUMBERS_OR_NONE[k])):
+            return False
+        if k in _NUMBER_LISTS and not (isinstance(v, list) and all(_in(x, *_NUMBER_LISTS[k]) for x in v)):
+            return False
+        if k == "args" and not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+            return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    records: tuple[dict, ...]
+    skipped: int  # damaged lines (cut by a crash, edited, of another program) left out
+    path: Path
+
+
+def load_history(path: Path | None = None) -> History:
+    """Every well-formed record of the bench history, oldest first, and how many lines were
+    damaged (cut by a crash, not JSON, nested absurdly deep, or fields of the wrong kind or out
+    of range): those are skipped and counted, not fatal. A history that is not a regular file
+    (a FIFO, a device) is a ConfigError; beyond HISTORY_BYTES only the newest lines are read."""
     path = path or history_path()
     if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut by a crash is skipped, not fatal
-    return out
+        return History((), 0, path)
+    fd, st = open_regular(path, hint=f"remove {path}; `cputune bench` starts a new one")
+    out, skipped = [], 0
+    try:
+        with os.fdopen(fd, "rb") as f:
+            if st.st_size > HISTORY_BYTES:
+                f.seek(st.st_size - HISTORY_BYTES)
+                f.readline(MAX_LINE_BYTES)  # the rest of a line cut by the seek: not counted
+            while line := f.readline(MAX_LINE_BYTES + 1):
+                if len(line) > MAX_LINE_BYTES:
+                    skipped += 1
+                    while line and not line.endswith(b"\n"):  # the rest of the long line
+                        line = f.readline(MAX_LINE_BYTES)
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except (ValueError, RecursionError):
+                    rec = None
+                if history_record_ok(rec):
+                    out.append(rec)
+                else:
+                    skipped += 1
+    except OSError as e:
+        raise ConfigError(f"cannot read {path} ({e.strerror or e})") from None
+    return History(tuple(out), skipped, path)
+
+
+def read_history(path: Path | None = None) -> list[dict]:
+    """The well-formed records of the bench history (load_history, without the count)."""
+    return list(load_history(path).records)
