@@ -316,3 +316,38 @@ def test_predict_and_select_take_a_url(server, shards, cache):
         assert here.exit_code == 0 and there.exit_code == 0, there.output
         strip = lambda text: text.replace(url, "P").replace(str(shards[0]), "P")
         assert json.loads(strip(there.output)) == json.loads(strip(here.output))
+
+
+@pytest.mark.parametrize("head", [b"[]", b"5", b'"x"', b"[" * 100000])
+def test_a_damaged_header_cache_entry_is_read_again_not_a_crash(server, shards, cache, head):
+    """A cache file whose JSON line is a list, a number or absurdly deep is ignored: the header is
+    fetched again (GETs, not only HEADs) and the entry rewritten."""
+    url = server.url(shards[0].name)
+    first = remote.read_model(url)
+    for f in cache.iterdir():
+        f.write_bytes(head + b"\n")
+    server.log.clear()
+    again = remote.read_model(url)
+    assert again.profile == first.profile and not again.from_cache
+    assert "GET" in [m for m, _, _ in server.log]
+
+
+@pytest.mark.parametrize("arg, env, message", [
+    ("https://[::1/x.gguf", {}, r"https://\[::1/x.gguf is not a valid web address \(Invalid IPv6 URL\)"),
+    ("http://127.0.0.1:port/x.gguf", {}, "is not a valid web address"),
+    ("http:///x.gguf", {}, "http:///x.gguf names no host"),
+    ("hf://o/r/f.gguf", {"HF_ENDPOINT": "http://[::1"}, r"HF_ENDPOINT 'http://\[::1' is not a valid web address"),
+    ("hf://o/r/f.gguf", {"HF_ENDPOINT": "file:///etc"}, "HF_ENDPOINT 'file:///etc' is not an http:// or https://"),
+    ("hf://o/r/f.gguf", {"HF_ENDPOINT": "ftp://127.0.0.1"}, "is not an http:// or https://"),
+    ("hf://o/r/", {}, "^hf://o/r/ is not a Hugging Face file address"),
+])
+def test_an_address_that_cannot_be_fetched_is_a_model_error_before_any_request(arg, env, message,
+                                                                                monkeypatch, cache):
+    """Each of these fails before a socket is opened (no server runs here): the URL parsed once,
+    only http(s) allowed (urllib would read file:///etc), the address named as the user gave it."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ModelError, match=message):
+        remote.read_model(arg)
+    out = failing("inspect", arg)
+    assert out.startswith("Error: ") and len(out.strip().splitlines()) == 2, out  # error + hint

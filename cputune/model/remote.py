@@ -27,8 +27,8 @@ from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
 from cputune.model import gguf_model as gm
-from cputune.core.errors import GGUFError, ModelError, NetworkError, WriteError
-from cputune.core.fsutil import atomic_write_bytes, cache_root
+from cputune.core.errors import ConfigError, GGUFError, ModelError, NetworkError, WriteError
+from cputune.core.fsutil import atomic_write_bytes, cache_root, open_regular
 
 SCHEMES = ("https://", "http://", "hf://")
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -52,24 +52,55 @@ class Url(str):
 
     @property
     def name(self) -> str:
-        return unquote(urlsplit(self).path.rstrip("/").rsplit("/", 1)[-1])
+        return unquote(_split(self, self).path.rstrip("/").rsplit("/", 1)[-1])
 
     def with_name(self, name: str) -> Url:
         head, _, _ = self.rpartition("/")
         return Url(f"{head}/{quote(name)}")
 
 
+def _split(address: str, label: str):
+    """urlsplit(address), its port checked too; ModelError naming `label` for one it cannot
+    parse (`https://[::1/x.gguf`: urlsplit's ValueError 'Invalid IPv6 URL')."""
+    try:
+        parts = urlsplit(address)
+        parts.port  # noqa: B018 - parsed only when asked: ':abc' or ':99999' raise here
+    except ValueError as e:
+        raise ModelError(f"{label} is not a valid web address ({e})",
+                         hint="write https://HOST/PATH/FILE.gguf or hf://OWNER/REPO/FILE.gguf") from None
+    return parts
+
+
+def _check_http(address: str, label: str) -> None:
+    """An http:// or https:// address with a host: urllib would open file:// and ftp:// too."""
+    parts = _split(address, label)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ModelError(f"{label} " + ("names no host" if parts.scheme.lower() in ("http", "https")
+                                        else "is not an http:// or https:// address"),
+                         hint="write https://HOST/PATH/FILE.gguf or hf://OWNER/REPO/FILE.gguf")
+
+
 def http_url(url: str, env: Mapping[str, str] = os.environ) -> str:
     """The URL to fetch: hf://owner/repo/path/file.gguf is {HF_ENDPOINT}/owner/repo/resolve/main/
-    path/file.gguf (huggingface_hub's hf_hub_url, revision main); an http(s) URL is itself."""
+    path/file.gguf (huggingface_hub's hf_hub_url, revision main); an http(s) URL is itself.
+    ModelError for an address that is neither, or that cannot be parsed; HF_ENDPOINT must be an
+    http(s) address itself (file:///etc would make urllib read local files)."""
     if not url.lower().startswith("hf://"):
+        _check_http(url, url)
         return url
     parts = url[len("hf://"):].split("/", 2)
     if len(parts) < 3 or not all(parts) or not parts[2].endswith(".gguf"):
         raise ModelError(f"{url} is not a Hugging Face file address",
                          hint="write hf://OWNER/REPO/FILE.gguf (FILE may hold folders)")
     endpoint = (env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
-    return f"{endpoint}/{parts[0]}/{parts[1]}/resolve/main/{parts[2]}"
+    try:
+        _check_http(endpoint, f"HF_ENDPOINT {endpoint!r}")
+    except ModelError as e:
+        raise ModelError(e.message, hint="set HF_ENDPOINT to an https:// address, or unset it for "
+                         f"{DEFAULT_ENDPOINT}") from None
+    full = f"{endpoint}/{parts[0]}/{parts[1]}/resolve/main/{parts[2]}"
+    _check_http(full, url)
+    return full
 
 
 def shard_urls(url: str) -> list[Url]:
@@ -321,19 +352,28 @@ def _cache_path(folder: Path, url: str) -> Path:
 def _load(path: Path, url: str) -> _Entry | None:
     """A cached entry, or None for none, another URL's, another format's or a damaged one."""
     try:
-        with path.open("rb") as f:
+        fd, _ = open_regular(path)  # never a FIFO or a device in its place
+    except ConfigError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
             head = json.loads(f.readline(1 << 20))
             blob = f.read(gm.MAX_HEADER_BYTES)
-        if head.get("version") != CACHE_VERSION or head.get("url") != url:
+        if not isinstance(head, dict) or head.get("version") != CACHE_VERSION or head.get("url") != url:
+            return None
+        size, validator = head["size"], head["validator"]
+        if not (isinstance(size, int) and size >= 0 and (validator is None or isinstance(validator, str))):
             return None
         segments, at = {}, 0
         for off, n in head["segments"]:
-            segments[int(off)] = blob[at:at + int(n)]
-            at += int(n)
+            if not (isinstance(off, int) and isinstance(n, int) and off >= 0 and n >= 0):
+                return None
+            segments[off] = blob[at:at + n]
+            at += n
         if at != len(blob):
             return None
-        return _Entry(url, int(head["size"]), head["validator"], segments)
-    except (OSError, ValueError, KeyError, TypeError):
+        return _Entry(url, size, validator, segments)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
 
 
@@ -389,6 +429,7 @@ def read_model(url: str, env: Mapping[str, str] = os.environ, *, timeout_s: floa
     """The ModelProfile of a remote GGUF (any shard of a split model names all of it), read from
     its headers with Range requests; NetworkError for what the server does wrong, GGUFError for
     what the header does."""
+    http_url(url, env)  # the address checked once, before any shard's name is made from it
     client = _Client(env=env, timeout_s=timeout_s)
     folder = cache or cache_dir()
     results = [_read_shard(u, client, folder) for u in shard_urls(url)]
