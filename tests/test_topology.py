@@ -23,8 +23,10 @@ from cputune.machine.memory import HugepagePool, discover_memory
 from cputune.commands.report import plain
 from cputune.core.sysfs import parse_cpulist
 from cputune.machine.topology import (
+    MAX_CPUS,
     NumaNode,
     Topology,
+    build_topology,
     discover_topology,
     merge_inconsistent_nodes,
     own_caches,
@@ -443,12 +445,74 @@ def test_parse_hwloc_bitmap_infinite_or_missing(text):
     assert parse_hwloc_bitmap(text) is None
 
 
+_PU = "<object type='PU' os_index='0'/>"
+
+
+def _box(inner: str = _PU, machine: str = "", after: str = "") -> str:
+    return f"<topology><object type='Machine' {machine}>{inner}</object>{after}</topology>"
+
+
+def _node(attrs: str) -> str:
+    return f"<object type='NUMANode' {attrs}/>"
+
+
+_NODE0 = _node("os_index='0' cpuset='0x1'")
+_NODES01 = _node("os_index='0' cpuset='0x1'") + _node("os_index='1' cpuset='0x2'") + \
+    "<object type='PU' os_index='0'/><object type='PU' os_index='1'/>"
+
+
+def _dist2(indexes: str = "0 1", values: str = "10 20 20 10") -> str:
+    return (f"<distances2 type='NUMANode' nbobjs='2' kind='5' indexing='os'><indexes length='3'>{indexes}"
+            f"</indexes><u64values length='11'>{values}</u64values></distances2>")
+
+
+def _dist1(base: str = "10", values: tuple[str, ...] = ("1", "2.1", "2.1", "1")) -> str:
+    lat = "".join(f"<latency value='{v}'/>" for v in values)
+    return f"<distances nbobjs='2' relative_depth='1' latency_base='{base}'>{lat}</distances>"
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "cannot read hwloc XML"),
     ("<topology", "cannot read hwloc XML"),
     ("<lstopo><object type='Machine'/></lstopo>", "is not an hwloc topology"),
     ("<topology><object type='Machine'><object type='Package' os_index='0'/></object></topology>",
      "lists no PU objects"),
+    # every id and size is a whole number in range, else one error naming attribute and value
+    (_box(f"<object type='Package' os_index='x'><object type='Core'>{_PU}</object></object>"),
+     "Package object has os_index='x'"),
+    (_box(f"<object type='Core' os_index='1.5'>{_PU}</object>"), "Core object has os_index='1.5'"),
+    (_box("<object type='PU' os_index='x'/>"), "PU object has os_index='x'"),
+    (_box("<object type='PU' os_index='-1'/>"), "PU object has os_index='-1'"),
+    (_box(f"<object type='PU' os_index='{10**30}'/>"), f"PU object has os_index='{10**30}'"),
+    (_box("<object type='PU' os_index='65536'/>"), "os_index='65536', which is not a whole number from 0 to 65535"),
+    (_box(_node("os_index='x'") + _PU), "NUMANode object has os_index='x'"),
+    (_box(_node("os_index='-5'") + _PU), "NUMANode object has os_index='-5'"),
+    (_box(_node("os_index='1024'") + _PU), "NUMANode object has os_index='1024'"),
+    (_box(_node("os_index='0'") + _node("os_index='0'") + _PU), "two NUMANode objects have os_index=0"),
+    (_box(_node("os_index='0' local_memory='-1'") + _PU), "os_index='0' has local_memory='-1'"),
+    (_box(_node("os_index='0' local_memory='x'") + _PU), "local_memory='x'"),
+    (_box(_node(f"os_index='0' local_memory='{1 << 60}'") + _PU), f"local_memory='{1 << 60}'"),
+    # bitmaps: hex chunks of at most 32 bits, no id at or above the cap
+    (_box(_node("os_index='0' cpuset='0xq'") + _PU), "NUMANode object with os_index='0' has cpuset='0xq'"),
+    (_box(_node("os_index='0' cpuset='0x123456789'") + _PU), "cpuset='0x123456789'"),
+    (_box(machine="allowed_nodeset='0xq'"), "Machine object has allowed_nodeset='0xq'"),
+    (_box(machine="allowed_nodeset='0x1,0x0,0x0,0x0,0x0,0x0,0x0,0x0,0x0,0x0,0x0,0x0,0x0,0x0,0x0,0x0,"
+                  "0x0,0x0,0x0,0x0,0x0,0x0,0x0,0x0,0x0,0x0,0x0,0x0,0x0,0x0,0x0,0x0,0x0'"),
+     "allowed_nodeset=.*sets bit 1024"),
+    (_box(machine="allowed_cpuset='0x1" + ",0x0" * 2048 + "'"), "allowed_cpuset=.*sets bit 65536"),
+    (_box(machine="complete_cpuset='0x-1'"), "complete_cpuset='0x-1'"),
+    # NUMA distances: hwloc 2's u64 matrix and hwloc 1's float latencies times a base
+    (_box(_NODES01, after=_dist2(values="10 x 20 10")), "<distances2> has u64values='x'"),
+    (_box(_NODES01, after=_dist2(values="10 -20 20 10")), "u64values='-20'"),
+    (_box(_NODES01, after=_dist2(indexes="0 -1")), "<distances2> has indexes='-1'"),
+    (_box(_NODES01, after=_dist1(base="nan")), "<distances> has latency_base='nan'"),
+    (_box(_NODES01, after=_dist1(base="0")), "latency_base='0'"),
+    (_box(_NODES01, after=_dist1(values=("1", "inf", "2", "1"))), "latency has value='inf'"),
+    (_box(_NODES01, after=_dist1(values=("1", "x", "2", "1"))), "latency has value='x'"),
+    (_box(_NODES01, after=_dist1(values=("1", "-2", "2", "1"))), "latency has value='-2'"),
+    (_box(_NODES01, after=_dist1(values=("1", "1e300", "2", "1"))), "latency_base='10'"),
+    # a tree far deeper than lstopo writes: refused, not a RecursionError
+    (_box("<object type='Group'>" * 5000 + _PU + "</object>" * 5000), "nested more than 256 deep"),
 ])
 def test_bad_hwloc_xml(tmp_path, content, message):
     path = tmp_path / "box.xml"
@@ -457,6 +521,80 @@ def test_bad_hwloc_xml(tmp_path, content, message):
     with pytest.raises(TopologyError, match=message) as exc:
         load_hwloc_xml(path)
     assert exc.value.hint and "lstopo" in exc.value.hint
+    assert str(path) in exc.value.message and "\n" not in exc.value.message
+
+
+def test_hwloc_xml_reads_good_values_around_the_checks(tmp_path):
+    # The checks keep what real files hold: a deep-ish tree, memory sizes, both distance formats.
+    path = tmp_path / "box.xml"
+    path.write_text(_box("<object type='Group'>" * 200 + _node("os_index='0' cpuset='0x1' local_memory='0'")
+                         + _PU + "</object>" * 200))
+    t = load_hwloc_xml(path)
+    assert t.online_cpus == (0,) and t.nodes[0].mem_total_bytes == 0
+    for after, rows in ((_dist2(), ((10, 20), (20, 10))), (_dist1(), ((10, 21), (21, 10)))):
+        path.write_text(_box(_NODES01, after=after))
+        assert tuple(n.distances for n in load_hwloc_xml(path).nodes) == rows
+
+
+def test_hwloc_huge_cpuset_is_refused_at_once(tmp_path):
+    # 1.1 MB of all-ones chunks: once a quadratic bigint shift, now one linear pass and the cap.
+    path = tmp_path / "box.xml"
+    path.write_text(_box(_node("os_index='0' cpuset='" + ",".join(["0xffffffff"] * 100_000) + "'") + _PU))
+    with pytest.raises(TopologyError, match="cpuset=.*at or above the limit of 65536"):
+        load_hwloc_xml(path)
+
+
+def test_hwloc_nodes_claiming_all_cpus_many_times_are_refused(tmp_path):
+    full = "0x1" + ",0xffffffff" * 2047  # ids 0..65504: under the CPU cap, but 1024 nodes of them
+    path = tmp_path / "box.xml"
+    path.write_text(_box("".join(_node(f"os_index='{i}' cpuset='{full}'") for i in range(1024)) + _PU))
+    with pytest.raises(TopologyError, match="NUMANode cpusets list more than 1048576 CPUs"):
+        load_hwloc_xml(path)
+
+
+def test_hwloc_more_pus_than_the_cap_are_refused(tmp_path):
+    path = tmp_path / "box.xml"
+    path.write_text(_box("".join(f"<object type='PU' os_index='{i}'/>" for i in range(200_000))))
+    with pytest.raises(TopologyError, match="PU object has os_index='65536'"):
+        load_hwloc_xml(path)
+
+
+def test_one_core_and_l3_of_16k_pus_groups_in_linear_time(tmp_path):
+    # Every PU of a core or L3 shares one member list; grouping used to copy it once per PU
+    # (16,000 PUs took 25 s). Now each list is read once.
+    n = 16_384
+    pus = "".join(f"<object type='PU' os_index='{i}'/>" for i in range(n))
+    path = tmp_path / "box.xml"
+    path.write_text(_box(f"<object type='Package' os_index='3'><object type='L3Cache' cache_size='1024'>"
+                         f"<object type='Core' os_index='0'>{pus}</object></object></object>"))
+    t = load_hwloc_xml(path)
+    assert len(t.online_cpus) == n and len(t.cores) == 1 and len(t.cores[0].cpus) == n
+    assert [g.cpus for g in t.l3_groups] == [tuple(range(n))] and t.packages[0].id == 3
+
+
+def test_build_topology_refuses_more_cpus_than_the_cap():
+    n = MAX_CPUS + 1
+    with pytest.raises(TopologyError, match=f"lists {n} online CPUs, more than {MAX_CPUS}"):
+        build_topology(cpu_model=None, cpu_vendor=None, online_cpus=range(n), offline_cpus=(),
+                       package_of={}, core_id_of={}, siblings_of={}, l3_of={}, l3_size_of={},
+                       nodes=(), allowed_cpus=(), allowed_node_ids=None,
+                       cgroup_memory_limit_bytes=None, isa_flags=(), source="sysfs")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("0xq", "'q' is not a chunk"),
+    ("0x123456789", "at most 8 hex digits"),
+    ("0x1" + ",0x0" * 2048, "sets bit 65536"),
+    (",".join(["0xffffffff"] * 100_000), "sets bit 3199999"),
+])
+def test_parse_hwloc_bitmap_refuses(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_hwloc_bitmap(text)
+
+
+def test_parse_hwloc_bitmap_is_linear_in_leading_zero_chunks():
+    assert parse_hwloc_bitmap("0x0," * 200_000 + "0x80000001") == (0, 31)
+    assert parse_hwloc_bitmap("0x1,0x0", limit=33) == (32,)
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,6 +25,13 @@ ISA_FLAGS: tuple[str, ...] = (
     "avx512ifma", "avx512_fp16", "vaes", "clwb",
 )
 
+# The most logical CPUs (and the highest CPU id + 1) a topology may hold: 8x Linux's largest
+# NR_CPUS on x86-64 (8192, CONFIG_MAXSMP), so a recorded file claiming more is refused, not walked.
+MAX_CPUS = 1 << 16
+# The most NUMA nodes (and the highest node id + 1): Linux's MAX_NUMNODES at its largest
+# CONFIG_NODES_SHIFT (10).
+MAX_NUMA_NODES = 1 << 10
+
 _CPU = "sys/devices/system/cpu"
 _NODE = "sys/devices/system/node"
 
@@ -184,20 +191,45 @@ def build_topology(
 ) -> Topology:
     """Group per-CPU facts into cores, L3 groups and packages; every list is sorted."""
     online = tuple(sorted(set(online_cpus)))
+    if len(online) > MAX_CPUS:
+        raise TopologyError(f"the {source} topology lists {len(online)} online CPUs, more than "
+                            f"{MAX_CPUS}", hint="check the file: no machine has that many CPUs")
     on = set(online)
     notes = list(notes)
+
+    # Every CPU of a core (or an L3) usually hands in the very same sibling list; reading each
+    # list object once keeps this linear (a 64k-CPU L3 is not read 64k times). The memo keeps
+    # the objects themselves, so an id cannot be reused by a list made afresh.
+    memo: dict[int, tuple[object, tuple[int, ...], frozenset[int]]] = {}
+
+    def online_part(seq: Sequence[int]) -> tuple[tuple[int, ...], frozenset[int]]:
+        hit = memo.get(id(seq))
+        if hit is None:
+            part = frozenset(seq) & on
+            hit = memo[id(seq)] = (seq, tuple(sorted(part)), part)
+        return hit[1], hit[2]
 
     # Cores: a CPU joins the core of the lowest CPU in its sibling set, so a set that one sibling
     # reports and another does not (offlined half of a pair) still yields one core per CPU.
     rep_of: dict[int, int] = {}
     for cpu in online:
-        sibs = sorted((set(siblings_of.get(cpu, ())) & on) | {cpu})
-        rep_of[cpu] = rep_of.get(sibs[0], sibs[0])
+        sibs = online_part(siblings_of.get(cpu, ()))[0]
+        low = min(sibs[0], cpu) if sibs else cpu
+        rep_of[cpu] = rep_of.get(low, low)
     groups: dict[int, list[int]] = {}
     for cpu in online:
         groups.setdefault(rep_of[cpu], []).append(cpu)
 
-    l3_sets = sorted({tuple(sorted((set(l3_of[c]) & on) | {c})) for c in online if c in l3_of})
+    # L3 groups: each CPU's L3 set plus itself; the distinct sets found by identity first (the
+    # shared tuple), then by value, so no set is hashed once per member.
+    l3_by_id: dict[int, tuple[int, ...]] = {}
+    for c in online:
+        if c in l3_of:
+            cpus, part = online_part(l3_of[c])
+            if c not in part:
+                cpus = tuple(sorted(part | {c}))
+            l3_by_id[id(cpus)] = cpus
+    l3_sets = sorted(set(l3_by_id.values()))
     l3_index_of: dict[int, int] = {}
     l3_groups = []
     for i, cpus in enumerate(l3_sets):
@@ -217,9 +249,12 @@ def build_topology(
         cores.append(Core(index=i, package_id=package_of.get(rep, 0), core_id=core_id_of.get(rep),
                           node_id=node_of.get(rep), l3_index=l3_index_of.get(rep), cpus=cpus))
 
+    cores_of: dict[int, list[Core]] = {}
+    for c in cores:
+        cores_of.setdefault(c.package_id, []).append(c)
     packages = []
-    for pid in sorted({c.package_id for c in cores}):
-        mine = [c for c in cores if c.package_id == pid]
+    for pid in sorted(cores_of):
+        mine = cores_of[pid]
         pcpus = tuple(sorted(x for c in mine for x in c.cpus))
         pnodes = tuple(sorted({c.node_id for c in mine if c.node_id is not None}))
         packages.append(Package(id=pid, cpus=pcpus, core_indexes=tuple(c.index for c in mine),
