@@ -218,6 +218,7 @@ def build_cmd(target_cpu, engine, source, cmake_args, jobs, force, python_bindin
     if python_binding and not eng.python_binding:
         raise ConfigError(f"--python links llama-cpp-python to a llama.cpp build, not to {eng.title}",
                           hint="llama-cpp-python stays on the mainline build: `cputune build --python`")
+    build.check_flags(target_cpu, cmake_args, eng)  # before fetch_source downloads 200+ MB
     spec = build.make_spec(build.fetch_source(eng, source), target_cpu, cmake_args)
     with report.progress(f"building {eng.title} ({target_cpu})") as update:
         b = build.build(spec, jobs=jobs, force=force, progress=update)

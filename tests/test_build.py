@@ -5,6 +5,7 @@ The real pinned llama.cpp build is checked at the end (CI builds it before the t
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -239,3 +240,41 @@ def test_a_failing_progress_callback_stops_the_whole_step(tmp_path):
         time.sleep(0.1)
     else:
         pytest.fail(f"the step's child {pids[0]} outlived the error")
+
+
+def _no_fetch(*args, **kwargs):
+    pytest.fail("the source was fetched before the flags were checked")
+
+
+@pytest.mark.parametrize("target, extra, message", [
+    ("zz", (), "unknown --target-cpu 'zz'"),
+    ("native", ("GGML_LTO=ON",), "--cmake-arg 'GGML_LTO=ON' is not of the form -DNAME=VALUE"),
+    ("native", ("-DGGML_LTO=ON", "-D=1"), "--cmake-arg '-D=1'"),
+])
+def test_check_flags_refuses_bad_target_and_cmake_args(target, extra, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as exc:
+        build.check_flags(target, extra)
+    assert exc.value.hint
+    build.check_flags("znver4", ("-DGGML_LTO=ON", "-DCMAKE_BUILD_TYPE:STRING=Debug"))  # fine ones pass
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target-cpu", "zz"], "Error: unknown --target-cpu 'zz'"),
+    (["--cmake-arg", "GGML_LTO=ON"], "Error: --cmake-arg 'GGML_LTO=ON' is not of the form -DNAME=VALUE"),
+    (["--engine", "ik_llama", "--target-cpu", "zz"], "Error: unknown --target-cpu 'zz'"),
+])
+def test_build_command_checks_flags_before_fetching(monkeypatch, args, message):
+    # The pinned source is a 217 MB download: a typo in a flag must be refused before it.
+    from click.testing import CliRunner
+
+    from cputune.cli import cli
+
+    monkeypatch.setattr(build, "fetch_source", _no_fetch)
+    monkeypatch.setattr(build, "fetch_pinned_source", _no_fetch)
+    monkeypatch.setattr(build, "clone_pinned_source", _no_fetch)
+    r = CliRunner().invoke(cli, ["build", *args])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+    lines = r.output.splitlines()
+    assert lines[0] == message or lines[0].startswith(message + " "), r.output
+    assert len([ln for ln in lines if ln.startswith("Error:")]) == 1 and "Traceback" not in r.output
+    assert all(ln.startswith(("Error:", "hint:")) for ln in lines), r.output

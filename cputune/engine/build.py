@@ -491,6 +491,12 @@ def cmake_options(target_cpu: str, extra: Iterable[str] = (),
     return tuple(sorted(opts.items()))
 
 
+def check_flags(target_cpu: str, extra: Iterable[str] = (), engine: Engine | str = DEFAULT_ENGINE) -> None:
+    """Refuse an unknown --target-cpu or a malformed --cmake-arg (ConfigError) with cmake_options'
+    own checks, so a caller can do it before fetching a source it would then not build."""
+    cmake_options(target_cpu, extra, engine)
+
+
 def make_spec(source: Source, target_cpu: str = "native", extra: Iterable[str] = ()) -> BuildSpec:
     extra = tuple(extra)
     eng = load_engine(source.engine)
