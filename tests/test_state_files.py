@@ -21,7 +21,6 @@ from cputune.engine import bench
 from cputune.model import modelfiles
 from cputune.predict import hardware
 
-ROOT = os.geteuid() == 0
 HW_TOML = ('[cpu]\nmodel = "x"\nsockets = 1\ncores_per_socket = 8\n'
            '[memory]\nchannels_per_socket = 2\nmts = 5600\ndimm_gib = 32\n')
 
@@ -124,15 +123,6 @@ def test_hardware_file_that_cannot_be_read_says_why(tmp_path):
     fifo = p.rename(tmp_path / "fifo.toml")
     with pytest.raises(ConfigError, match="is a FIFO"):
         hardware.load_hardware(fifo)
-
-
-@pytest.mark.skipif(ROOT, reason="root reads a chmod 000 file")
-def test_hardware_file_without_read_permission(tmp_path):
-    p = tmp_path / "box.toml"
-    p.write_text(HW_TOML)
-    p.chmod(0)
-    with pytest.raises(ConfigError, match=r"cannot read .*box.toml \(Permission denied\)"):
-        hardware.load_hardware(p)
 
 
 def config_toml(tmp_path):
