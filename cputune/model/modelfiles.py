@@ -8,19 +8,13 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from cputune.core import checks
 from cputune.core.errors import ConfigError, CputuneError
-from cputune.core.fsutil import read_small_text
+from cputune.core.data import read_toml_file
 from cputune.model.gguf_model import SPLIT_RE, ModelProfile, read_model
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 ENV_VAR = "CPUTUNE_MODELS_DIR"
 DEFAULT_DIR = Path.home() / "models"
@@ -51,14 +45,7 @@ def models_dir(option: Path | str | None = None) -> Path:
         return _expanded(os.environ[ENV_VAR], ENV_VAR)
     cfg = config_file()
     if cfg.exists():
-        # A regular file of at most 64 MiB, never blocking (a FIFO, /dev/zero): fsutil's one reader.
-        text = read_small_text(cfg, hint=f"fix or remove {cfg}")
-        try:
-            value = tomllib.loads(text).get("models_dir")
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{cfg}: not valid TOML ({e})") from None
-        except RecursionError:
-            raise ConfigError(f"{cfg}: not valid TOML (nested too deeply)") from None
+        value = read_toml_file(cfg, hint=f"fix or remove {cfg}").get("models_dir")
         if value is not None:
             checks.text(value, f"models_dir in {cfg}", hint='write models_dir = "/path/to/models"')
         if value:

@@ -7,23 +7,16 @@ bandwidth figures were measured and which were estimated from the channel arithm
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from cputune.core import checks
 from cputune.core.cores import core_family, vendor_of
-from cputune.core.data import config_path
+from cputune.core.data import config_path, read_toml_file
 from cputune.core.errors import ConfigError
-from cputune.core.fsutil import read_small_text
 from cputune.machine.memory import MEMORY_MTS, check_mts, theoretical_peak_gbps
 from cputune.predict.predictor import Calibration, MachineBandwidth
 from cputune.machine.topology import ISA_FLAGS
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 GIB = 1 << 30
 # When a profile gives no measured bandwidth: the share of the channel peak a read-only probe
@@ -208,14 +201,7 @@ def load_hardware(spec: str | Path) -> HardwareProfile:
         raise ConfigError(f"no hardware profile '{spec}'",
                           hint="shipped profiles: " + ", ".join(list_hardware())
                           + "; or give the path of a TOML file")
-    # A regular file of at most 64 MiB, never blocking (a FIFO, /dev/zero): fsutil's one reader.
-    text = read_small_text(path, hint="give the path of a hardware profile TOML")
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: not valid TOML (nested too deeply)") from None
+    data = read_toml_file(path, hint="give the path of a hardware profile TOML")
     hw = parse_hardware(data, path.stem, where=str(path))
     return HardwareProfile(**{**{f: getattr(hw, f) for f in hw.__slots__}, "path": str(path)})
 
