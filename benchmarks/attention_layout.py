@@ -63,10 +63,8 @@ def main() -> int:
         out = work / f"llama-{lay.replace('/', '-')}-L{args.layers}-q4_k_m-v{synth.SHAPES_VERSION}.gguf"
         if not out.exists():
             say(f"writing {out.name}")
-            f16 = out.with_suffix(".f16.gguf")
-            synth.write_model(f16, shape(lay, args.layers), make_parents=True)
-            synth.quantize(f16, out, "Q4_K_M", b.bin_dir / "llama-quantize", make_parents=True)
-            f16.unlink()
+            synth.quantize_shape(out, shape(lay, args.layers), "Q4_K_M", b.bin_dir / "llama-quantize",
+                                 make_parents=True)
         files[lay] = out
     best: dict[tuple[str, int, int], list[float]] = {}
     for i in range(args.rounds):
@@ -88,8 +86,8 @@ def main() -> int:
             if min(ts) <= 0:
                 continue
             ms = [1e3 / x for x in ts]
-            cells = []
-            for (d0, m0), (d1, m1) in zip(zip(DEPTHS, ms), list(zip(DEPTHS, ms))[1:]):
+            cells, steps = [], list(zip(DEPTHS, ms))
+            for (d0, m0), (d1, m1) in zip(steps, steps[1:]):
                 per = (m1 - m0) * 1e6 / ((d1 - d0) * args.layers)  # ns per cached token and layer
                 cells.append((per / h, per / kv, 4 * d * h / per if per > 0 else float("nan")))
             span = 4096 // t * 2 * d * 2  # one KV head's K and V rows one thread walks, bytes

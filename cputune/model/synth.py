@@ -535,8 +535,16 @@ def make_quantized(out: Path | str, arch: str, size_bytes: int, quant: str,
     if preset.name in ("F16", "BF16", "F32"):
         return write_model(out, shape_for_size(arch, size_bytes, preset.name.lower()), seed,
                            preset.name.lower(), make_parents=make_parents)[0]
-    shape = quantized_shape(arch, size_bytes, preset.name)
+    return quantize_shape(out, quantized_shape(arch, size_bytes, preset.name), preset.name, llama_quantize,
+                          seed, make_parents)
+
+
+def quantize_shape(out: Path | str, shape: Shape, quant: str, llama_quantize: Path | str, seed: int = 0,
+                   make_parents: bool | None = None) -> Path:
+    """`shape` written in f16 beside `out`, quantized to `quant` (a llama-quantize preset name)
+    into `out`, and the f16 file removed, also when quantizing fails."""
+    out = Path(out)
     fsutil.check_target(out, make_parents)  # before minutes of writing, not after
     with fsutil.scratch_dir(out.parent, out.name, make_parents=False) as tmp:
         base = write_model(tmp / "f16.gguf", shape, seed, make_parents=False)[0]
-        return quantize(base, out, preset.name, llama_quantize, make_parents=False)
+        return quantize(base, out, quant, llama_quantize, make_parents=False)
