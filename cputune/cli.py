@@ -67,11 +67,15 @@ class CputuneGroup(click.Group):
         except CputuneError as e:
             if debug:
                 raise
-            click.echo(f"Error: {e.message}", err=True)
+            # A message quotes names from files (general.name, a TOML key, a path) and a failed
+            # program's output: control characters are shown as escapes, not acted on. Plain
+            # text, so no markup escaping (click.echo shows brackets as they are).
+            click.echo(f"Error: {checks.printable(e.message, markup=False)}", err=True)
             if isinstance(e, ProcessFailed) and (e.output_tail or e.log_path):
-                click.echo(e.details(), err=True)
+                click.echo("\n".join(checks.printable(line, markup=False)
+                                      for line in e.details().splitlines()), err=True)
             if e.hint:
-                click.echo(f"hint: {e.hint}", err=True)
+                click.echo(f"hint: {checks.printable(e.hint, markup=False)}", err=True)
             ctx.exit(1)
         except KeyboardInterrupt as e:
             if debug:

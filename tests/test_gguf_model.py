@@ -189,3 +189,20 @@ def test_cli_inspect(files):
     bad = CliRunner().invoke(cli, ["inspect", "/etc/hostname"])
     assert bad.exit_code == 1 and bad.output.startswith("Error: /etc/hostname is not a GGUF file")
     assert "Traceback" not in bad.output
+
+
+HOSTILE_NAME = "[red]x[/red]\x1b[2J\nfake line"
+
+
+def test_inspect_shows_a_hostile_general_name_as_written_and_json_keeps_it(tmp_path, monkeypatch):
+    """general.name comes from the file: in the table its markup is shown, not applied, and its
+    control characters are escapes (an ESC would clear the terminal, a newline fake a row)."""
+    monkeypatch.setattr(synth.GGUFWriter, "add_name",
+                        lambda self, name: self.add_string("general.name", HOSTILE_NAME))
+    (path,) = synth.write_model(tmp_path / "hostile.gguf", LLAMA)
+    table = CliRunner().invoke(cli, ["inspect", str(path)], catch_exceptions=False)
+    assert table.exit_code == 0, table.output
+    assert "\x1b" not in table.stdout and "fake line" not in table.stdout.replace("\\nfake line", "")
+    assert "[red]x[/red]\\x1b[2J\\nfake line (llama)" in table.stdout
+    doc = json.loads(CliRunner().invoke(cli, ["inspect", str(path), "--json"], catch_exceptions=False).stdout)
+    assert doc["model"]["name"] == HOSTILE_NAME

@@ -546,3 +546,26 @@ def test_bench_and_tune_refuse_a_depth_beyond_the_trained_context(own_cache, tin
             code=1)
     r = run(["tune", "-m", path, "--depth", "2040", "--for", "tg", "--n-gen", "16"])
     refused(r, "--depth 2040 + --n-gen 16 = 2056 tokens", "(n_ctx_train 2048 tokens)", code=1)
+
+
+# ---- names from files are shown, not acted on --------------------------------------------------
+
+@pytest.mark.parametrize("raw, markup, plain", [
+    ("[red]x[/red]", r"\[red]x\[/red]", "[red]x[/red]"),
+    ("a\x1b[2Jb\nc\td", r"a\x1b[2Jb\nc\td", r"a\x1b[2Jb\nc\td"),
+    ("left\u202eright", r"left\u202eright", r"left\u202eright"),
+    ("bad\udcffbyte", r"bad\udcffbyte", r"bad\udcffbyte"),
+    ("DeepSeek-R1 日本 é /models/a\\b.gguf", "DeepSeek-R1 日本 é /models/a\\b.gguf",
+     "DeepSeek-R1 日本 é /models/a\\b.gguf"),
+])
+def test_printable_escapes_control_characters_and_markup(raw, markup, plain):
+    assert checks.printable(raw) == markup
+    assert checks.printable(raw, markup=False) == plain
+
+
+def test_an_error_quoting_a_hostile_name_prints_it_escaped_on_one_line(tmp_path):
+    folder = tmp_path / "evil\x1b[2J\nname"
+    folder.mkdir()
+    r = run(["inspect", str(folder / "missing.gguf")])
+    line = refused(r, code=1)
+    assert "\x1b" not in r.output and "evil\\x1b[2J\\nname" in line, r.output

@@ -12,11 +12,13 @@ from typing import Any, Iterator
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from cputune.machine.bandwidth import combine_bursts, group_bursts
 from cputune.engine.build import load_engine
 from cputune.core.jsonio import document, plain  # noqa: F401  (re-exported for the CLI)
 from cputune.core import stats
+from cputune.core.checks import printable
 from cputune.core.units import gib_text
 
 # Pipes and CliRunner get 120 columns rather than rich's 80, so tables do not wrap mid-number.
@@ -30,13 +32,14 @@ def print_json(doc: dict) -> None:
 
 
 def warn(message: str, hint: str | None = None) -> None:
-    err.print(f"[yellow]Warning:[/] {message}")
+    # Messages quote names from files (an architecture, a path): shown as written, never as markup.
+    err.print(f"[yellow]Warning:[/] {printable(message)}")
     if hint:
-        err.print(f"  hint: {hint}")
+        err.print(f"  hint: {printable(hint)}")
 
 
 def info(message: str) -> None:
-    err.print(message)
+    err.print(printable(message))
 
 
 @contextlib.contextmanager
@@ -80,11 +83,14 @@ def progress(description: str, total: float | None = 100.0, enabled: bool = True
 
 
 def kv_table(title: str, rows: list[tuple[str, Any]]) -> Table:
-    t = Table(title=title, show_header=False, title_justify="left", box=None, pad_edge=False)
+    """A two-column table. Its title, labels and values quote model names, paths and strings from
+    files, so each is passed through `printable` (control characters escaped, markup shown as
+    written); a value that means to be styled is given as a rich Text."""
+    t = Table(title=printable(title), show_header=False, title_justify="left", box=None, pad_edge=False)
     t.add_column(style="bold")
     t.add_column()
     for k, v in rows:
-        t.add_row(k, "" if v is None else str(v))
+        t.add_row(printable(k), v if isinstance(v, Text) else "" if v is None else printable(v))
     return t
 
 
@@ -176,7 +182,7 @@ def render_probe(p) -> None:
     fs.add_column()
     fs.add_column()
     for f in p.findings:
-        text = f.message + (f"\n[dim]hint: {f.hint}[/]" if f.hint else "")
+        text = printable(f.message) + (f"\n[dim]hint: {printable(f.hint)}[/]" if f.hint else "")
         fs.add_row(f"[{_LEVEL_STYLE[f.level]}]{f.level}[/]", text)
     out.print(fs)
 
@@ -206,7 +212,7 @@ def _share_table(title: str, what: str, by: dict[str, int], total: int) -> Table
     t.add_column("bytes", justify="right")
     t.add_column("share", justify="right")
     for name, n in by.items():
-        t.add_row(name, _bytes(n), f"{n / total:.1%}" if total else "-")
+        t.add_row(printable(name), _bytes(n), f"{n / total:.1%}" if total else "-")
     return t
 
 
@@ -228,7 +234,7 @@ def render_model(m, kv_f16: float) -> None:
     ]))
     out.print(_share_table("Weights by type", "type", m.bytes_by_type, m.weight_bytes))
     if m.roles_from_table:
-        out.print(_share_table(f"Weights by role ({m.arch} table)", "role",
+        out.print(_share_table(f"Weights by role ({printable(m.arch)} table)", "role",
                                m.bytes_by_role, m.weight_bytes))
         if "unknown" in m.bytes_by_role:
             warn(f"some tensors of this {m.arch} file are not in cputune's table for it: the file is "
@@ -296,7 +302,7 @@ def render_calibration(run, path: Path | None) -> None:
         xs = stats.summarize(pt.read_gbps_samples) if pt.read_gbps_samples else None
         read = "-" if not pt.read_gbps else f"{pt.read_gbps:.1f}" + (
             f" ({stats.range_text(xs, 1)} x{xs.n})" if xs and xs.n > 1 else "")
-        t.add_row(Path(pt.model.path or "?").name, str(pt.threads), read, f"{pt.tg_tokens_per_s:.2f}",
+        t.add_row(printable(Path(pt.model.path or "?").name), str(pt.threads), read, f"{pt.tg_tokens_per_s:.2f}",
                   f"{e_tg:+.1%}", f"{pt.pp_tokens_per_s:.1f}", f"{e_pp:+.1%}")
     out.print(t)
     c = run.calibration
@@ -326,13 +332,13 @@ def render_calibration(run, path: Path | None) -> None:
 # ---- bench -------------------------------------------------------------------------------------
 
 def render_bench(results, model, box, history: Path | None) -> None:
-    t = Table(title=f"{model.name or model.path} on {box.machine.name}", title_justify="left")
+    t = Table(title=printable(f"{model.name or model.path} on {box.machine.name}"), title_justify="left")
     for col in ("test", "threads", "measured t/s (median ± σ)", "min … max", "predicted", "vs predicted",
                 "read GB/s", "vs at read", "roofline", "efficiency"):
         t.add_column(col, justify="left" if col == "test" else "right")
     for r in results:
         at_read = r.vs_predicted_at_read
-        t.add_row(r.test, str(r.threads), stats.pm_text(r.summary, 2, center="median"),
+        t.add_row(printable(r.test), str(r.threads), stats.pm_text(r.summary, 2, center="median"),
                   stats.range_text(r.summary, 2), f"{r.predicted_tokens_per_s:.2f}",
                   f"{r.vs_predicted:+.1%}", f"{r.read_gbps:.1f}" if r.read_gbps else "-",
                   f"{at_read:+.1%}" if at_read is not None else "-",
@@ -362,8 +368,8 @@ def render_tune(result, saved: Path | None) -> None:
 
     for r in result.results:
         title = _engine_title(r.engine)
-        t = Table(title=f"{r.test} on {title}: {r.best.label}  —  {r.best_tokens_per_s:.2f} t/s, "
-                        f"{r.gain:.2f}x {title}'s defaults ({r.default_tokens_per_s:.2f} t/s)",
+        t = Table(title=printable(f"{r.test} on {title}: {r.best.label}  —  {r.best_tokens_per_s:.2f} t/s, "
+                                  f"{r.gain:.2f}x {title}'s defaults ({r.default_tokens_per_s:.2f} t/s)"),
                   title_justify="left")
         for col in TRIAL_HEADERS:
             t.add_column(col, justify="left" if col in ("stage", "settings", "outcome") else "right")
@@ -469,7 +475,8 @@ def render_selection(sel, box) -> None:
         ("speed from", _calibration_text(box.calibration)),
     ]
     rec = sel.recommended
-    rows.append(("recommended", f"[bold green]{rec.quant}[/] ({rec.origin})" if rec else "[bold red]none[/]"))
+    rows.append(("recommended", Text.from_markup(f"[bold green]{printable(rec.quant)}[/] ({printable(rec.origin)})"
+                                                 if rec else "[bold red]none[/]")))
     rows.append(("why", sel.why))
     if rec:
         rows.append(("RAM", _ram_text(rec.need)))
@@ -484,17 +491,18 @@ def render_selection(sel, box) -> None:
         t.add_column(col, justify="left" if col in ("quant", "file", "PPL row") else "right")
     for o in sel.options:
         ppl, kl, row = _quality_cells(o.quality)
-        cells = [f"[bold]{o.quant}[/]" if o is rec else o.quant] + ([o.origin] if files else [])
+        quant = printable(o.quant)
+        cells = [f"[bold]{quant}[/]" if o is rec else quant] + ([printable(o.origin)] if files else [])
         cells += [f"{o.bits_per_weight:.2f}", _gib1(o.need_bytes), _gib1(o.margin_bytes), _yes(o.fits),
                   _yes(o.fits_one_node), f"{o.tg_tokens_per_s:.1f}", f"{o.prediction.pp_tokens_per_s:.1f}", ppl]
-        t.add_row(*cells, *([kl] if kld else []), row)
+        t.add_row(*cells, *([kl] if kld else []), printable(row))
     out.print(t)
     if sel.what_would_fit:
         title = (f"What would fit {sel.what_would_fit[0].quant} instead" if rec
                  else "What would change that")
         out.print(kv_table(title, [(c.option, c.text) for c in sel.what_would_fit]))
     for line in sel.notes + tuple(_quality_sources(sel.options)):
-        out.print(f"[dim]note: {line}[/]")
+        out.print(f"[dim]note: {printable(line)}[/]")
 
 
 def render_plan(p, box) -> None:
@@ -519,7 +527,7 @@ def render_plan(p, box) -> None:
         o = r.option
         first = i == 0 or p.rows[i - 1].model_id != r.model_id
         last = i == len(p.rows) - 1 or p.rows[i + 1].model_id != r.model_id
-        cells = [r.model_id if first else "", o.quant, f"{o.bits_per_weight:.2f}", _gib1(o.need_bytes),
+        cells = [printable(r.model_id) if first else "", printable(o.quant), f"{o.bits_per_weight:.2f}", _gib1(o.need_bytes),
                  _yes(o.fits), _yes(o.fits_one_node), f"{o.tg_tokens_per_s:.1f}",
                  f"{o.prediction.pp_tokens_per_s:.1f}", _quality_cells(o.quality)[0]]
         if target:
@@ -538,7 +546,7 @@ def render_plan(p, box) -> None:
                   f"shown of {mts} MT/s memory at {ESTIMATED_READ_FRACTION:.0%} of their peak; 'max' rows are capped by compute and "
                   "per-token overhead at this thread count[/]")
     for line in p.notes + tuple(_quality_sources(r.option for r in p.rows)):
-        out.print(f"[dim]note: {line}[/]")
+        out.print(f"[dim]note: {printable(line)}[/]")
 
 # --- serve ---
 
@@ -580,8 +588,8 @@ def render_serve_plan(plan) -> None:
                       ("fits", "left"), ("available from", "left")):
         t.add_column(col, justify=just)
     for b in m.boxes:
-        t.add_row(b.name, "-" if b.units is None else str(b.units), _gib_or_unknown(b.need_bytes),
-                  _gib_or_unknown(b.available_bytes), "yes" if b.fits else "[bold red]no[/]", b.source)
+        t.add_row(printable(b.name), "-" if b.units is None else str(b.units), _gib_or_unknown(b.need_bytes),
+                  _gib_or_unknown(b.available_bytes), "yes" if b.fits else "[bold red]no[/]", printable(b.source))
     out.print(t)
     if plan.page_cache is not None:
         pc = plan.page_cache
@@ -589,7 +597,7 @@ def render_serve_plan(plan) -> None:
         out.print(f"page cache: {pc.resident_fraction:.0%} of the model cached ({nodes} of "
                   f"{pc.sampled_pages} sampled pages), {pc.misplaced_fraction:.0%} on the wrong node")
     for note in plan.notes:
-        out.print(f"note: {note}")
+        out.print(f"note: {printable(note)}")
     env = " ".join(f"{k}={v}" for k, v in plan.environment.items())
     out.print("environment: " + (env or "inherited; no LLAMA_ARG_*, OMP_*, GOMP_* or KMP_* variable set"),
               markup=False, soft_wrap=True)

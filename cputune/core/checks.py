@@ -8,6 +8,7 @@ call it, and none of them has to know the others' wording.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Iterable
 
 from cputune.core.errors import ConfigError
@@ -24,6 +25,28 @@ def shown(value: Any, limit: int = 40) -> str:
     """A value as the message quotes it: repr, cut to `limit` characters."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# What a terminal would act on rather than show: C0/C1 controls (ESC starts a CSI sequence that can
+# clear the screen or retitle the window), format characters (U+202E turns the rest of a line
+# backwards), line and paragraph separators, and the lone surrogates a non-UTF-8 file name decodes to.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e"
+                          r"\u2060-\u206f\ufeff\ufff9-\ufffb\ud800-\udfff]")
+
+
+def printable(value: Any, *, markup: bool = True) -> str:
+    """`value` as text safe to put in front of a person: a model's general.name, an architecture,
+    a TOML key or a file path comes from a file, and may hold "\\x1b[2J" or a newline. Each such
+    character becomes its repr escape (\\x1b, \\n, \\u202e), as `shown()` writes it, but without
+    the quotes and without doubling backslashes, so a plain name reads as itself. With `markup`
+    (the default: text going into a rich table, title or print) rich markup is escaped too, so
+    "[red]x[/red]" is shown as written; plain-text output (click.echo) passes markup=False."""
+    text = _UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1], str(value))
+    if markup:
+        from rich.markup import escape  # here, not at the top: core stays a light leaf
+
+        text = escape(text)
+    return text
 
 
 def range_text(lo: float | None, hi: float | None, *, integer: bool = False, lo_open: bool = False) -> str:
