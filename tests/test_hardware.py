@@ -59,6 +59,34 @@ def test_bad_profiles_are_one_line_errors(tmp_path, text, message):
         hardware.load_hardware(p)
 
 
+GOOD_BOX = ('name = "box"\n[cpu]\nmodel = "x"\nsockets = 1\ncores_per_socket = 8\n'
+            '[memory]\nchannels_per_socket = 2\nmts = 5600\ndimm_gib = 32\n[bandwidth]\nnode_read_gbps = 70.5\n')
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("cores_per_socket = 8\n", "cores_per_socket = 8\nnodes_per_socket = 4\n",
+     r"\[cpu\]: unknown key 'nodes_per_socket'; did you mean 'numa_nodes_per_socket'\?"),
+    ("mts = 5600\n", "mts = 5600\nchanels_per_socket = 4\n",
+     r"\[memory\]: unknown key 'chanels_per_socket'; did you mean 'channels_per_socket'\?"),
+    ("node_read_gbps = 70.5\n", "node_read_gbps = 70.5\nremote = 0.5\nzzz = 1\n",
+     r"\[bandwidth\]: unknown key 'remote' \(and 1 more\); did you mean 'remote_ratio'\?"),
+    ('name = "box"\n', 'name = "box"\nsorce = "me"\n', r": unknown key 'sorce'; did you mean 'source'\?"),
+    ('name = "box"\n', 'name = "box"\n[x9]\nmodel = "none"\n', r": unknown key 'x9'$"),
+])
+def test_an_unknown_key_in_a_profile_is_refused_naming_it_and_the_file(tmp_path, old, new, message):
+    p = tmp_path / "box.toml"
+    p.write_text(GOOD_BOX.replace(old, new, 1))
+    with pytest.raises(ConfigError, match=re.escape(str(p)) + ".*" + message) as e:
+        hardware.load_hardware(p)
+    assert "\n" not in e.value.message and "takes" in e.value.hint
+
+
+def test_the_good_box_without_unknown_keys_loads(tmp_path):
+    p = tmp_path / "box.toml"
+    p.write_text(GOOD_BOX)
+    assert hardware.load_hardware(p).node_read_gbps == 70.5
+
+
 def test_unknown_profile_lists_the_shipped_ones():
     with pytest.raises(ConfigError) as e:
         hardware.load_hardware("epyc-9999")

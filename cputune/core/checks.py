@@ -7,6 +7,7 @@ call it, and none of them has to know the others' wording.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from typing import Any, Iterable
@@ -100,3 +101,21 @@ def text_list(value: Any, name: str, choices: Iterable[str] | None = None, *,
         what = "a list of strings" + (f" from: {', '.join(options)}" if options else "")
         raise ConfigError(f"{name} must be {what}, not {shown(value)}", hint=hint)
     return tuple(text(v, f"{name}[{i}]", options, hint=hint) for i, v in enumerate(value))
+
+
+def known_keys(data: dict, known: Iterable[str], where: str, *, hint: str | None = None) -> None:
+    """Refuse a key of `data` not in `known`, naming it and where it is, with the nearest known
+    key when one is close (a misspelt `nodes_per_socket` would otherwise be ignored, and its
+    default used without a word). Only the first unknown key, in sorted order, is named."""
+    allowed = tuple(known)
+    unknown = sorted(str(k) for k in data if k not in allowed)
+    if unknown:
+        key = unknown[0]
+        # A key the unknown one is part of first ('nodes_per_socket' is 'numa_nodes_per_socket'
+        # shortened, though difflib finds 'cores_per_socket' closer), else difflib's nearest.
+        within = [k for k in allowed if key in k]
+        close = within if len(within) == 1 else difflib.get_close_matches(key, allowed, n=1)
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise ConfigError(f"{where}: unknown key {shown(key)}{more}"
+                          + (f"; did you mean {shown(close[0])}?" if close else ""),
+                          hint=hint or "known keys: " + ", ".join(allowed))

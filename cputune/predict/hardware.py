@@ -79,6 +79,14 @@ class HardwareProfile:
 
 _HINT = "see configs/hardware/README.md for the fields a profile needs"
 _REQUIRED = object()
+# Every key a profile may have (configs/hardware/README.md): any other is refused, not ignored.
+_KEYS = {
+    "": ("name", "source", "cpu", "memory", "bandwidth"),
+    "cpu": ("model", "sockets", "cores_per_socket", "threads_per_core", "numa_nodes_per_socket",
+            "l3_groups_per_socket", "isa"),
+    "memory": ("type", "channels_per_socket", "mts", "dimms", "dimm_gib"),
+    "bandwidth": ("node_read_gbps", "core_read_gbps", "remote_ratio"),
+}
 # Upper bounds: each well above the largest box sold, so only a typo trips them. 32 sockets is the
 # largest single system image (HPE Superdome Flex); 192 cores per socket the largest x86 CPU
 # (EPYC 9965); SMT8 is POWER's; 12 memory channels per socket today's EPYC and Xeon 6 have.
@@ -102,6 +110,8 @@ class _Table:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: [{name}] must be a table, not {checks.shown(value)}", hint=_HINT)
         self.data, self.prefix = value, f"{where}: [{name}]"
+        checks.known_keys(value, _KEYS[name], self.prefix,
+                          hint=f"[{name}] takes {', '.join(_KEYS[name])}; {_HINT}")
 
     def has(self, key: str) -> bool:
         return key in self.data
@@ -133,7 +143,9 @@ class _Table:
 
 def parse_hardware(data: dict, hw_id: str, where: str = "profile") -> HardwareProfile:
     """A profile from its TOML tables, every field checked for type and range (a bad one is a
-    ConfigError naming the file, table and key); missing bandwidth is estimated from the channel peak."""
+    ConfigError naming the file, table and key; an unknown key is one too); missing bandwidth is
+    estimated from the channel peak."""
+    checks.known_keys(data, _KEYS[""], where, hint=f"a profile's top level takes {', '.join(_KEYS[''])}; {_HINT}")
     for key in ("name", "source"):
         if key in data:
             checks.text(data[key], f"{where}: {key}", hint=_HINT)
