@@ -204,6 +204,22 @@ def test_a_report_on_a_damaged_history_is_written_and_says_what_it_skipped(tmp_p
     assert "<td>tg32</td>" in text
 
 
+@pytest.mark.parametrize("content, why", [
+    ('{"schema": "cputune.tuned/1", "profi', "cannot read"),
+    ('{"schema": "cputune.tuned/1", "profiles": [1]}', "field profiles must be an object"),
+    ('{"schema": "cputune.tuned/1", "profiles": {"/m/x.gguf": {"results": 5}}}', "field profiles['/m/x.gguf']"),
+])
+def test_a_report_on_a_damaged_tuned_json_is_written_and_says_what_it_skipped(tmp_path, content, why):
+    (tmp_path / "cache" / "cputune" / "tuned.json").write_text(content)
+    data = report_file.collect()
+    assert data.tuned == () and why in data.tuned_skipped and "tuned.json" in data.tuned_skipped
+    out = tmp_path / "r.md"
+    r = CliRunner().invoke(cli, ["report", "--no-charts", "-o", str(out)])
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    text = out.read_text()
+    assert "Skipped the saved tuned settings, which cannot be read: " in text and "tuned.json" in text
+
+
 def test_latest_runs_leaves_out_records_bench_could_not_have_written():
     runs = report_file.latest_runs([GOOD, [1, 2], {"threads": [1]}, {**GOOD, "bytes_per_token": "x"}])
     assert runs == [GOOD]

@@ -19,6 +19,7 @@ from cputune import __version__
 from cputune.core import stats
 from cputune.engine import bench, tune
 from cputune.machine import probe
+from cputune.core.checks import printable
 from cputune.core.errors import ConfigError
 from cputune.core.fsutil import atomic_write_bytes, atomic_write_text, check_target
 
@@ -60,6 +61,7 @@ class ReportData:
     tuned: tuple[tune.TuneResult, ...]
     sources: dict[str, str]  # what was read from where
     history_skipped: int = 0  # damaged bench-history lines left out (bench.load_history)
+    tuned_skipped: str | None = None  # why a damaged tuned.json was left out (its ConfigError)
 
 
 def collect(profile_path: Path | None = None, history_path: Path | None = None,
@@ -69,14 +71,16 @@ def collect(profile_path: Path | None = None, history_path: Path | None = None,
     hp = history_path or bench.history_path()
     tp = tuned_path or tune.tuned_path()
     machine = probe.load_profile(pp) if pp.exists() else None
+    tuned_skipped = None
     try:
         tuned = tuple(tune.load_all(tp).values())
-    except ConfigError:
+    except ConfigError as e:  # a damaged file is left out of the report, and the report says why
         tuned = ()
+        tuned_skipped = e.message + (f" ({e.hint})" if e.hint else "")
     history = bench.load_history(hp)
     return ReportData(machine, history.records, tuned,
                       {"machine profile": str(pp), "bench history": str(hp), "tuned settings": str(tp)},
-                      history.skipped)
+                      history.skipped, tuned_skipped)
 
 
 # ---- blocks ---------------------------------------------------------------------------------------
@@ -190,10 +194,12 @@ def trial_rows(k: tune.KindResult) -> list[tuple[str, ...]]:
     return rows
 
 
-def tune_blocks(tuned: Sequence[tune.TuneResult], charts: bool) -> list[Block]:
+def tune_blocks(tuned: Sequence[tune.TuneResult], charts: bool, skipped: str | None = None) -> list[Block]:
     from cputune.commands import plots
 
     out: list[Block] = [Heading("Tuning")]
+    if skipped:
+        out.append(Para(f"Skipped the saved tuned settings, which cannot be read: {printable(skipped, markup=False)}."))
     if not tuned:
         return out + [Para("No tuned settings yet: run `cputune tune -m MODEL`.")]
     for i, r in enumerate(tuned):
@@ -225,7 +231,7 @@ def build_blocks(data: ReportData, charts: bool = True) -> list[Block]:
                          Para(f"cputune {__version__}; read from " +
                               ", ".join(f"{k} {v}" for k, v in data.sources.items()) + ".")]
     return (head + machine_blocks(data.machine, charts) + bench_blocks(data.machine, data.history, charts, data.history_skipped)
-            + tune_blocks(data.tuned, charts))
+            + tune_blocks(data.tuned, charts, data.tuned_skipped))
 
 
 # ---- writers --------------------------------------------------------------------------------------
