@@ -427,6 +427,16 @@ def test_a_bad_flag_is_refused_in_one_line_naming_it(tmp_path, monkeypatch, args
         assert value in line, line
 
 
+@pytest.mark.parametrize("args", [["inspect", ""], ["predict", "-m", "", "-q", "q4_k_m", *HW],
+                                  ["select", "--model", "", *HW], ["plan", "--model", ""]],
+                         ids=lambda a: a[0])
+def test_an_empty_model_argument_is_one_line_saying_so(tmp_path, monkeypatch, args):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # "" is not read as "." (this folder)
+    line = refused(run(args), "the model argument is empty")
+    assert "is a folder" not in line
+
+
 def test_a_depth_beyond_the_trained_context_is_refused_naming_n_ctx_train():
     r = run([*PREDICT, *HW, "--depth", "200000"])
     refused(r, "a depth of 200000 tokens is beyond the context", "(n_ctx_train 163840 tokens)", code=1)

@@ -91,6 +91,20 @@ def test_an_unknown_name_lists_what_there_is(folder):
     assert "deepseek-r1" in e.value.hint and "tiny-ds2-Q8_0.gguf [Q8_0]" in e.value.hint
 
 
+@pytest.mark.parametrize("empty", ["", "  "])
+def test_an_empty_model_argument_is_named_not_read_as_the_working_folder(empty, folder, tmp_path, monkeypatch):
+    from cputune.engine import serve
+
+    monkeypatch.chdir(folder)  # "" as a path would be "." -- this folder of models
+    for call in (lambda: resolve(empty), lambda: resolve(empty, "q8_0", folder, catalog=False),
+                 lambda: resolve(empty, None, search_folder=False),
+                 lambda: resolver.bench_target(empty, "q8_0", folder, None, tmp_path / "llama-quantize"),
+                 lambda: serve.resolve_model(serve.ServeRequest(quant=None, model=empty))):
+        with pytest.raises(ModelError, match=r"the model argument is empty") as e:
+            call()
+        assert "is a folder" not in e.value.message and "GGUF file" in e.value.hint
+
+
 def test_plan_does_not_search_the_folder(folder):
     r = resolve("r1-distill-llama-8b", None, folder, search_folder=False)
     assert r.source == "catalog"

@@ -26,7 +26,7 @@ from cputune.model.gguf_model import shard_paths
 from cputune.machine.memory import MemoryInfo, discover_memory
 from cputune.model.modelfiles import ModelFile
 from cputune.machine.pagecache import CacheVerdict
-from cputune.model.resolve import looks_like_path, resolve
+from cputune.model.resolve import check_model_arg, looks_like_path, resolve
 from cputune.engine.placement import Placement, plan_placement
 from cputune.engine.rpc import Endpoint, LayerSplit, WorkerMemory
 from cputune.predict.selector import OS_HEADROOM_BYTES, RamNeed, ram_needed
@@ -160,6 +160,7 @@ class ThreadAffinity:
 def resolve_model(req: ServeRequest) -> ModelFile:
     """--model FILE as given (checked against --quant), else the --quant file in the models
     folder (of --model NAME): the one resolver, files only."""
+    check_model_arg(req.model)
     if not req.quant and not (req.model and looks_like_path(req.model)):
         raise ConfigError("which quant? --quant is required unless --model names a file",
                           hint="for example --quant q4_k_m")

@@ -31,6 +31,15 @@ from cputune.model.modelfiles import ENV_VAR, ModelFile, matches_model, models_d
 from cputune.core.units import parse_size
 
 
+def check_model_arg(model: str | None) -> None:
+    """Refuse an empty --model ('' or blanks): as a path it would be "." (the working folder),
+    and as a name it would match every file."""
+    if model is not None and not model.strip():
+        raise ModelError(f"the model argument is empty ({model!r})",
+                         hint="pass a GGUF file's path, or a model name to find in the models folder "
+                              "or the catalog")
+
+
 def looks_like_path(model: str) -> bool:
     """Rule 1: `x.gguf`, `dir/x`, a URL and anything that exists are files, not names."""
     return (remote.is_url(model) or model.endswith(".gguf") or os.sep in model
@@ -128,6 +137,7 @@ def resolve(model: str | None, quant: str | None = None, models_dir_option: Path
     `catalog`, since the callers that need a file run it (serve, bench, tune) and inspect, which
     reads only the header, says True. With no `model`, every file in the models folder (of
     `quant`) is a match."""
+    check_model_arg(model)
     if model is not None and remote.is_url(model) and not (catalog if remote_ok is None else remote_ok):
         raise ModelError(f"{model} is a URL, and this command runs the model, which needs it on disk",
                          hint=f"{remote.DOWNLOAD_HINT}; inspect, predict and select read a URL's "
@@ -181,6 +191,7 @@ def bench_target(model: str | None, quant: str | None, folder: Path | str | None
                  twin_size: str | None, llama_quantize: Path) -> Path:
     """The file `bench` measures: --model FILE; --model NAME --quant Q from the models folder;
     or, with --twin SIZE, a synthetic model of that architecture and quant, cached by shape."""
+    check_model_arg(model)
     if twin_size:
         r = resolve(model, quant, folder) if model else None
         if r is not None and r.source != "catalog":
