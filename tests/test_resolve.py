@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cputune.model import resolve as resolver
+from cputune.model import modelfiles, resolve as resolver
 from cputune.core.errors import GGUFError, ModelError
 from cputune.model.resolve import looks_like_path, resolve
 
@@ -103,6 +103,38 @@ def test_an_empty_model_argument_is_named_not_read_as_the_working_folder(empty, 
         with pytest.raises(ModelError, match=r"the model argument is empty") as e:
             call()
         assert "is a folder" not in e.value.message and "GGUF file" in e.value.hint
+
+
+def test_a_folder_with_no_usable_gguf_says_what_it_skipped(tmp_path, monkeypatch):
+    d = tmp_path / "models"
+    d.mkdir()
+    with pytest.raises(ModelError) as e:
+        resolve(None, "q8_0", d, catalog=False).one_file("q8_0")
+    assert e.value.hint == "it holds: no GGUF files"  # nothing there: nothing to name
+    (d / "broken.gguf").symlink_to(tmp_path / "nowhere")
+    (d / "model-Q8_0.gguf.part").write_bytes(b"GGUF")
+    (d / "bad.gguf").write_bytes(b"GGUF\x03\x00")
+    (d / "README.md").write_text("x")
+    (d / "sub").mkdir()
+    (d / "sub" / "a.safetensors").write_text("x")
+    (d / "sub" / "b.bin").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ModelError) as e:
+        resolve(None, "q8_0", d, catalog=False).one_file("q8_0")
+    hint = e.value.hint
+    assert hint.startswith("it holds: no GGUF files (skipped 6: bad.gguf") and hint.endswith(" and 3 more)")
+    assert "broken.gguf" in hint and "README.md (not a .gguf file)" in hint, hint
+    with pytest.raises(ModelError) as e:
+        resolve("llama-9000", None, d)
+    assert f"{d} holds: no GGUF files (skipped 6: " in e.value.hint
+    assert modelfiles.skipped_text(d / "sub") == ("skipped 2: a.safetensors (not a .gguf file); "
+                                                  "b.bin (a symbolic link to nothing)")
+    monkeypatch.setattr(modelfiles, "SKIPPED_SHOWN", 10)
+    assert "model-Q8_0.gguf.part (an unfinished download)" in modelfiles.skipped_text(d)
+    monkeypatch.setattr(modelfiles, "SKIPPED_WALK", 3)  # a huge folder is not walked to its end
+    assert modelfiles.skipped_text(d / "sub") == ("skipped 2: a.safetensors (not a .gguf file); "
+                                                  "b.bin (a symbolic link to nothing)")
+    assert modelfiles.skipped_text(d, ["x.gguf is truncated"]) == ("skipped at least 2: x.gguf is truncated; "
+                                                                   "README.md (not a .gguf file) and more")
 
 
 def test_plan_does_not_search_the_folder(folder):

@@ -10,6 +10,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from cputune.core import checks
 from cputune.core.errors import ConfigError, CputuneError
@@ -96,6 +97,50 @@ def scan(folder: Path) -> tuple[list[ModelFile], list[str]]:
             continue
         found.append(ModelFile(path, prof.n_shards, prof.file_type or "unknown", prof))
     return found, problems
+
+
+# What a folder with no GGUF file to use is said to hold instead: this many names, with why.
+SKIPPED_SHOWN = 3
+SKIPPED_WALK = 10_000  # entries looked at, whatever the folder holds (the count then says "at least")
+PARTIAL_SUFFIXES = (".part", ".partial", ".crdownload", ".download", ".incomplete", ".tmp", ".aria2")
+
+
+def skipped_text(folder: Path, problems: Sequence[str] = ()) -> str:
+    """Why `folder` holds no GGUF file to use: '' when it holds nothing at all, else 'skipped 4:
+    x.gguf is truncated: ...; x.gguf.part (an unfinished download); notes.txt (not a .gguf file) and 1
+    more'. `problems` are scan's lines for the .gguf files it could not read; the other files
+    under the folder (not named *.gguf, or a link to nothing) are looked for here."""
+    shown, count = list(problems[:SKIPPED_SHOWN]), len(problems)
+    seen, more = 0, False
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        seen += 1  # a folder is an entry too: a tree of empty folders is not walked without end
+        for name in sorted(filenames):
+            seen += 1
+            if seen > SKIPPED_WALK:
+                more = True
+                break
+            path = Path(dirpath) / name
+            if name.endswith(".gguf"):
+                continue  # scan read it, or said why it could not (a problem above)
+            if not path.exists():
+                why = "a symbolic link to nothing"
+            elif name.lower().endswith(PARTIAL_SUFFIXES):
+                why = "an unfinished download"
+            elif name.lower().endswith(".gguf"):
+                why = "named .GGUF: cputune reads files named *.gguf"
+            else:
+                why = "not a .gguf file"
+            count += 1
+            if len(shown) < SKIPPED_SHOWN:
+                shown.append(f"{os.path.relpath(path, folder)} ({why})")
+        if more:
+            break
+    if not count:
+        return ""
+    rest = count - len(shown)
+    return (f"skipped {'at least ' if more else ''}{count}: " + "; ".join(shown)
+            + (f" and {rest}{'+' if more else ''} more" if rest else " and more" if more else ""))
 
 
 def matches_model(f: ModelFile, model: str) -> bool:

@@ -27,7 +27,8 @@ from cputune.model.catalog import CatalogModel, catalog_model, catalog_profile, 
 from cputune.core.errors import ConfigError, ModelError
 from cputune.model.gguf_model import ModelProfile, read_model
 from cputune.core.fsutil import cache_root
-from cputune.model.modelfiles import ENV_VAR, ModelFile, matches_model, models_dir, normalize, scan
+from cputune.model.modelfiles import (ENV_VAR, ModelFile, matches_model, models_dir, normalize, scan,
+                                      skipped_text)
 from cputune.core.units import parse_size
 
 
@@ -38,6 +39,12 @@ def check_model_arg(model: str | None) -> None:
         raise ModelError(f"the model argument is empty ({model!r})",
                          hint="pass a GGUF file's path, or a model name to find in the models folder "
                               "or the catalog")
+
+
+def no_gguf_files(folder: Path | None, problems: tuple[str, ...] | list[str] = ()) -> str:
+    """'no GGUF files', and what was skipped when the folder held files it could not use."""
+    skipped = skipped_text(folder, problems) if folder is not None else ""
+    return "no GGUF files" + (f" ({skipped})" if skipped else "")
 
 
 def looks_like_path(model: str) -> bool:
@@ -93,6 +100,7 @@ class ResolvedModel:
     folder: Path | None = None
     notes: tuple[str, ...] = ()
     folder_files: tuple[ModelFile, ...] = ()  # everything the folder holds, for error messages
+    problems: tuple[str, ...] = ()  # the folder's .gguf files scan could not read, for error messages
 
     @property
     def catalog(self) -> CatalogModel | None:
@@ -113,7 +121,7 @@ class ResolvedModel:
         have = ", ".join(f"{f.label} [{f.quant}]" for f in self.folder_files or self.files)
         if not pool:
             raise ModelError(f"no {q} model{of} in {self.folder}",
-                             hint=f"it holds: {have or 'no GGUF files'}")
+                             hint=f"it holds: {have or no_gguf_files(self.folder, self.problems)}")
         raise ModelError(f"{len(pool)} {q} models{of} in {self.folder}: "
                          + ", ".join(f.label for f in pool),
                          hint="pass --model NAME (part of the file name)"
@@ -158,6 +166,7 @@ def resolve(model: str | None, quant: str | None = None, models_dir_option: Path
     folder = models_dir(models_dir_option)
     files: list[ModelFile] = []
     notes: list[str] = []
+    problems: list[str] = []
     if search_folder:
         if folder.is_dir() or models_dir_option:
             files, problems = scan(folder)  # an explicit --models-dir that does not exist is an error
@@ -174,14 +183,14 @@ def resolve(model: str | None, quant: str | None = None, models_dir_option: Path
         mine = [f for f in mine if normalize(f.quant) == normalize(quant)]
     if mine or not catalog or model is None:
         return ResolvedModel(model, "folder", tuple(mine), cat.id if cat else None, folder,
-                             tuple(notes), tuple(files))
+                             tuple(notes), tuple(files), tuple(problems))
     if cat is not None:
         if search_folder and folder.is_dir():
             what = f"{quant.upper()} GGUF" if quant else "GGUF"
             notes.append(f"no {what} of {cat.name} in {folder}: using the catalog "
                          "(sizes from the architecture and llama-quantize's type rules)")
-        return ResolvedModel(model, "catalog", (), cat.id, folder, tuple(notes), tuple(files))
-    have = ", ".join(f"{f.path.name} [{f.quant}]" for f in files) or "no GGUF files"
+        return ResolvedModel(model, "catalog", (), cat.id, folder, tuple(notes), tuple(files), tuple(problems))
+    have = ", ".join(f"{f.path.name} [{f.quant}]" for f in files) or no_gguf_files(folder, problems)
     raise ModelError(f"no model {model!r} in the catalog or in {folder}",
                      hint="catalog models: " + ", ".join(cat_table) + f"; {folder} holds: {have}"
                           "; or pass the path of a GGUF file")
