@@ -56,7 +56,7 @@ def test_find_ambiguous_and_missing_name_what_is_there(folder):
 def test_models_dir_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
     monkeypatch.delenv(modelfiles.ENV_VAR, raising=False)
-    assert modelfiles.models_dir() == modelfiles.DEFAULT_DIR
+    assert modelfiles.models_dir() == modelfiles.default_dir()
     cfg = tmp_path / "cfg" / "cputune" / "config.toml"
     cfg.parent.mkdir(parents=True)
     cfg.write_text('models_dir = "/srv/models"\n')

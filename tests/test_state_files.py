@@ -18,7 +18,7 @@ from cputune.core import fsutil
 from cputune.core.errors import ConfigError
 from cputune.core.jsonio import read_json
 from cputune.engine import bench
-from cputune.model import modelfiles
+from cputune.model import modelfiles, resolve
 from cputune.predict import hardware
 
 HW_TOML = ('[cpu]\nmodel = "x"\nsockets = 1\ncores_per_socket = 8\n'
@@ -165,6 +165,61 @@ def test_an_unknown_user_in_a_models_dir_is_a_config_error(monkeypatch):
     with pytest.raises(ConfigError, match=f"{modelfiles.ENV_VAR} '~nosuchuser'"):
         modelfiles.models_dir()
     assert modelfiles.models_dir("~/m") == modelfiles.Path.home() / "m"
+
+
+@pytest.fixture
+def homeless(monkeypatch):
+    """No $HOME and no password-database entry (a container run with an arbitrary uid)."""
+    import pwd
+
+    def no_entry(uid):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    with pytest.raises(RuntimeError):
+        fsutil.Path.home()  # what cputune must not let through
+
+
+def test_no_home_folder_is_one_line_or_the_xdg_folders(homeless, tmp_path, monkeypatch):
+    assert fsutil.cache_root() == tmp_path / "cache" / "cputune"  # $XDG_CACHE_HOME needs no home
+    assert modelfiles.config_file() == tmp_path / "cfg" / "cputune" / "config.toml"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.delenv("XDG_CONFIG_HOME")
+    with pytest.raises(ConfigError, match=r"^\$HOME is not set and user \d+ has no entry") as e:
+        fsutil.cache_root()
+    assert "XDG_CACHE_HOME" in e.value.hint
+    with pytest.raises(ConfigError, match="no home folder for the config file") as e:
+        modelfiles.config_file()
+    assert "XDG_CONFIG_HOME" in e.value.hint
+    with pytest.raises(ConfigError, match=r"no home folder for the models folder") as e:
+        modelfiles.models_dir()
+    assert "--models-dir" in e.value.hint
+    assert modelfiles.models_dir(str(tmp_path)) == tmp_path
+    with pytest.raises(ConfigError, match=r"--models-dir '~/m': ~ names no folder"):
+        modelfiles.models_dir("~/m")
+    with pytest.raises(ConfigError, match=r"the model '~/x.gguf': ~ names no folder"):
+        resolve.resolve("~/x.gguf")
+    assert "Traceback" not in fails("report", "-o", str(tmp_path / "r.html"))
+    monkeypatch.setenv("HOME", "")  # Path.home() would be "/": the cache would go in /.cache
+    with pytest.raises(ConfigError, match=r"\$HOME is '', not an absolute path"):
+        fsutil.cache_root()
+
+
+def test_no_home_folder_at_import_is_not_a_traceback(tmp_path):
+    """~/models was worked out when cputune.model.modelfiles was imported: every command died."""
+    import subprocess
+    import sys
+
+    code = ("import pwd, sys\n"
+            "def no_entry(uid): raise KeyError(uid)\n"
+            "pwd.getpwuid = no_entry\n"
+            "from cputune.cli import cli\n"
+            f"cli(['report', '--no-charts', '-o', {str(tmp_path / 'r.html')!r}])\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME")}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("Error: $HOME is not set") and "hint: set HOME" in r.stderr, r.stderr
 
 
 # --- 4. a damaged bench-history.jsonl -------------------------------------------------------------

@@ -45,9 +45,43 @@ LEGACY_AGE_S = 3600.0
 GRACE_S = 30.0
 
 
+def home_dir(what: str, hint: str) -> Path:
+    """The user's home folder, where `what` (the cache, the config file) lives by default; a
+    ConfigError saying why there is none ($HOME unset and this user has no passwd entry, as in a
+    container run with an arbitrary uid; or $HOME empty or relative) with `hint`, not
+    Path.home()'s RuntimeError or a cache written under "/"."""
+    home = os.environ.get("HOME")
+    if home is not None and not os.path.isabs(home):
+        raise ConfigError(f"$HOME is {home!r}, not an absolute path, so there is no home folder for {what}",
+                          hint=hint)
+    try:
+        found = Path.home()
+    except (RuntimeError, KeyError):
+        raise ConfigError(f"$HOME is not set and user {os.getuid()} has no entry in the password "
+                          f"database, so there is no home folder for {what}", hint=hint) from None
+    if not found.is_absolute():
+        raise ConfigError(f"the home folder {str(found)!r} is not an absolute path, so there is no "
+                          f"home folder for {what}", hint=hint)
+    return found
+
+
+def expand_home(value: str, source: str) -> Path:
+    """`value` with a leading ~ or ~user made a home folder; ConfigError naming `source` when there
+    is none."""
+    try:
+        return Path(value).expanduser()
+    except (RuntimeError, KeyError):  # ~nosuchuser, or ~ with neither $HOME nor a passwd entry
+        user = value[1:].split("/", 1)[0]
+        why = (f"there is no user {user!r} on this machine, so ~{user} names no folder" if user
+               else "~ names no folder here ($HOME is not set)")
+        raise ConfigError(f"{source} {value!r}: {why}", hint="give the full path instead") from None
+
+
 def cache_root() -> Path:
     """Builds, the machine profile and model caches live here (XDG base-directory spec)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    base = os.environ.get("XDG_CACHE_HOME") or str(
+        home_dir("cputune's cache (~/.cache/cputune)",
+                 "set HOME to your home folder, or XDG_CACHE_HOME to the folder to keep the cache in") / ".cache")
     return Path(base) / "cputune"
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from cputune import __version__
 from cputune.core.data import load_toml
 from cputune.core.errors import BuildError, ConfigError, EngineError, ProcessFailed
-from cputune.core.fsutil import atomic_write_text, cache_root
+from cputune.core.fsutil import atomic_write_text, cache_root, expand_home
 from cputune.core import launch
 from cputune.core.launch import help_flags
 
@@ -225,7 +225,7 @@ def fetch_source(engine: Engine | str = DEFAULT_ENGINE, source: Path | str | Non
     eng = _engine(engine)
     root = root or cache_root()
     if source is not None:
-        path = Path(source).expanduser()
+        path = expand_home(str(source), "--source")
         if path.is_dir():
             return user_source(path, eng.name)
         if path.is_file():

@@ -15,43 +15,43 @@ from typing import Sequence
 from cputune.core import checks
 from cputune.core.errors import ConfigError, CputuneError
 from cputune.core.data import read_toml_file
+from cputune.core.fsutil import expand_home, home_dir
 from cputune.model.gguf_model import SPLIT_RE, ModelProfile, read_model
 
 ENV_VAR = "CPUTUNE_MODELS_DIR"
-DEFAULT_DIR = Path.home() / "models"
+
+
+def default_dir() -> Path:
+    """~/models; a ConfigError saying what to pass when there is no home folder."""
+    return home_dir("the models folder (~/models)",
+                    f"pass --models-dir DIR or set {ENV_VAR} (or set HOME)") / "models"
 
 
 def config_file() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    base = os.environ.get("XDG_CONFIG_HOME") or str(
+        home_dir("the config file (~/.config/cputune/config.toml)",
+                 "set HOME to your home folder, or XDG_CONFIG_HOME to the folder of config files") / ".config")
     return Path(base) / "cputune" / "config.toml"
-
-
-def _expanded(value: str, source: str) -> Path:
-    """`value` with a leading ~ or ~user made a home folder; ConfigError when there is none."""
-    try:
-        return Path(value).expanduser()
-    except RuntimeError:  # ~nosuchuser, or ~ with neither $HOME nor a passwd entry
-        user = value[1:].split("/", 1)[0]
-        why = (f"there is no user {user!r} on this machine, so ~{user} names no folder" if user
-               else "~ names no folder here ($HOME is not set)")
-        raise ConfigError(f"{source} {value!r}: {why}", hint="give the folder's full path") from None
 
 
 def models_dir(option: Path | str | None = None) -> Path:
     """--models-dir, else $CPUTUNE_MODELS_DIR, else `models_dir` in ~/.config/cputune/config.toml,
     else ~/models."""
     if option:
-        return _expanded(str(option), "--models-dir")
+        return expand_home(str(option), "--models-dir")
     if os.environ.get(ENV_VAR):
-        return _expanded(os.environ[ENV_VAR], ENV_VAR)
-    cfg = config_file()
-    if cfg.exists():
+        return expand_home(os.environ[ENV_VAR], ENV_VAR)
+    try:
+        cfg = config_file()
+    except ConfigError:
+        cfg = None  # no home folder: no ~/.config either, and default_dir() says what to pass
+    if cfg is not None and cfg.exists():
         value = read_toml_file(cfg, hint=f"fix or remove {cfg}").get("models_dir")
         if value is not None:
             checks.text(value, f"models_dir in {cfg}", hint='write models_dir = "/path/to/models"')
         if value:
-            return _expanded(value, f"models_dir in {cfg}")
-    return DEFAULT_DIR
+            return expand_home(value, f"models_dir in {cfg}")
+    return default_dir()
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ from cputune.model import remote, synth
 from cputune.model.catalog import CatalogModel, catalog_model, catalog_profile, load_catalog
 from cputune.core.errors import ConfigError, ModelError
 from cputune.model.gguf_model import ModelProfile, read_model
-from cputune.core.fsutil import cache_root
+from cputune.core.fsutil import cache_root, expand_home
 from cputune.model.modelfiles import (ENV_VAR, ModelFile, matches_model, models_dir, normalize, scan,
                                       skipped_text)
 from cputune.core.units import parse_size
@@ -50,7 +50,7 @@ def no_gguf_files(folder: Path | None, problems: tuple[str, ...] | list[str] = (
 def looks_like_path(model: str) -> bool:
     """Rule 1: `x.gguf`, `dir/x`, a URL and anything that exists are files, not names."""
     return (remote.is_url(model) or model.endswith(".gguf") or os.sep in model
-            or Path(model).expanduser().exists())
+            or expand_home(model, "the model").exists())
 
 
 def _keys(m: CatalogModel) -> list[str]:
@@ -77,7 +77,7 @@ def model_file(path: Path | str) -> ModelFile:
     if isinstance(path, str) and remote.is_url(path):
         prof = remote.read_model(path).profile
         return ModelFile(remote.Url(path), prof.n_shards, prof.file_type or "unknown", prof)
-    path = Path(path).expanduser()
+    path = expand_home(str(path), "the model")
     if not path.exists():
         raise ModelError(f"no GGUF file {path}",
                          hint="check the path, or pass a model name to look for in the models folder")
