@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from cputune.core import cores
+from cputune.core import cores, sysfs
 from cputune.core.errors import TopologyError
 from cputune.machine.hwloc_xml import load_hwloc_xml, parse_hwloc_bitmap
 from cputune.machine.memory import HugepagePool, discover_memory
 from cputune.commands.report import plain
-from cputune.core.sysfs import parse_cpulist
+from cputune.core.sysfs import parse_cpulist, parse_cpumask
 from cputune.machine.topology import (
     MAX_CPUS,
     NumaNode,
@@ -719,6 +719,26 @@ def test_live_machine_memory():
 ])
 def test_parse_cpulist(text, cpus):
     assert parse_cpulist(text) == cpus
+
+
+@pytest.mark.parametrize("text, message", [
+    ("0-4000000000", "names CPU 4000000000, above the highest cputune handles (65535)"),
+    ("70000", "names CPU 70000, above"),
+    ("0-4000000000:1/2", "names CPU 4000000000, above"),
+    ("0-65535,0-65535", "names more than the 65536 CPUs cputune handles"),
+    (",".join(["0-60000"] * 1000), "names more than the 65536 CPUs"),  # refused before 60M updates
+])
+def test_parse_cpulist_refuses_more_cpus_than_any_machine_before_building_them(text, message):
+    with pytest.raises(TopologyError, match=re.escape(message)) as e:
+        parse_cpulist(text)
+    assert "no machine has that many CPUs" in e.value.hint
+    assert len(parse_cpulist(f"0-{MAX_CPUS - 1}")) == MAX_CPUS == sysfs.MAX_CPUS
+
+
+def test_parse_cpumask_refuses_a_bit_beyond_max_cpus():
+    assert parse_cpumask("1" + "0" * (MAX_CPUS // 4 - 1)) == (MAX_CPUS - 4,)
+    with pytest.raises(TopologyError, match=f"names CPU {MAX_CPUS}, above"):
+        parse_cpumask("1" + "0" * (MAX_CPUS // 4))
 
 
 def test_parse_cpulist_rejects_a_group_form_without_group_size():

@@ -10,10 +10,26 @@ import glob as _glob
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cputune.core.checks import shown
+from cputune.core.errors import TopologyError
+
+
+# The most logical CPUs, and the highest CPU id + 1, a list or mask may name: 8x Linux's largest
+# NR_CPUS on x86-64 (8192, CONFIG_MAXSMP). cputune.machine.topology holds its topologies to it too.
+MAX_CPUS = 1 << 16
+
+
+def _too_many(text: str, what: str) -> TopologyError:
+    return TopologyError(f"the CPU list {shown(text.strip())} {what}",
+                         hint="check the file it was read from: no machine has that many CPUs")
+
 
 def parse_cpulist(text: str) -> tuple[int, ...]:
-    """Parse the kernel's list format ("0-3,8,10-11"; Documentation/admin-guide/cputopology.rst)."""
+    """Parse the kernel's list format ("0-3,8,10-11"; Documentation/admin-guide/cputopology.rst).
+    A CPU id of MAX_CPUS or more, or more than MAX_CPUS CPUs named in all, is a TopologyError
+    before any range is built: "0-4000000000" would be a list of four billion."""
     cpus: set[int] = set()
+    named = 0
     for part in text.strip().split(","):
         part = part.strip()
         if not part:
@@ -28,19 +44,39 @@ def parse_cpulist(text: str) -> tuple[int, ...]:
                 hi, _, spec = hi.partition(":")
                 used_text, _, group_text = spec.partition("/")
                 used, group = int(used_text), int(group_text)
+            first, last = int(lo), int(hi)
+            if last >= MAX_CPUS:
+                raise _too_many(text, f"names CPU {last}, above the highest cputune handles ({MAX_CPUS - 1})")
             if used is None:
-                cpus.update(range(int(lo), int(hi) + 1))
+                named += max(last - first + 1, 0)
+                if named > MAX_CPUS:
+                    raise _too_many(text, f"names more than the {MAX_CPUS} CPUs cputune handles")
+                cpus.update(range(first, last + 1))
             else:
-                for start in range(int(lo), int(hi) + 1, group):
-                    cpus.update(range(start, min(start + used, int(hi) + 1)))
+                for start in range(first, last + 1, group):
+                    named += max(min(used, last + 1 - start), 0)
+                    if named > MAX_CPUS:
+                        raise _too_many(text, f"names more than the {MAX_CPUS} CPUs cputune handles")
+                    cpus.update(range(start, min(start + used, last + 1)))
         else:
-            cpus.add(int(part))
+            cpu = int(part)
+            if cpu >= MAX_CPUS:
+                raise _too_many(text, f"names CPU {cpu}, above the highest cputune handles ({MAX_CPUS - 1})")
+            named += 1
+            if named > MAX_CPUS:
+                raise _too_many(text, f"names more than the {MAX_CPUS} CPUs cputune handles")
+            cpus.add(cpu)
     return tuple(sorted(cpus))
 
 
 def parse_cpumask(text: str) -> tuple[int, ...]:
-    """Parse a hex mask as in /proc/PID/status Cpus_allowed ("ff,ffffffff"), lowest bit = CPU 0."""
+    """Parse a hex mask as in /proc/PID/status Cpus_allowed ("ff,ffffffff"), lowest bit = CPU 0;
+    a bit at MAX_CPUS or above is a TopologyError, as in parse_cpulist."""
     value = int(text.strip().replace(",", "") or "0", 16)
+    if value.bit_length() > MAX_CPUS:
+        raise TopologyError(f"the CPU mask {shown(text.strip())} names CPU {value.bit_length() - 1}, above "
+                            f"the highest cputune handles ({MAX_CPUS - 1})",
+                            hint="check the file it was read from: no machine has that many CPUs")
     return tuple(i for i in range(value.bit_length()) if value >> i & 1)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from cputune.core.errors import TopologyError
-from cputune.core.sysfs import SysRoot, format_cpulist, parse_cpulist, parse_cpumask
+from cputune.core.sysfs import MAX_CPUS, SysRoot, format_cpulist, parse_cpulist, parse_cpumask
 
 # The /proc/cpuinfo flag names of the x86 features ggml-cpu dispatches on
 # (ggml/src/ggml-cpu/cpu-feats-x86.cpp; kernel names from arch/x86/include/asm/cpufeatures.h).
@@ -27,7 +27,8 @@ ISA_FLAGS: tuple[str, ...] = (
 
 # The most logical CPUs (and the highest CPU id + 1) a topology may hold: 8x Linux's largest
 # NR_CPUS on x86-64 (8192, CONFIG_MAXSMP), so a recorded file claiming more is refused, not walked.
-MAX_CPUS = 1 << 16
+# MAX_CPUS lives in core.sysfs (core cannot import machine), whose parse_cpulist holds every list
+# it reads to it too.
 # The most NUMA nodes (and the highest node id + 1): Linux's MAX_NUMNODES at its largest
 # CONFIG_NODES_SHIFT (10).
 MAX_NUMA_NODES = 1 << 10
