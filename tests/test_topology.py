@@ -492,6 +492,17 @@ def _dist1(base: str = "10", values: tuple[str, ...] = ("1", "2.1", "2.1", "1"))
     (_box(_node("os_index='0' local_memory='-1'") + _PU), "os_index='0' has local_memory='-1'"),
     (_box(_node("os_index='0' local_memory='x'") + _PU), "local_memory='x'"),
     (_box(_node(f"os_index='0' local_memory='{1 << 60}'") + _PU), f"local_memory='{1 << 60}'"),
+    # cache sizes: a whole number of bytes up to 4 GiB, on every cache object
+    (_box(f"<object type='L3Cache' cache_size='-1'>{_PU}</object>"),
+     "L3Cache object has cache_size='-1', which is not a whole number from 0 to 4294967296"),
+    (_box(f"<object type='L3Cache' cache_size='32MB'>{_PU}</object>"), "L3Cache object has cache_size='32MB'"),
+    (_box(f"<object type='L3Cache' cache_size='{10**15}'>{_PU}</object>"), f"cache_size='{10**15}'"),
+    (_box(f"<object type='L2Cache' cache_size='1e6'>{_PU}</object>"), "L2Cache object has cache_size='1e6'"),
+    (_box(f"<object type='Cache' depth='1' cache_type='2' cache_size='x'>{_PU}</object>"),
+     "Cache object has cache_size='x'"),
+    (_box(f"<object type='L1Cache' cache_size='32768'>{_PU}</object>"
+          "<object type='L1Cache' cache_size='nan'><object type='PU' os_index='1'/></object>"),
+     "L1Cache object has cache_size='nan'"),
     # bitmaps: hex chunks of at most 32 bits, no id at or above the cap
     (_box(_node("os_index='0' cpuset='0xq'") + _PU), "NUMANode object with os_index='0' has cpuset='0xq'"),
     (_box(_node("os_index='0' cpuset='0x123456789'") + _PU), "cpuset='0x123456789'"),
@@ -534,6 +545,14 @@ def test_hwloc_xml_reads_good_values_around_the_checks(tmp_path):
     for after, rows in ((_dist2(), ((10, 20), (20, 10))), (_dist1(), ((10, 21), (21, 10)))):
         path.write_text(_box(_NODES01, after=after))
         assert tuple(n.distances for n in load_hwloc_xml(path).nodes) == rows
+
+
+def test_hwloc_cache_sizes_around_the_checks(tmp_path):
+    path = tmp_path / "box.xml"
+    path.write_text(_box(f"<object type='L3Cache' cache_size='{1 << 32}'><object type='L2Cache' cache_size='0'>"
+                         f"<object type='L1Cache' cache_size=' 49152 '>{_PU}</object></object></object>"))
+    t = load_hwloc_xml(path)
+    assert t.l3_groups[0].size_bytes == 1 << 32 and t.l2_bytes is None and t.l1d_bytes == 49152
 
 
 def test_hwloc_huge_cpuset_is_refused_at_once(tmp_path):

@@ -29,6 +29,9 @@ MAX_DISTANCE = 1 << 32
 # NUMA nodes partition the CPUs; broken firmware makes every node claim all of them (hwloc's
 # 8em64t-2s2ca2c-buggynuma: 8 nodes x 8 CPUs). The sum over nodes is held to 16 x MAX_CPUS.
 MAX_NODE_CPUS = 16 * MAX_CPUS
+# A cache's size: 4 GiB, far above the largest one cache object holds (an L3 of 96 MiB on a
+# 3D V-Cache CCD; IBM z16's virtual L4 is 2 GiB).
+MAX_CACHE_BYTES = 1 << 32
 _HINT = "make one with `lstopo --of xml > box.xml` on the machine"
 _HEX = frozenset(string.hexdigits)
 _ONES = re.compile("1+")
@@ -79,10 +82,14 @@ def _own_cache(elem: ET.Element) -> str | None:
     return {"L1Cache": "l1d", "L1iCache": "l1i", "L2Cache": "l2"}.get(kind or "")
 
 
-def _size_attr(elem: ET.Element) -> int | None:
-    """An object's cache_size in bytes, or None when absent or not a number."""
-    text = (elem.get("cache_size") or "").strip()
-    return int(text) if text.isdigit() and len(text) < 16 else None
+def _size_attr(path: Path, elem: ET.Element) -> int | None:
+    """A cache object's cache_size in bytes; None when absent or 0 (hwloc writes 0 for a size it
+    does not know). Anything else but a whole number up to MAX_CACHE_BYTES is refused, as every
+    other id and size here is: a damaged size would otherwise be used, or dropped without a word."""
+    text = elem.get("cache_size")
+    if text is None:
+        return None
+    return _whole(path, _where(elem), "cache_size", text, MAX_CACHE_BYTES + 1) or None
 
 
 def _bad(path: Path, where: str, attr: str, value: str | None, want: str) -> TopologyError:
@@ -211,9 +218,9 @@ def load_hwloc_xml(path: Path | str) -> Topology:
                     _whole(path, where, "os_index", os_index, MAX_OTHER_ID) if os_index is not None else None)
         elif _is_l3(elem):
             l3 = next(counter)
-            l3_size[l3] = _size_attr(elem)
-        elif _own_cache(elem) and _own_cache(elem) not in own:
-            own[_own_cache(elem)] = _size_attr(elem)
+            l3_size[l3] = _size_attr(path, elem)
+        elif _own_cache(elem):  # every one's size is checked; the first of each kind is kept
+            own.setdefault(_own_cache(elem), _size_attr(path, elem))
         elif kind == "NUMANode" and os_index is not None:
             nid = _whole(path, where, "os_index", os_index, MAX_NUMA_NODES)
             if nid in seen_nodes:
