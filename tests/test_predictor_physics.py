@@ -349,3 +349,69 @@ def test_a_bad_ratio_row_is_refused_in_one_line(monkeypatch):
     monkeypatch.setattr(calibrate, "load_csv", lambda name: ({"type": "IQ9_Z", "ratio_to_q4_k": "0.5"},))
     with pytest.raises(ConfigError, match="IQ9_Z"):
         calibrate.decode_type_ratios()
+
+
+# --------------------------------------------------------------------------------------------
+# mainline flash-attention decode by head layout (issue 14: the GQA form)
+
+
+def test_flash_attention_row_pass_costs_by_the_gap_between_a_heads_rows_and_its_group():
+    """The first pass over each KV head's rows costs fa_kv_row_flops per row once the gap between
+    a head's rows (the other KV heads' rows) reaches fa_kv_gap_bytes, in proportion below: a
+    12 x 128 / 2-KV-head model (gap 256 B) pays half of it per row, a 32 / 8 x 128 one (1792 B) all,
+    and the cost is added to attention's FLOPs at its rate, nothing else."""
+    from dataclasses import replace as _replace
+
+    from cputune.model import catalog
+    from cputune.model.gguf_model import kv_rows_at
+
+    m = MachineBandwidth(name="box", sockets=1, nodes=1, cores=8, node_read_gbps=100.0,
+                         core_read_gbps=20.0, remote_ratio=1.0, mem_bytes=1 << 40, isa=("avx2",))
+    without = _replace(CAL, fa_kv_row_flops=0.0, attn_gflops_per_core=10.0)
+    with_ = _replace(without, fa_kv_row_flops=800.0, fa_kv_gap_bytes=512.0)
+    deep = Settings(threads=4, depth=4096)
+    w = workers(4, 8, 1.0, 0.0, 0.0)
+    for model_id, share in (("r1-distill-qwen-1.5b", 0.5), ("r1-distill-llama-8b", 1.0)):
+        model = catalog.catalog_profile(model_id, "q4_k_m")
+        assert model.key_length == 128 and not model.mla
+        extra = predict(model, m, deep, with_).t_compute_s - predict(model, m, deep, without).t_compute_s
+        rows = kv_rows_at(model, 4096)
+        assert rows == model.n_layer * model.n_head_kv * 4096
+        assert extra == pytest.approx(rows * 800.0 * share / (w * 10.0e9), rel=1e-9)
+        assert predict(model, m, deep, with_).tg_tokens_per_s < predict(model, m, deep, without).tg_tokens_per_s
+        # Not at depth 0, not without flash attention, not ik_llama.cpp's kernels, not prefill.
+        for s in (Settings(threads=4), _replace(deep, flash_attn=False), _replace(deep, engine="ik_llama")):
+            assert predict(model, m, s, with_).t_compute_s == predict(model, m, s, without).t_compute_s
+        assert predict(model, m, deep, with_).pp_tokens_per_s == predict(model, m, deep, without).pp_tokens_per_s
+    # A q8_0 cache halves the gap in bytes (34/32 B per element): the 1.5B model pays a quarter-ish.
+    qwen = catalog.catalog_profile("r1-distill-qwen-1.5b", "q4_k_m")
+    q8 = _replace(deep, cache_type="q8_0")
+    extra_q8 = predict(qwen, m, q8, with_).t_compute_s - predict(qwen, m, q8, without).t_compute_s
+    assert extra_q8 == pytest.approx(kv_rows_at(qwen, 4096) * 800.0 * (128 * 34 / 32 / 512) / (w * 10.0e9))
+
+
+def test_mla_pays_no_row_pass_and_the_default_calibration_carries_one():
+    from dataclasses import replace as _replace
+
+    r1 = catalog_profile("deepseek-r1", "Q4_K_M")
+    assert r1.mla and r1.n_head_kv == 1
+    deep = Settings(threads=32, depth=8192)
+    a = predict(r1, BOX, deep, _replace(CAL, fa_kv_row_flops=0.0))
+    b = predict(r1, BOX, deep, _replace(CAL, fa_kv_row_flops=5000.0))
+    assert a.t_compute_s == b.t_compute_s
+    for section in ("default", "published"):
+        cal = calibrate.default_calibration(section)
+        assert cal.fa_kv_row_flops > 0 and cal.fa_kv_gap_bytes > 0
+
+
+def test_a_window_layer_walks_its_window_only():
+    """kv_rows_at counts a sliding-window layer's rows up to its window (gpt-oss)."""
+    from cputune.model import catalog
+    from cputune.model.gguf_model import kv_rows_at
+
+    oss = catalog.catalog_profile("gpt-oss-120b", "mxfp4_moe")
+    assert oss.n_swa > 0
+    full = (oss.kv_k_elems_per_token - oss.swa_kv_k_elems_per_token) / oss.key_length
+    swa = oss.swa_kv_k_elems_per_token / oss.key_length
+    assert kv_rows_at(oss, 8 * oss.n_swa) == pytest.approx(full * 8 * oss.n_swa + swa * oss.n_swa)
+    assert kv_rows_at(oss, 0) == 0

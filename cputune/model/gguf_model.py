@@ -594,6 +594,12 @@ class ModelProfile:
     swa_kv_k_elems_per_token: int = 0
     swa_kv_v_elems_per_token: int = 0
     swa_attn_flops_per_ctx_token: int = 0
+    # The cache's layout, which an engine's attention cost depends on beside its FLOPs: KV heads
+    # of a layer (the most any layer has; 1 for MLA's shared latent) and a K row's elements per
+    # head. A token's K rows of all KV heads sit side by side, so one head's rows are
+    # n_head_kv x key_length elements apart.
+    n_head_kv: int = 0
+    key_length: int = 0
 
     @property
     def is_moe(self) -> bool:
@@ -650,6 +656,15 @@ def attn_flops_at(model: ModelProfile, depth: float) -> float:
     """Attention FLOPs of one token against `depth` cached tokens (window layers see n_swa at most)."""
     swa = model.swa_attn_flops_per_ctx_token
     return (model.attn_flops_per_ctx_token - swa) * depth + swa * min(depth, model.n_swa)
+
+
+def kv_rows_at(model: ModelProfile, depth: float) -> float:
+    """K rows (one per KV head, layer and cached token) a token's attention walks at `depth`:
+    window layers see n_swa tokens at most."""
+    if model.key_length < 1:
+        return 0.0
+    swa = model.swa_kv_k_elems_per_token / model.key_length
+    return (model.kv_k_elems_per_token / model.key_length - swa) * depth + swa * min(depth, model.n_swa)
 
 
 def _describe(v) -> str:
@@ -876,6 +891,7 @@ def profile_from(meta: dict, tensors: tuple[TensorInfo, ...] | list[TensorInfo],
         bytes_by_role=dict(sorted(by_role.items(), key=lambda kv: -kv[1])), roles_from_table=table is not None,
         n_swa=n_swa if any(swa) else 0, swa_kv_k_elems_per_token=swa_k, swa_kv_v_elems_per_token=swa_v,
         swa_attn_flops_per_ctx_token=swa_attn,
+        n_head_kv=1 if mla else max(heads_kv, default=0), key_length=k_len,
     )
 
 

@@ -88,6 +88,8 @@ _SCALAR_RANGES: dict[str, tuple[float, float, bool]] = {
     **{k: (0.0, 2.0, False) for k in ("thread_scaling", "prefill_thread_scaling", "mla_attn_prefill_thread_scaling")},
     **{k: (0.0, 1.0, False) for k in ("overhead_s_per_layer", "overhead_s_per_layer_thread")},
     "elementwise_s": (0.0, 1e-3, False),
+    "fa_kv_row_flops": (0.0, 1e6, False),
+    "fa_kv_gap_bytes": (0.0, 1e6, True),
     **{k: (0.0, 100.0, False) for k in ("overhead_node_factor", "prefill_node_factor")},
     **{k: (0.0, 0.99, False) for k in ("serial_share", "prefill_serial_share")},
     **{k: (-0.99, 1.0, False) for k in ("smt_tg_gain", "smt_pp_gain")},

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field, replace
 
 from cputune.core.cores import nearest_family, vector_scale
 from cputune.core.errors import ConfigError
-from cputune.model.gguf_model import ModelProfile, attn_flops_at, bits_per_weight, kv_cache_bytes, kv_read_bytes
+from cputune.model.gguf_model import (ModelProfile, attn_flops_at, bits_per_weight, cache_type_bytes, kv_cache_bytes,
+                                      kv_read_bytes, kv_rows_at)
 
 NUMA_POLICIES = ("one-node", "distribute", "interleave", "off")
 # common/arg.cpp kv_cache_types (shared/reference/llama_cpp_cpu.md A7); quantized V needs flash attention.
@@ -153,6 +154,19 @@ class Calibration:
     fa_off_decode_factor: float = 2.2
     fa_off_prefill_factor: float = 1.6
     fa_off_mla_decode_factor: float = 0.21
+    # Mainline's flash-attention decode (ggml-cpu ops.cpp, one query row: each thread walks its
+    # share of the cached tokens for one query head after another) pays, beside the FLOPs, a first
+    # pass over each KV head's K/V rows that the prefetcher covers less the farther apart a head's
+    # rows of consecutive tokens sit (the other KV heads' rows lie between them): this many FLOPs
+    # at the attention rate per KV head, cached token and layer once that gap is
+    # fa_kv_gap_bytes or more, in proportion below it. The query heads sharing a KV head (the GQA
+    # group) share the pass, so MHA pays it for every head: measured 2.8-3x GQA-4's cost per
+    # query head (benchmarks/attention_layout.py, benchmarks/README.md). 640 FLOPs (160 head
+    # dimensions' worth) at a 512 B gap: the one pair that, with the rate fitted on an 8/2/128
+    # model alone, predicts the other layouts' cost per query head on Zen 1, 2 and 4 cores with a
+    # median error of 6-9 % (20, 10, 21 % without it; the MHA layouts miss most, -29..-39 %).
+    fa_kv_row_flops: float = 640.0
+    fa_kv_gap_bytes: float = 512.0
     # SMT: what a sibling thread adds to its core's throughput (0: nothing, < 0: it slows the
     # core down, as llama.cpp's spin barriers and shared load ports make it on most boxes).
     smt_tg_gain: float = 0.0
@@ -412,6 +426,17 @@ def family_scale(machine: MachineBandwidth, fam: str) -> float:
     return vector_scale(machine.core_family, fam) or 1.0
 
 
+def fa_row_pass_flops(model: ModelProfile, settings: Settings, cal: Calibration) -> float:
+    """Mainline flash-attention decode's first pass over each KV head's cached rows, as FLOPs at
+    the attention rate (Calibration.fa_kv_row_flops): 0 for MLA's one latent, ik_llama.cpp's own
+    kernels and attention without flash attention."""
+    if (model.mla or not settings.flash_attn or settings.engine != "llama.cpp" or not settings.depth
+            or model.n_head_kv < 1 or model.key_length < 1):
+        return 0.0
+    gap = (model.n_head_kv - 1) * model.key_length * cache_type_bytes(settings.cache_type)
+    return kv_rows_at(model, settings.depth) * cal.fa_kv_row_flops * min(1.0, gap / cal.fa_kv_gap_bytes)
+
+
 def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
             cal: Calibration) -> Prediction:
     notes = []
@@ -466,7 +491,7 @@ def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
     if not settings.flash_attn:
         fa_tg = cal.fa_off_mla_decode_factor if model.mla else cal.fa_off_decode_factor
         fa_pp = cal.fa_off_prefill_factor
-    t_attn_cpu = (attn_flops_at(model, settings.depth)
+    t_attn_cpu = ((attn_flops_at(model, settings.depth) + fa_row_pass_flops(model, settings, cal))
                   / (w_tg * attn_f * mla_f * fa_tg * cal.attn_gflops_per_core * 1e9))
     t_attn = combine(t_kv, t_attn_cpu, cal.overlap_p) if settings.depth else 0.0
     t_ovh = (model.n_layer * (cal.overhead_s_per_layer + cal.overhead_s_per_layer_thread * threads)
