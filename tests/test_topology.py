@@ -760,9 +760,11 @@ def test_parse_cpumask_refuses_a_bit_beyond_max_cpus():
         parse_cpumask("1" + "0" * (MAX_CPUS // 4))
 
 
-def test_parse_cpulist_rejects_a_group_form_without_group_size():
-    with pytest.raises(ValueError):
-        parse_cpulist("0-7:2")
+@pytest.mark.parametrize("text", ["0-7:2", "0-7:2/0", "0-7:3/2", "7-0", "zero", "0-3,x", "1--3", "0-", "0-7:/4"])
+def test_parse_cpulist_refuses_what_is_not_a_cpu_list_in_one_line(text):
+    with pytest.raises(TopologyError, match="is not in the kernel's list format") as e:
+        parse_cpulist(text)
+    assert "\n" not in e.value.message and e.value.hint
 
 
 # --------------------------------------------------------------------------------------------

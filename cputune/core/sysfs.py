@@ -27,7 +27,17 @@ def _too_many(text: str, what: str) -> TopologyError:
 def parse_cpulist(text: str) -> tuple[int, ...]:
     """Parse the kernel's list format ("0-3,8,10-11"; Documentation/admin-guide/cputopology.rst).
     A CPU id of MAX_CPUS or more, or more than MAX_CPUS CPUs named in all, is a TopologyError
-    before any range is built: "0-4000000000" would be a list of four billion."""
+    before any range is built: "0-4000000000" would be a list of four billion. So is text that is
+    not a list (a word, a reversed range "7-0", a group form "0-7:2" without its group size or with
+    a size of 0), which the kernel itself refuses (lib/bitmap-str.c)."""
+    try:
+        return _parse_cpulist(text)
+    except ValueError as e:
+        raise TopologyError(f"the CPU list {shown(text.strip()[:80])} is not in the kernel's list format "
+                            f"('0-3,8,10-11'): {e}", hint="check the file it was read from") from None
+
+
+def _parse_cpulist(text: str) -> tuple[int, ...]:
     cpus: set[int] = set()
     named = 0
     for part in text.strip().split(","):
@@ -45,6 +55,10 @@ def parse_cpulist(text: str) -> tuple[int, ...]:
                 used_text, _, group_text = spec.partition("/")
                 used, group = int(used_text), int(group_text)
             first, last = int(lo), int(hi)
+            if first < 0 or last < first:
+                raise ValueError(f"{part!r} is not a range from a lower CPU to a higher one")
+            if group is not None and not 0 < used <= group:
+                raise ValueError(f"{part!r} must use 1 to the group's size of CPUs per group")
             if last >= MAX_CPUS:
                 raise _too_many(text, f"names CPU {last}, above the highest cputune handles ({MAX_CPUS - 1})")
             if used is None:
@@ -60,6 +74,8 @@ def parse_cpulist(text: str) -> tuple[int, ...]:
                     cpus.update(range(start, min(start + used, last + 1)))
         else:
             cpu = int(part)
+            if cpu < 0:
+                raise ValueError(f"{part!r} is not a CPU number")
             if cpu >= MAX_CPUS:
                 raise _too_many(text, f"names CPU {cpu}, above the highest cputune handles ({MAX_CPUS - 1})")
             named += 1
