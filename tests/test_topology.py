@@ -835,3 +835,13 @@ def test_a_damaged_cache_size_counts_as_unknown():
     t = dataclasses.replace(xml_topology("AMD-19h-Zen4-2xEpyc-9654"), l2_bytes=-1, l1d_bytes=1 << 40)
     assert own_caches(t) == {"l1d": None, "l1i": 32 * KiB, "l2": None}
     assert cores.core_family(vendor="AuthenticAMD", flags=("avx512f",), caches=own_caches(t)) is None
+
+
+@pytest.mark.parametrize("text, size", [
+    ("32768K", 32 << 20), ("1M", 1 << 20), ("512 KB", 512 << 10), ("4G", 4 << 30),
+    ("0K", None), ("5G", None), ("99999999999999999999G", None), ("-1K", None), ("big", None), ("", None),
+])
+def test_a_sysfs_cache_size_outside_what_a_cache_holds_is_unknown(text, size):
+    from cputune.machine import topology
+
+    assert topology._size_bytes(text) == size

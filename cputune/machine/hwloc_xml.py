@@ -16,7 +16,7 @@ from pathlib import Path
 from cputune.core.checks import shown
 from cputune.core.errors import TopologyError
 from cputune.core.units import MAX_SIZE_BYTES
-from cputune.machine.topology import (MAX_CPUS, MAX_NUMA_NODES, NumaNode, Topology, build_topology,
+from cputune.machine.topology import (MAX_CACHE_BYTES, MAX_CPUS, MAX_NUMA_NODES, NumaNode, Topology, build_topology,
                                       merge_inconsistent_nodes, small_int)
 
 # lstopo's trees are about a dozen objects deep (Machine, Package, Group, Die, L3 ... Core, PU).
@@ -29,9 +29,6 @@ MAX_DISTANCE = 1 << 32
 # NUMA nodes partition the CPUs; broken firmware makes every node claim all of them (hwloc's
 # 8em64t-2s2ca2c-buggynuma: 8 nodes x 8 CPUs). The sum over nodes is held to 16 x MAX_CPUS.
 MAX_NODE_CPUS = 16 * MAX_CPUS
-# A cache's size: 4 GiB, far above the largest one cache object holds (an L3 of 96 MiB on a
-# 3D V-Cache CCD; IBM z16's virtual L4 is 2 GiB).
-MAX_CACHE_BYTES = 1 << 32
 _HINT = "make one with `lstopo --of xml > box.xml` on the machine"
 _HEX = frozenset(string.hexdigits)
 _ONES = re.compile("1+")

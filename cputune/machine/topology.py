@@ -32,6 +32,9 @@ ISA_FLAGS: tuple[str, ...] = (
 # The most NUMA nodes (and the highest node id + 1): Linux's MAX_NUMNODES at its largest
 # CONFIG_NODES_SHIFT (10).
 MAX_NUMA_NODES = 1 << 10
+# A cache's size: 4 GiB, far above the largest one cache holds (an L3 of 96 MiB on a 3D V-Cache
+# CCD; IBM z16's virtual L4 is 2 GiB). The sysfs and hwloc readers both hold sizes to it.
+MAX_CACHE_BYTES = 1 << 32
 
 _CPU = "sys/devices/system/cpu"
 _NODE = "sys/devices/system/node"
@@ -498,9 +501,12 @@ def _size_bytes(text: str | None) -> int | None:
     if not text:
         return None
     m = re.fullmatch(r"(\d+)\s*([KMG]?)B?", text.strip(), re.I)
-    if not m:
+    if not m or len(m.group(1)) > 12:
         return None
-    return int(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2).upper()]
+    size = int(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2).upper()]
+    # 0 and sizes past any cache made (4 GiB, the bound the hwloc reader uses) are unknown, as
+    # text sysfs never prints is: the core family and the L3 groups then come from elsewhere.
+    return size if 0 < size <= MAX_CACHE_BYTES else None
 
 
 def _own_caches(sr: SysRoot, cpu: int) -> dict[str, int | None]:
