@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import signal
 import tarfile
 from dataclasses import replace
 from pathlib import Path
@@ -138,3 +139,12 @@ def complete(server: launch.Server, n_predict: int = 4) -> dict:
         "seed": 1}, timeout=60)
     assert code == 200, body
     return body
+
+
+def default_sigint() -> None:
+    """A Popen preexec_fn: the child starts with SIGINT at its default, as a program started in the
+    foreground from a shell does. A test run started in the background without job control
+    (`pytest &`, `nohup`, some CI runners) inherits SIGINT ignored, and cputune rightly keeps an
+    inherited SIG_IGN, so a test that sends SIGINT would otherwise see it lost."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from cputune.cli import CputuneGroup, cli
 from cputune.core.errors import ConfigError, EngineError, ModelError, NetworkError
+from helpers import default_sigint
 
 
 def all_commands():
@@ -125,7 +126,7 @@ main()
 
 def run_python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), preexec_fn=default_sigint)
 
 
 @pytest.mark.parametrize("sig, code, line", [("SIGINT", 130, "Interrupted."), ("SIGTERM", 143, "Terminated.")])
@@ -133,6 +134,24 @@ def run_python(code: str) -> subprocess.CompletedProcess:
 def test_a_signal_anywhere_is_one_line_and_128_plus_its_number(script, sig, code, line):
     r = run_python(script.format(sig=sig))
     assert (r.returncode, r.stderr, r.stdout) == (code, line + "\n", "")
+
+
+def test_an_inherited_ignored_sigint_stays_ignored():
+    """Started with SIGINT ignored (`nohup cputune ... &` in a shell without job control), the
+    command runs on through a SIGINT and finishes its work; SIGTERM still stops it."""
+    import signal
+
+    def ignore_sigint():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    r = subprocess.run([sys.executable, "-c", SIGNAL_WHILE_LOADING.format(sig="SIGINT")], capture_output=True,
+                       text=True, timeout=120, check=False, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                       preexec_fn=ignore_sigint)
+    assert r.returncode == 0 and r.stderr == "" and json.loads(r.stdout)["schema"]
+    r = subprocess.run([sys.executable, "-c", SIGNAL_WHILE_LOADING.format(sig="SIGTERM")], capture_output=True,
+                       text=True, timeout=120, check=False, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                       preexec_fn=ignore_sigint)
+    assert (r.returncode, r.stderr) == (143, "Terminated.\n")
 
 
 def test_ctrl_c_in_a_command_under_clirunner_is_130(monkeypatch):

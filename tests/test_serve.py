@@ -26,7 +26,7 @@ from cputune.engine.placement import plan_placement
 from cputune.engine.rpc import Endpoint, LayerSplit
 from cputune.predict.selector import RamNeed
 from cputune.machine.topology import discover_topology
-from helpers import children
+from helpers import children, default_sigint
 
 ROOT = Path(__file__).parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -511,7 +511,7 @@ def test_worker_refuses_llama_numa_modes():
 def cputune_process(*args: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-m", "cputune", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=default_sigint)
     proc.seen = []  # stdout read before the end
     return proc
 
