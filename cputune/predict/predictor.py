@@ -157,14 +157,14 @@ class Calibration:
     # Mainline's flash-attention decode (ggml-cpu ops.cpp, one query row: each thread walks its
     # share of the cached tokens for one query head after another) pays, beside the FLOPs, a first
     # pass over each KV head's K/V rows that the prefetcher covers less the farther apart a head's
-    # rows of consecutive tokens sit (the other KV heads' rows lie between them): this many FLOPs
-    # at the attention rate per KV head, cached token and layer once that gap is
-    # fa_kv_gap_bytes or more, in proportion below it. The query heads sharing a KV head (the GQA
-    # group) share the pass, so MHA pays it for every head: measured 2.8-3x GQA-4's cost per
-    # query head (benchmarks/attention_layout.py, benchmarks/README.md). 640 FLOPs (160 head
-    # dimensions' worth) at a 512 B gap: the one pair that, with the rate fitted on an 8/2/128
-    # model alone, predicts the other layouts' cost per query head on Zen 1, 2 and 4 cores with a
-    # median error of 6-9 % (20, 10, 21 % without it; the MHA layouts miss most, -29..-39 %).
+    # rows of consecutive tokens sit (the other KV heads' rows lie between them): this many FLOPs at
+    # the attention rate per KV head, cached token and layer once that gap is fa_kv_gap_bytes or
+    # more, in proportion below it. The query heads sharing a KV head (the GQA group) share the
+    # pass, so MHA pays it for every head: measured 2-4x GQA-4's cost per query head on Zen 1, 2 and
+    # 4 (benchmarks/attention_layout.py, benchmarks/README.md). 640 FLOPs (160 head dimensions'
+    # worth) at a 512 B gap: the one pair that, with the rate fitted on an 8/2/128 model alone,
+    # predicts the other layouts' cost per query head on Zen 1, 2 and 4 cores with a median error of
+    # 6-9 % (20, 10, 21 % without it; the MHA layouts miss most, -29..-39 %).
     fa_kv_row_flops: float = 640.0
     fa_kv_gap_bytes: float = 512.0
     # SMT: what a sibling thread adds to its core's throughput (0: nothing, < 0: it slows the
