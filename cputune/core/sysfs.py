@@ -44,45 +44,43 @@ def _parse_cpulist(text: str) -> tuple[int, ...]:
         part = part.strip()
         if not part:
             continue
-        if "-" in part:
-            lo, _, hi = part.partition("-")
-            used = group = None
-            # "100-2000:2/25" is the first 2 CPUs of every group of 25 (100,101,125,126,...), not a
-            # stride; the kernel wants both numbers (Documentation/admin-guide/kernel-parameters.rst,
-            # "cpu lists"; lib/bitmap-str.c, bitmap_parse_region).
-            if ":" in hi:
-                hi, _, spec = hi.partition(":")
-                used_text, _, group_text = spec.partition("/")
-                used, group = int(used_text), int(group_text)
-            first, last = int(lo), int(hi)
-            if first < 0 or last < first:
-                raise ValueError(f"{part!r} is not a range from a lower CPU to a higher one")
-            if group is not None and not 0 < used <= group:
-                raise ValueError(f"{part!r} must use 1 to the group's size of CPUs per group")
-            if last >= MAX_CPUS:
-                raise _too_many(text, f"names CPU {last}, above the highest cputune handles ({MAX_CPUS - 1})")
-            if used is None:
-                named += max(last - first + 1, 0)
-                if named > MAX_CPUS:
-                    raise _too_many(text, f"names more than the {MAX_CPUS} CPUs cputune handles")
-                cpus.update(range(first, last + 1))
-            else:
-                for start in range(first, last + 1, group):
-                    named += max(min(used, last + 1 - start), 0)
-                    if named > MAX_CPUS:
-                        raise _too_many(text, f"names more than the {MAX_CPUS} CPUs cputune handles")
-                    cpus.update(range(start, min(start + used, last + 1)))
-        else:
-            cpu = int(part)
-            if cpu < 0:
-                raise ValueError(f"{part!r} is not a CPU number")
-            if cpu >= MAX_CPUS:
-                raise _too_many(text, f"names CPU {cpu}, above the highest cputune handles ({MAX_CPUS - 1})")
-            named += 1
-            if named > MAX_CPUS:
-                raise _too_many(text, f"names more than the {MAX_CPUS} CPUs cputune handles")
-            cpus.add(cpu)
+        ranges = _part_ranges(part)
+        if ranges and ranges[-1].stop > MAX_CPUS:
+            raise _too_many(text, f"names CPU {ranges[-1].stop - 1}, above the highest cputune handles ({MAX_CPUS - 1})")
+        named += sum(len(r) for r in ranges)
+        if named > MAX_CPUS:  # repeats ("0-65535,0-65535,...") would cost the work of that many
+            raise _too_many(text, f"names more than the {MAX_CPUS} CPUs cputune handles")
+        for r in ranges:
+            cpus.update(r)
     return tuple(sorted(cpus))
+
+
+def _part_ranges(part: str) -> list[range]:
+    """One comma-separated part of a CPU list as ranges, in order; ValueError when it is none."""
+    if "-" not in part:
+        cpu = int(part)
+        if cpu < 0:
+            raise ValueError(f"{part!r} is not a CPU number")
+        return [range(cpu, cpu + 1)]
+    lo, _, hi = part.partition("-")
+    used = group = None
+    # "100-2000:2/25" is the first 2 CPUs of every group of 25 (100,101,125,126,...), not a
+    # stride; the kernel wants both numbers (Documentation/admin-guide/kernel-parameters.rst,
+    # "cpu lists"; lib/bitmap-str.c, bitmap_parse_region).
+    if ":" in hi:
+        hi, _, spec = hi.partition(":")
+        used_text, _, group_text = spec.partition("/")
+        used, group = int(used_text), int(group_text)
+    first, last = int(lo), int(hi)
+    if first < 0 or last < first:
+        raise ValueError(f"{part!r} is not a range from a lower CPU to a higher one")
+    if last >= MAX_CPUS:  # before a range is built: the caller names it
+        return [range(last, last + 1)]
+    if group is None:
+        return [range(first, last + 1)]
+    if not 0 < used <= group:
+        raise ValueError(f"{part!r} must use 1 to the group's size of CPUs per group")
+    return [range(start, min(start + used, last + 1)) for start in range(first, last + 1, group)]
 
 
 def parse_cpumask(text: str) -> tuple[int, ...]:

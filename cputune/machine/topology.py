@@ -25,10 +25,8 @@ ISA_FLAGS: tuple[str, ...] = (
     "avx512ifma", "avx512_fp16", "vaes", "clwb",
 )
 
-# The most logical CPUs (and the highest CPU id + 1) a topology may hold: 8x Linux's largest
-# NR_CPUS on x86-64 (8192, CONFIG_MAXSMP), so a recorded file claiming more is refused, not walked.
-# MAX_CPUS lives in core.sysfs (core cannot import machine), whose parse_cpulist holds every list
-# it reads to it too.
+# MAX_CPUS, the most logical CPUs (and the highest CPU id + 1) a topology may hold, lives in
+# core.sysfs (core cannot import machine): a recorded file claiming more is refused, not walked.
 # The most NUMA nodes (and the highest node id + 1): Linux's MAX_NUMNODES at its largest
 # CONFIG_NODES_SHIFT (10).
 MAX_NUMA_NODES = 1 << 10
