@@ -157,7 +157,7 @@ def test_bad_files_are_one_clear_error(tmp_path, files):
     with pytest.raises(GGUFError, match="does not exist"):
         gm.read_model(tmp_path / "nope.gguf")
     (tmp_path / "dir.gguf").mkdir()
-    with pytest.raises(GGUFError, match="is a directory, not a GGUF file"):
+    with pytest.raises(GGUFError, match="is a folder, not a GGUF file"):
         gm.read_model(tmp_path / "dir.gguf")
     with pytest.raises(GGUFError, match="is a character device, not a GGUF file"):
         gm.read_model("/dev/zero")

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cputune.core.errors import ConfigError, WriteError
+from cputune.core.errors import ConfigError, CputuneError, WriteError
 
 TEMP_PREFIX = ".cputune-tmp-"
 _TEMP = re.compile(r"^\.cputune-tmp-(\d+)-")
@@ -111,27 +111,32 @@ def _kind(mode: int) -> str:
 MAX_SMALL_FILE_BYTES = 64 << 20
 
 
-def open_regular(path: Path | str, hint: str | None = None) -> tuple[int, os.stat_result]:
-    """(fd, fstat) of a regular file opened for reading; ConfigError naming `path` for a missing
-    one, anything else there (a folder, a device, a FIFO, a socket) or a failed open. It never
-    blocks: a FIFO is refused by its stat, and O_NONBLOCK covers one swapped in after it."""
+def open_regular(path: Path | str, hint: str | None = None, *, error: type[CputuneError] = ConfigError,
+                 noun: str = "a file", wrong_hint: str = "give the path of a file") -> tuple[int, os.stat_result]:
+    """(fd, fstat) of a regular file opened for reading; `error` (ConfigError by default) naming
+    `path` for a missing one, a symlink loop, anything else there (a folder, a device, a FIFO, a
+    socket: "... is a FIFO (named pipe), not `noun`") or a failed open. It never blocks: a FIFO
+    is refused by its stat, and O_NONBLOCK covers one swapped in after it. The one opener of the
+    files cputune reads: its state files and settings, model files (error=GGUFError)."""
     path = Path(path)
     try:
         st = os.stat(path)  # before open(): opening some devices (a tape, a watchdog) acts on them
     except FileNotFoundError:
-        raise ConfigError(f"{path} does not exist", hint=hint) from None
+        raise error(f"{path} does not exist", hint=hint or "check the path") from None
     except OSError as e:
-        raise ConfigError(f"cannot read {path} ({e.strerror})", hint=hint) from None
+        if e.errno == errno.ELOOP:
+            raise error(f"{path} is a symlink loop", hint="point the link at the file itself") from None
+        raise error(f"cannot read {path} ({e.strerror})", hint=hint) from None
     if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"{path} is {_kind(st.st_mode)}, not a file", hint=hint or "give the path of a file")
+        raise error(f"{path} is {_kind(st.st_mode)}, not {noun}", hint=hint or wrong_hint)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
-        raise ConfigError(f"cannot read {path} ({e.strerror})", hint=hint) from None
+        raise error(f"cannot read {path} ({e.strerror})", hint=hint) from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        raise ConfigError(f"{path} is {_kind(st.st_mode)}, not a file", hint=hint or "give the path of a file")
+        raise error(f"{path} is {_kind(st.st_mode)}, not {noun}", hint=hint or wrong_hint)
     return fd, st
 
 

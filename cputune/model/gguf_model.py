@@ -10,12 +10,10 @@ active parameters, bytes read per decoded token (MoE-aware) and KV-cache bytes p
 
 from __future__ import annotations
 
-import errno
 import functools
 import math
 import os
 import re
-import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 from cputune.model import architectures
 from cputune.core.data import load_csv
 from cputune.core.errors import GGUFError
+from cputune.core.fsutil import open_regular
 
 GGUF_MAGIC = b"GGUF"
 # GGUF value types (gguf-py constants.GGUFValueType; docs/gguf.md in ggml).
@@ -330,48 +329,12 @@ class _Reader:
                 count -= 1
 
 
-def _file_kind(mode: int) -> str | None:
-    """What a non-regular file is, for the error; None for a regular file."""
-    for test, kind in ((stat.S_ISREG, None), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return kind
-    return "not a regular file"
-
-
-def _open_model_file(path: Path) -> tuple[int, int]:
-    """(fd, size) of a regular file; GGUFError for anything else, without ever blocking on it."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise GGUFError(f"{path} does not exist", hint="check the path") from None
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise GGUFError(f"{path} is a symlink loop", hint="point the link at the model file") from None
-        raise GGUFError(f"{path} cannot be read ({e.strerror})") from None
-    kind = _file_kind(st.st_mode)
-    if kind:
-        raise GGUFError(f"{path} is {kind}, not a GGUF file", hint="pass the .gguf model file itself")
-    try:
-        # O_NONBLOCK: were it swapped for a FIFO since the stat, open() still returns at once.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise GGUFError(f"{path} cannot be read ({e.strerror})") from None
-    st = os.fstat(fd)
-    kind = _file_kind(st.st_mode)
-    if kind:
-        os.close(fd)
-        raise GGUFError(f"{path} is {kind}, not a GGUF file", hint="pass the .gguf model file itself")
-    return fd, st.st_size
-
-
 def read_raw(path: Path | str) -> RawGGUF:
     """The header of one GGUF file, every claim in it checked against the file (see _Reader)."""
     path = Path(path)
-    fd, size = _open_model_file(path)
+    fd, st = open_regular(path, error=GGUFError, noun="a GGUF file", wrong_hint="pass the .gguf model file itself")
     with os.fdopen(fd, "rb", buffering=0) as f:
-        return read_raw_from(f, size, path)
+        return read_raw_from(f, st.st_size, path)
 
 
 def read_raw_from(f: BinaryIO, size: int, path) -> RawGGUF:
