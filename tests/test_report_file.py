@@ -8,6 +8,7 @@ import json
 import os
 import re
 import stat
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -69,10 +70,43 @@ def test_markdown_report_writes_its_charts_beside_it(measured, tmp_path):
     assert r.exit_code == 0, r.output
     md = out.read_text()
     links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", md)
-    assert links == ["r-images/bandwidth-per-node.png", "r-images/roofline.png", "r-images/tune-threads-1.png"]
+    assert [re.sub(r"-[0-9a-f]{12}\.png$", "", link) for link in links] == [
+        "r-images/bandwidth-per-node", "r-images/roofline", "r-images/tune-threads-1"]
     for link in links:
         assert (tmp_path / link).read_bytes().startswith(PNG)
     assert "| node | read GB/s |" in md and "## Tuning" in md
+
+
+def test_a_new_markdown_report_never_writes_over_the_old_ones_images(measured, tmp_path, monkeypatch):
+    """Charts are named by their content and the Markdown is written last: a run cut off while
+    it writes its charts leaves the old report and every image it links to as they were; a
+    finished run removes the old report's charts, and nothing else in the folder."""
+    out = tmp_path / "r.md"
+    old = [report_file.Heading("old"), report_file.Chart("roofline", "old chart", PNG + b"old")]
+    report_file.write_report(old, out)
+    old_md, old_link = out.read_text(), re.findall(r"\]\(([^)]+)\)", out.read_text())[0]
+    mine = tmp_path / "r-images" / "notes.txt"
+    mine.write_text("mine")
+    new = [report_file.Heading("new"), report_file.Chart("roofline", "new chart", PNG + b"new"),
+           report_file.Chart("bandwidth-per-node", "second", PNG + b"second")]
+    real, calls = report_file.atomic_write_bytes, []
+
+    def cut_off_after_one(path, data, **kw):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(path)
+        return real(path, data, **kw)
+
+    monkeypatch.setattr(report_file, "atomic_write_bytes", cut_off_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        report_file.write_report(new, out)
+    assert out.read_text() == old_md and (tmp_path / old_link).read_bytes() == PNG + b"old"
+    monkeypatch.setattr(report_file, "atomic_write_bytes", real)
+    report_file.write_report(new, out)
+    links = re.findall(r"\]\(([^)]+)\)", out.read_text())
+    assert sorted(p.name for p in (tmp_path / "r-images").iterdir()) == sorted(
+        [Path(link).name for link in links] + ["notes.txt"])
+    assert [(tmp_path / link).read_bytes() for link in links] == [PNG + b"new", PNG + b"second"]
 
 
 def test_an_empty_cache_gives_a_report_that_says_what_to_run(own_cache, tmp_path):

@@ -9,8 +9,10 @@ folder beside it, so the two formats cannot drift apart.
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -269,6 +271,16 @@ def _md_cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def image_name(chart: Chart) -> str:
+    """A Markdown report's file for one chart: its name and a hash of its bytes. A new report
+    never writes over a file the one before it links to, so until the new Markdown is in place
+    (written last), the old report and every image it shows stay whole."""
+    return f"{chart.name}-{hashlib.sha256(chart.png).hexdigest()[:12]}.png"
+
+
+_IMAGE_NAME = re.compile(r"[a-z0-9][a-z0-9-]*-[0-9a-f]{12}\.png")
+
+
 def to_markdown(blocks: Sequence[Block], image_dir: str) -> str:
     parts = []
     for b in blocks:
@@ -283,7 +295,7 @@ def to_markdown(blocks: Sequence[Block], image_dir: str) -> str:
             lines += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in b.rows]
             parts.append("\n".join(lines))
         elif isinstance(b, Chart):
-            parts.append(f"![{b.alt}]({image_dir}/{b.name}.png)")
+            parts.append(f"![{b.alt}]({image_dir}/{image_name(b)})")
     return "\n\n".join(parts) + "\n"
 
 
@@ -304,8 +316,21 @@ def write_report(blocks: Sequence[Block], out: Path, fmt: str | None = None) -> 
     written = []
     for b in blocks:
         if isinstance(b, Chart):
-            p = img_dir / f"{b.name}.png"
+            p = img_dir / image_name(b)
             atomic_write_bytes(p, b.png, make_parents=True)  # the images folder is the report's own
             written.append(p)
     atomic_write_text(out, to_markdown(blocks, os.path.relpath(img_dir, out.parent)), make_parents=False)
+    # Only now is the old report gone: remove the charts it linked to and this one does not.
+    # Only files named as image_name() names them; anything else in the folder is left alone.
+    keep = {p.name for p in written}
+    try:
+        stale = [p for p in img_dir.iterdir() if _IMAGE_NAME.fullmatch(p.name) and p.name not in keep]
+    except OSError:
+        stale = []
+    for p in stale:
+        try:
+            if p.is_file() and not p.is_symlink():
+                p.unlink()
+        except OSError:
+            pass  # an old chart left behind costs a few KB, never the report just written
     return [out, *written]
