@@ -1,7 +1,7 @@
 """How right is `cputune predict`? Calibrate on one set of synthetic models, then predict and
 measure (llama-bench, same run) a different set; and the error on the published big-server runs.
 
-    python benchmarks/predict_accuracy.py                  # both parts (15 min on 2 cores, once the models exist)
+    python benchmarks/predict_accuracy.py                  # both parts (~55 min on 2 Zen 2 cores, once the models exist)
     python benchmarks/predict_accuracy.py --published-only # the published rows only (1 s)
     python benchmarks/predict_accuracy.py --published-only --toml   # re-fit [published], print TOML
     python benchmarks/predict_accuracy.py --arch llama --quants f16,q4_k_m --train-sizes 256MiB \
@@ -34,7 +34,7 @@ from cputune.core.units import parse_size
 MIB = 1 << 20
 ARCHS = ("llama", "deepseek2")
 QUANTS = ("f16", "q8_0", "q4_k_m", "q2_k")
-TRAIN_SIZES = (256 * MIB, 512 * MIB)  # f16 sizes; 8x and 16x this machine's 32 MiB L3
+TRAIN_SIZES = (256 * MIB, 512 * MIB)  # f16 sizes; 8-32x the 16-32 MiB L3 of the VMs it has run on
 TEST_SIZES = (320 * MIB, 640 * MIB, 1024 * MIB)
 
 

@@ -415,3 +415,35 @@ def test_a_window_layer_walks_its_window_only():
     swa = oss.swa_kv_k_elems_per_token / oss.key_length
     assert kv_rows_at(oss, 8 * oss.n_swa) == pytest.approx(full * 8 * oss.n_swa + swa * oss.n_swa)
     assert kv_rows_at(oss, 0) == 0
+
+
+def test_mainline_tiled_flash_attention_pays_for_the_tiles_its_chunks_cut():
+    """ggml-cpu's tiled flash attention (a batch of >= 64 queries): 4 x threads chunks of the
+    n_tokens x n_head rows, tiles of up to 64 rows of one head, each a full 64-row pass over the
+    cache. 12 heads x 64 tokens on 2 threads: 8 chunks of 96 rows, each 2 tiles: 16 tiles of work
+    for 12 heads' worth; 8 heads: 8 chunks of one whole tile; 4 heads: 8 half tiles, 2x."""
+    from cputune.predict.predictor import fa_prefill_tile_factor as tiles
+
+    assert tiles(64, 12, 1) == 1.0 and tiles(64, 8, 2) == 1.0
+    assert tiles(64, 12, 2) == pytest.approx(4 / 3)
+    assert tiles(64, 4, 2) == pytest.approx(2.0)
+    assert tiles(512, 128, 64) == 1.0 and tiles(512, 128, 128) == 1.0  # chunks of 256 / 128 rows
+    assert tiles(512, 128, 96) > 1.2  # chunks of 171 rows: 64 + 64 + 43
+    assert tiles(100, 8, 1) == pytest.approx(128 / 100)  # one head's 100 rows: two full tiles
+    assert tiles(32, 12, 2) == 1.0  # below one tile: the row-by-row path, no padding
+    # --numa turns chunking off: one chunk per thread (64 x 12 / 2 = 384 rows = 6 whole tiles).
+    assert tiles(64, 12, 2, chunking=False) == 1.0
+
+    gqa = dataclasses.replace(catalog_profile("r1-distill-llama-8b", "Q8_0"), n_head=12)
+    one_node = MachineBandwidth(name="vm", sockets=1, nodes=1, cores=2, node_read_gbps=30.0,
+                                core_read_gbps=20.0, remote_ratio=1.0, mem_bytes=24 << 30)
+
+    def attn(threads, cache="f16", engine="llama.cpp", fa=True):
+        s = Settings(threads=threads, n_ubatch=64, depth=4096, cache_type=cache, engine=engine, flash_attn=fa)
+        return predict(gqa, one_node, s, CAL).pp_t_attention_s
+
+    # Only the f16/f32 cache runs the tiled path; ik_llama.cpp has its own kernels.
+    assert attn(1) == pytest.approx(attn(1, "q8_0"))
+    assert attn(2) == pytest.approx(attn(2, "q8_0") * 4 / 3)
+    assert attn(2, engine="ik_llama") / attn(1, engine="ik_llama") == pytest.approx(attn(2, "q8_0") / attn(1, "q8_0"))
+    assert attn(2, fa=False) / attn(1, fa=False) == pytest.approx(attn(2, "q8_0") / attn(1, "q8_0"))

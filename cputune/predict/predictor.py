@@ -437,6 +437,40 @@ def fa_row_pass_flops(model: ModelProfile, settings: Settings, cal: Calibration)
     return kv_rows_at(model, settings.depth) * cal.fa_kv_row_flops * min(1.0, gap / cal.fa_kv_gap_bytes)
 
 
+# Mainline's CPU flash attention for a batch of queries (ggml-cpu ops.cpp,
+# ggml_compute_forward_flash_attn_ext_f16 at the pinned commit): the n_tokens x n_head query rows
+# are cut into 4 x threads chunks (one per thread with one thread, or under --numa, which turns
+# chunking off), taken by the next free thread; inside a chunk, tiles of up to FA_TILE_Q rows of
+# one head each make a full pass over the cached K/V, and every tile costs a full FA_TILE_Q-row
+# GEMM however few rows it holds. A chunk that starts or ends inside a head or tile pays for a
+# whole tile: 12 heads x 64 tokens on 2 threads make 16 tiles of work, not 12.
+FA_TILE_Q = 64
+
+
+def fa_prefill_tile_factor(n_tokens: int, n_head: int, threads: int, chunking: bool = True) -> float:
+    """The busiest thread's attention work in mainline's tiled flash attention over an even share
+    of the rows (>= 1; 1.0 below one tile of tokens, which runs the row-by-row path)."""
+    if n_tokens < FA_TILE_Q or n_head < 1 or threads < 1:
+        return 1.0
+    nr = n_tokens * n_head
+    chunk = -(-nr // (4 * threads))
+    nchunk = -(-nr // chunk)
+    if threads == 1 or nchunk < threads or not chunking:
+        nchunk = threads
+    dr = -(-nr // nchunk)
+    busy = [0] * threads  # tiles each thread has run; the next chunk goes to the first one free
+    for c in range(nchunk):
+        a, b = c * dr, min((c + 1) * dr, nr)
+        tiles = 0
+        while a < b:  # one head's part of the chunk at a time
+            end = min(b, (a // n_tokens + 1) * n_tokens)
+            tiles += -(-(end - a) // FA_TILE_Q)
+            a = end
+        i = c if c < threads else min(range(threads), key=busy.__getitem__)
+        busy[i] += tiles
+    return max(busy) * FA_TILE_Q * threads / nr
+
+
 def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
             cal: Calibration) -> Prediction:
     notes = []
@@ -523,8 +557,13 @@ def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
             t_pp_cpu += (flops_tok * params[t] / total_params
                          * (1 - expert_share + expert_share / moe_eff)
                          / (pp_workers * pp_f * isa_factor * nearest_rate(cal.prefill_gflops_per_core, t) * 1e9))
-    # A prompt token attends to the cache before it and to the prompt tokens ahead of it.
-    t_pp_attn = (attn_flops_at(model, settings.depth + n_prompt / 2)
+    # A prompt token attends to the cache before it and to the prompt tokens ahead of it; in
+    # mainline's tiled flash attention the busiest thread may run padded tiles (see above).
+    tiles = 1.0
+    if settings.engine == "llama.cpp" and settings.flash_attn and settings.cache_type in ("f16", "f32"):
+        numa_on = settings.numa in ("interleave", "distribute") and machine.nodes > 1  # ggml_is_numa()
+        tiles = fa_prefill_tile_factor(min(n_prompt, settings.n_ubatch), model.n_head, tb, chunking=not numa_on)
+    t_pp_attn = (attn_flops_at(model, settings.depth + n_prompt / 2) * tiles
                  / (pp_workers ** attn_ts * attn_f * mla_f * fa_pp * isa_factor * cal.attn_prefill_gflops_per_core * 1e9))
     t_pp_cpu += t_pp_attn
     t_pp_cpu *= 1 + cal.prefill_node_factor * (sockets - 1)
