@@ -845,3 +845,32 @@ def test_a_sysfs_cache_size_outside_what_a_cache_holds_is_unknown(text, size):
     from cputune.machine import topology
 
     assert topology._size_bytes(text) == size
+
+
+def test_a_planted_sysfs_tree_is_read_without_hanging_or_crashing(tmp_path):
+    """A recorded tree (--sysfs-root) with a FIFO for a meminfo, a link to /dev/zero for a
+    cpulist, a distance row that is not numbers, a cpumap that is not hex behind a missing
+    cpulist, a folder named like a hugepage pool and a superscript digit in meminfo: each fact
+    is unknown or one TopologyError, never a hang, a ValueError or an unbounded read."""
+    from helpers import extract_tree
+
+    root = extract_tree(Path(__file__).parent / "fixtures" / "sysfs" / "16amd64-8n2c.tar.bz2", tmp_path / "tree")
+    node = root / "sys/devices/system/node"
+    (node / "node1/meminfo").unlink()
+    os.mkfifo(node / "node1/meminfo")
+    (node / "node2/distance").write_text("10 x 20\n")
+    (node / "node3/meminfo").write_text("Node 3 MemTotal: \u00b2 kB\nNode 3 MemFree: 5 kB\n")
+    (root / "sys/kernel/mm/hugepages").mkdir(parents=True, exist_ok=True)
+    (root / "sys/kernel/mm/hugepages/hugepages-xkB").mkdir()
+    (root / "sys/devices/system/cpu/online").unlink()
+    (root / "sys/devices/system/cpu/online").symlink_to("/dev/zero")
+    t = discover_topology(root)  # the FIFO is not opened, /dev/zero is not a regular file
+    assert t.node(1).mem_total_bytes is None and t.node(3).mem_total_bytes is None
+    assert t.node(0).mem_total_bytes == 8587984896 and t.node(2).mem_total_bytes == 8589934592
+    assert t.node(2).distances == () and t.node(1).distances == (20, 10, 20, 20, 20, 20, 20, 20)
+    assert len(t.online_cpus) == 16  # online unread: every CPU folder counts
+    assert discover_memory(root).hugepages == ()
+    (node / "node0/cpulist").unlink()
+    (node / "node0/cpumap").write_text("zz\n")
+    with pytest.raises(TopologyError, match="not a hex mask"):
+        discover_topology(root)

@@ -7,6 +7,8 @@ hwloc's fsroot idea: every discoverer takes a root, so a recorded machine (a tar
 from __future__ import annotations
 
 import glob as _glob
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,7 +88,14 @@ def _part_ranges(part: str) -> list[range]:
 def parse_cpumask(text: str) -> tuple[int, ...]:
     """Parse a hex mask as in /proc/PID/status Cpus_allowed ("ff,ffffffff"), lowest bit = CPU 0;
     a bit at MAX_CPUS or above is a TopologyError, as in parse_cpulist."""
-    value = int(text.strip().replace(",", "") or "0", 16)
+    digits = text.strip().replace(",", "") or "0"
+    try:
+        if not digits.isascii() or len(digits) > MAX_CPUS // 4 + 1:  # more hex digits than CPUs
+            raise ValueError
+        value = int(digits, 16)
+    except ValueError:
+        raise TopologyError(f"the CPU mask {shown(text.strip())} is not a hex mask like ff,ffffffff",
+                            hint="check the file it was read from") from None
     if value.bit_length() > MAX_CPUS:
         raise TopologyError(f"the CPU mask {shown(text.strip())} names CPU {value.bit_length() - 1}, above "
                             f"the highest cputune handles ({MAX_CPUS - 1})",
@@ -107,6 +116,10 @@ def format_cpulist(cpus) -> str:
     if run:
         out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
     return ",".join(out)
+
+
+# The largest file read from sysfs or /proc: /proc/cpuinfo of a 512-CPU box is about 1 MB.
+MAX_FILE_BYTES = 16 << 20
 
 
 @dataclass
@@ -130,13 +143,37 @@ class SysRoot:
         return self.path(p).exists()
 
     def text(self, p: str, default: str | None = None) -> str | None:
+        """The file's text (at most MAX_FILE_BYTES), or `default` when it is missing, unreadable or
+        not a regular file: a FIFO or device planted in a recorded tree is never opened for
+        a blocking read, and a link to /dev/zero is not read without end."""
+        path = self.path(p)
         try:
-            return self.path(p).read_text(errors="replace").strip()
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                return default
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except PermissionError:
             self.denied.append("/" + p.lstrip("/"))
             return default
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError, OSError):
+        except OSError:
             return default
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return default
+            chunks, total = [], 0
+            while total < MAX_FILE_BYTES:
+                chunk = os.read(fd, min(1 << 20, MAX_FILE_BYTES - total))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+            return b"".join(chunks).decode(errors="replace").strip()
+        except PermissionError:
+            self.denied.append("/" + p.lstrip("/"))
+            return default
+        except OSError:
+            return default
+        finally:
+            os.close(fd)
 
     def int(self, p: str, default: int | None = None) -> int | None:
         t = self.text(p)

@@ -14,7 +14,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from cputune.core.checks import shown
-from cputune.core.errors import TopologyError
+from cputune.core.errors import ConfigError, TopologyError
+from cputune.core.fsutil import read_small_text
 from cputune.core.units import MAX_SIZE_BYTES
 from cputune.machine.topology import (MAX_CACHE_BYTES, MAX_CPUS, MAX_NUMA_NODES, NumaNode, Topology, build_topology,
                                       merge_inconsistent_nodes, small_int)
@@ -159,14 +160,20 @@ def _distances(path: Path, root: ET.Element, gp_to_os: dict[str, int],
     return {}
 
 
+# lstopo's XML of a 2-socket, 384-thread box is about 1 MB.
+MAX_XML_BYTES = 64 << 20
+
+
 def load_hwloc_xml(path: Path | str) -> Topology:
     """Read an hwloc XML topology (v1 or v2 format) into the same Topology discover_topology gives."""
     path = Path(path)
     try:
-        tree = ET.parse(path)
-    except (OSError, ET.ParseError) as exc:
-        raise TopologyError(f"cannot read hwloc XML {path}: {exc}", hint=_HINT) from exc
-    root = tree.getroot()
+        # Bounded and never blocking (a FIFO, a device, a multi-GB file): fsutil's reader.
+        root = ET.fromstring(read_small_text(path, limit=MAX_XML_BYTES, hint=_HINT).encode())
+    except ConfigError as exc:
+        raise TopologyError(f"cannot read hwloc XML: {exc.message}", hint=exc.hint or _HINT) from None
+    except ET.ParseError as exc:
+        raise TopologyError(f"cannot read hwloc XML {path}: {exc}", hint=_HINT) from None
     machine = root.find("object")
     if root.tag != "topology" or machine is None:
         raise TopologyError(f"{path} is not an hwloc topology (no <topology><object>)", hint=_HINT)

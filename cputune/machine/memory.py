@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cputune.core import checks
+from cputune.core.checks import shown
 from cputune.core.data import load_csv
 from cputune.core.errors import ConfigError
 from cputune.core.sysfs import SysRoot
@@ -213,10 +214,10 @@ def parse_udev_dmi(text: str) -> tuple[list[Dimm], int | None]:
 
 
 _SPEC = re.compile(
-    r"""\s*(?P<n>\d+)\s*[x×*]\s*
-        (?P<type>(?:LP)?DDR\d[A-Z]?|MRDIMM)\s*[-\s]\s*(?P<mts>\d{3,5})(?:\s*MT/?s)?
-        (?:\s+(?P<size>\d+)\s*(?P<unit>[GT])(?:i?B)?)?\s*""",
-    re.I | re.X,
+    r"""\s*(?P<n>[0-9]{1,9})\s*[x×*]\s*
+        (?P<type>(?:LP)?DDR[0-9][A-Z]?|MRDIMM)\s*[-\s]\s*(?P<mts>[0-9]{3,5})(?:\s*MT/?s)?
+        (?:\s+(?P<size>[0-9]{1,9})\s*(?P<unit>[GT])(?:i?B)?)?\s*""",
+    re.I | re.X | re.ASCII,
 )
 
 
@@ -226,7 +227,7 @@ def parse_memory_spec(spec: str) -> MemorySpec:
     m = _SPEC.fullmatch(spec or "")
     if not m or int(m.group("n")) == 0:
         raise ConfigError(
-            f"cannot read memory spec {spec!r}",
+            f"cannot read memory spec {shown(spec)}",
             hint="expected 'COUNTx TYPE-MT/s [SIZE]', e.g. '24x DDR5-6000' or '12x DDR5-4800 64GB'",
         )
     size = None
@@ -343,7 +344,10 @@ def _bracketed(text: str | None) -> str | None:
 def _pools(sr: SysRoot, base: str, node_id: int | None) -> list[HugepagePool]:
     out = []
     for d in sr.glob(f"{base}/hugepages-*kB"):
-        kb = int(re.search(r"hugepages-(\d+)kB", d).group(1))
+        m = re.search(r"/hugepages-([0-9]{1,9})kB$", d)
+        if not m or not int(m.group(1)):
+            continue  # not a pool the kernel names (hugepages-<size>kB)
+        kb = int(m.group(1))
         out.append(HugepagePool(node_id=node_id, page_bytes=kb * 1024,
                                 total_pages=sr.int(f"{d}/nr_hugepages"),
                                 free_pages=sr.int(f"{d}/free_hugepages")))

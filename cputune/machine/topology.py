@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from cputune.core.errors import TopologyError
+from cputune.core.units import is_ascii_int
 from cputune.core.sysfs import MAX_CPUS, SysRoot, format_cpulist, parse_cpulist, parse_cpumask
 
 # The /proc/cpuinfo flag names of the x86 features ggml-cpu dispatches on
@@ -562,7 +563,9 @@ def _read_nodes(sr: SysRoot, online: tuple[int, ...], meminfo: dict[str, int]) -
         # trees store as links to "." (hwloc fixtures README).
         cpus = _mask_or_list(sr, base, "cpulist", "cpumap") or ()
         mem = parse_meminfo(sr.text(f"{base}/meminfo") or "")
-        row = tuple(int(x) for x in (sr.text(f"{base}/distance") or "").split())
+        words = (sr.text(f"{base}/distance") or "").split()
+        # A row that is not all small whole numbers is unknown (dropped below), not a crash.
+        row = tuple(int(x) for x in words) if all(is_ascii_int(x) and len(x) <= 6 for x in words) else ()
         nodes.append(NumaNode(id=nid, cpus=tuple(c for c in cpus if c in on),
                               mem_total_bytes=mem.get("MemTotal"), mem_free_bytes=mem.get("MemFree"),
                               distances=row, merged_node_ids=(nid,)))
@@ -591,7 +594,7 @@ def parse_meminfo(text: str) -> dict[str, int]:
             continue
         key = key.split()[-1]
         vals = rest.split()
-        if not vals or not vals[0].isdigit():
+        if not vals or not is_ascii_int(vals[0]):
             continue
         mult = 1024 if len(vals) > 1 and vals[1].lower() == "kb" else 1
         out[key] = int(vals[0]) * mult
