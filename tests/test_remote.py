@@ -228,6 +228,26 @@ def test_a_bad_hf_address_is_a_model_error():
         remote.http_url("hf://org/only-a-repo")
 
 
+def test_an_address_http_client_cannot_send_is_encoded_or_refused(server, shards, cache):
+    """Non-ASCII or a space in the path is percent-encoded as UTF-8 (the server gets the file); a
+    host that is not ASCII, or a byte that is not UTF-8 (argv's \udcff), is one ModelError."""
+    assert remote.http_url("https://h/é dir/x.gguf", {}) == "https://h/%C3%A9%20dir/x.gguf"
+    assert remote.http_url("https://h/%C3%A9/x.gguf?a=1&b=2", {}) == "https://h/%C3%A9/x.gguf?a=1&b=2"
+    with pytest.raises(ModelError, match="is not ASCII"):
+        remote.http_url("https://hé.example/x.gguf", {})
+    with pytest.raises(ModelError, match="not UTF-8"):
+        remote.http_url("https://h/\udcff.gguf", {})
+    out = failing("inspect", server.url("\udcff.gguf"))
+    assert "not UTF-8" in out and "Traceback" not in out
+
+
+@pytest.mark.parametrize("value", ["bytes 0-65535/-5", "bytes 0-65535/\u00b2", "bytes \u00b2-1/100",
+                                   "bytes 0-1/" + "9" * 5000, None])
+def test_a_content_range_that_is_not_ascii_numbers_is_a_network_error(value):
+    with pytest.raises(NetworkError, match="Content-Range"):
+        remote._content_range("https://h/x.gguf", value, 0)
+
+
 def test_a_missing_file_and_a_missing_shard_are_404s(server, shards, cache, tmp_path):
     out = failing("inspect", server.url("nothing.gguf"))
     assert "Error: " + server.url("nothing.gguf") + ": no such file on the server (HTTP 404)" in out

@@ -24,11 +24,13 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
+from cputune.core import checks
 from cputune.model import gguf_model as gm
 from cputune.core.errors import ConfigError, GGUFError, ModelError, NetworkError, WriteError
 from cputune.core.fsutil import atomic_write_bytes, cache_root, open_regular
+from cputune.core.units import is_ascii_int
 
 SCHEMES = ("https://", "http://", "hf://")
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -63,6 +65,11 @@ def _split(address: str, label: str):
     """urlsplit(address), its port checked too; ModelError naming `label` for one it cannot
     parse (`https://[::1/x.gguf`: urlsplit's ValueError 'Invalid IPv6 URL')."""
     try:
+        address.encode()
+    except UnicodeEncodeError:  # a byte that is not UTF-8 on the command line (\udcff)
+        raise ModelError(f"{checks.shown(address)} holds a byte that is not UTF-8 text",
+                         hint="write the address in UTF-8, or percent-encode the byte (%FF)") from None
+    try:
         parts = urlsplit(address)
         parts.port  # noqa: B018 - parsed only when asked: ':abc' or ':99999' raise here
     except ValueError as e:
@@ -87,7 +94,7 @@ def http_url(url: str, env: Mapping[str, str] = os.environ) -> str:
     http(s) address itself (file:///etc would make urllib read local files)."""
     if not url.lower().startswith("hf://"):
         _check_http(url, url)
-        return url
+        return _ascii(url, url)
     parts = url[len("hf://"):].split("/", 2)
     if len(parts) < 3 or not all(parts) or not parts[2].endswith(".gguf"):
         raise ModelError(f"{url} is not a Hugging Face file address",
@@ -100,7 +107,20 @@ def http_url(url: str, env: Mapping[str, str] = os.environ) -> str:
                          f"{DEFAULT_ENDPOINT}") from None
     full = f"{endpoint}/{parts[0]}/{parts[1]}/resolve/main/{parts[2]}"
     _check_http(full, url)
-    return full
+    return _ascii(full, url)
+
+
+def _ascii(address: str, label: str) -> str:
+    """The address as http.client can send it: non-ASCII, spaces and controls in the path and
+    query percent-encoded (as UTF-8, what a browser does; '%' is kept, so an encoded address stays as it is); a host that is not ASCII is a ModelError (its punycode is
+    the user's to give: `xn--...`)."""
+    parts = _split(address, label)
+    if not parts.netloc.isascii():
+        raise ModelError(f"{label}: the host name {checks.shown(parts.hostname)} is not ASCII",
+                         hint="write the host in its ASCII (xn--...) form")
+    safe = "/%:@!$&'()*+,;=~"
+    return urlunsplit((parts.scheme, parts.netloc, quote(parts.path, safe=safe),
+                       quote(parts.query, safe=safe + "?"), ""))
 
 
 def shard_urls(url: str) -> list[Url]:
@@ -202,7 +222,7 @@ def _timeout(label: str, timeout_s: float) -> NetworkError:
 
 
 def _no_range(label: str, length: str | None) -> NetworkError:
-    size = f" of {gm._size_text(int(length))}" if length and length.isdigit() else ""
+    size = f" of {gm._size_text(int(length))}" if is_ascii_int(length) else ""
     return NetworkError(f"{label}: the server ignores Range requests (it answered with the whole "
                         f"file{size}), so the header cannot be read alone",
                         hint=DOWNLOAD_HINT)
@@ -213,8 +233,8 @@ def _content_range(label: str, value: str | None, start: int) -> int:
     try:
         unit, _, rest = (value or "").partition(" ")
         span, _, total = rest.partition("/")
-        first = int(span.partition("-")[0])
-        if unit != "bytes" or first != start:
+        first = span.partition("-")[0]
+        if unit != "bytes" or not is_ascii_int(first) or int(first) != start or not is_ascii_int(total):
             raise ValueError
         return int(total)
     except ValueError:
@@ -332,7 +352,7 @@ def _head(url: str, client: _Client) -> tuple[int | None, str | None]:
     resp = client.open(url, method="HEAD")
     resp.close()
     length = resp.headers.get("Content-Length")
-    return (int(length) if length and length.isdigit() else None,
+    return (int(length) if is_ascii_int(length) else None,
             resp.headers.get("ETag") or resp.headers.get("Last-Modified"))
 
 
