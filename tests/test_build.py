@@ -5,6 +5,7 @@ The real pinned llama.cpp build is checked at the end (CI builds it before the t
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
@@ -105,6 +106,29 @@ def test_pipeline_builds_caches_and_reports_progress(tmp_path, fake_source):
     again = build.build(spec, root=tmp_path, progress=lambda *a: pytest.fail("rebuilt"))
     assert again.cached and again.key == b.key
     assert [x.key for x in build.list_builds(tmp_path)] == [b.key]
+
+
+def test_a_damaged_manifest_is_passed_over_like_a_missing_one(tmp_path, fake_source):
+    """build --list and every find_build see only manifests cputune wrote: a FIFO there is never
+    read (no hang), a list, a field of the wrong kind or a non-finite figure is no build, and
+    the good build beside it is still listed."""
+    spec = build.make_spec(fake_source, "avx2")
+    good = build.build(spec, root=tmp_path, jobs=2)
+    doc = json.loads((good.path / "manifest.json").read_text())
+    changed = {"built_at": 1, "features": [], "binaries": {"llama-server": 5}, "build_seconds": float("nan"),
+               "key": None, "cmake_options": {"GGML_AVX2": [1]}}
+    for i, content in enumerate(["[]", '"x"', "{not json", "", "FIFO", "FOLDER", *changed]):
+        m = tmp_path / "builds" / f"zz-bad-{i}" / "manifest.json"
+        m.parent.mkdir()
+        if content == "FIFO":
+            os.mkfifo(m)
+        elif content == "FOLDER":
+            m.mkdir()
+        elif content in changed:
+            m.write_text(json.dumps({**doc, content: changed[content]}))
+        else:
+            m.write_text(content)
+        assert [b.key for b in build.list_builds(tmp_path)] == [good.key], content
 
 
 def test_concurrent_builds_of_one_key_compile_once(tmp_path, fake_source):

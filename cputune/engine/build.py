@@ -14,6 +14,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -31,7 +32,7 @@ from pathlib import Path
 from cputune import __version__
 from cputune.core.data import load_toml
 from cputune.core.errors import BuildError, ConfigError, EngineError, ProcessFailed
-from cputune.core.fsutil import atomic_write_text, cache_root, expand_home
+from cputune.core.fsutil import atomic_write_text, cache_root, expand_home, read_small_text
 from cputune.core import launch
 from cputune.core.launch import help_flags
 
@@ -291,11 +292,19 @@ def user_source(path: Path, engine: str = DEFAULT_ENGINE) -> Source:
     return Source(path=path, label=label, commit=commit, pinned=False, engine=engine)
 
 
-def _read_marker(tree: Path) -> dict | None:
+def _read_json_object(path: Path) -> dict | None:
+    """A small JSON object cputune wrote in its cache (a manifest, a source marker), or None for
+    anything else there: missing, not a regular file (never a blocking read of a FIFO), too
+    large, not JSON, not an object."""
     try:
-        return json.loads((tree / SOURCE_MARKER).read_text())
-    except (OSError, ValueError):
+        d = json.loads(read_small_text(path, limit=1 << 20))
+    except (ConfigError, ValueError, RecursionError):
         return None
+    return d if isinstance(d, dict) else None
+
+
+def _read_marker(tree: Path) -> dict | None:
+    return _read_json_object(tree / SOURCE_MARKER)
 
 
 @contextmanager
@@ -615,18 +624,36 @@ def _compiler_version() -> str:
     return "unknown"
 
 
+_OPT = (str, type(None))
+# What each manifest field may hold (what write_manifest writes); a manifest with any other is
+# not a build cputune made, and is passed over like a missing one.
+_MANIFEST_FIELDS = {"key": str, "target_cpu": str, "source_label": str, "source_commit": _OPT,
+                    "llama_cpp_python": _OPT, "cmake_options": dict, "compiler": str,
+                    "build_seconds": (int, float), "built_at": str, "system_info": str,
+                    "features": dict, "binaries": dict, "engine": str, "commit": _OPT, "quant_types": dict}
+_MANIFEST_VALUES = {"cmake_options": (str, int, bool), "features": (str, int, bool), "binaries": (str,),
+                    "quant_types": (int,)}
+
+
 def _load_manifest(path: Path, cached: bool = False) -> Build | None:
-    try:
-        d = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError):
+    d = _read_json_object(path / MANIFEST)
+    if d is None:
         return None
-    fields = {f.name for f in dataclasses.fields(Build)}
-    d = {k: v for k, v in d.items() if k in fields}
+    d = {k: v for k, v in d.items() if k in _MANIFEST_FIELDS}
+    for k, v in d.items():
+        kinds = _MANIFEST_FIELDS[k]
+        if not isinstance(v, kinds) or isinstance(v, bool):  # no field is a bare true/false
+            return None
+        if isinstance(v, dict) and not all(isinstance(x, str) and isinstance(y, _MANIFEST_VALUES[k])
+                                           for x, y in v.items()):
+            return None
+    if isinstance(d.get("build_seconds"), float) and not math.isfinite(d["build_seconds"]):
+        return None
     d["path"] = path
     d["cached"] = cached
     try:
         return Build(**d)
-    except TypeError:
+    except TypeError:  # a field it must have is missing
         return None
 
 
