@@ -38,7 +38,7 @@ import click
 from cputune import __version__
 from cputune.commands import report
 from cputune.core import checks, units
-from cputune.core.errors import ConfigError, CputuneError, ProcessFailed, Terminated
+from cputune.core.errors import ConfigError, CputuneError, ProcessFailed, Terminated, WriteError
 from cputune.predict.predictor import ENGINES as ENGINE_NAMES, NUMA_POLICIES, cache_type_name, check_context
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -81,6 +81,15 @@ class CputuneGroup(click.Group):
             if debug:
                 raise
             ctx.exit(_interrupted(e))
+        except OSError as e:
+            # A path the system refused before cputune's own checks could name it (a name too
+            # long, a folder it may not enter): one line naming the path, as for any bad input.
+            if debug or not e.filename:
+                raise
+            why = e.strerror or type(e).__name__
+            click.echo(f"Error: {checks.printable(checks.shown(str(e.filename), 80), markup=False)}: {why}", err=True)
+            click.echo("hint: check the path (each name in it at most 255 bytes) and its permissions", err=True)
+            ctx.exit(1)
 
     def make_context(self, *args, **kwargs):
         # Parsing happens outside invoke(): click would print "Aborted!" and exit 1.
@@ -587,7 +596,7 @@ def tune_cmd(model, quant, models_dir, twin_size, budget, kinds, depth, n_prompt
                                numactl=shutil.which("numactl") is not None, need_bytes=need,
                                progress=lambda frac, text: update(frac, text), engines=benches)
     report.warn_all(result.notes)
-    saved = tune.save(result) if save else None
+    saved = tune.save(result, warn=report.warn) if save else None
     if as_json:
         return report.print_json(report.document("cputune.engine.tune/1", result=result, saved=saved,
                                                  serve=tune.serve_settings(result)))
@@ -661,12 +670,19 @@ def bench_cmd(model, quant, models_dir, twin_size, threads, depth, n_prompt, n_g
                                   sweep_bin=sweep, sweep_extra=sweep_extra,
                                   build_commit=b.source_commit or b.source_label)
     report.render_choices(choices)
-    hist = bench.append_history(results, prof, box.machine.name)
+    # The measurements are shown whatever happens to the history file; its failure comes after.
+    try:
+        hist, failed = bench.append_history(results, prof, box.machine.name), None
+    except WriteError as e:
+        hist, failed = None, e
     if as_json:
-        return report.print_json(report.document("cputune.engine.bench/1", model=str(path), machine=box.machine.name,
-                                                 calibration_source=box.calibration.source,
-                                                 results=results, history=str(hist)))
-    report.render_bench(results, prof, box, hist)
+        report.print_json(report.document("cputune.engine.bench/1", model=str(path), machine=box.machine.name,
+                                          calibration_source=box.calibration.source,
+                                          results=results, history=str(hist) if hist else None))
+    else:
+        report.render_bench(results, prof, box, hist)
+    if failed:
+        raise failed
 
 
 def _auto_int(name: str):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,33 @@ def test_an_outlying_repetition_is_flagged_on_stderr(monkeypatch):
     warning = " ".join(err.get().split())  # rich wraps stderr at its width
     assert "1 of 6 runs is a statistical outlier (modified Z > 3.5): 80.00 t/s" in warning
     assert "--reps" in warning
+
+
+def test_the_history_is_only_appended_to_a_regular_file_and_a_cut_line_is_ended(tmp_path):
+    """A FIFO, a symbolic link or a folder where the history goes is a WriteError naming it (no
+    hang on the FIFO, nothing written through the link); a last line a crash left without its
+    newline is ended first, so the record after it stays readable."""
+    from cputune.core.errors import WriteError
+
+    r, _ = bench_result((10.0, 11.0))
+    model = catalog.catalog_profile("r1-distill-qwen-1.5b", "q8_0")
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("keep\n")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(target)
+    (tmp_path / "dir.jsonl").mkdir()
+    for bad, what in ((fifo, "not a regular file"), (link, "symbolic link"), (tmp_path / "dir.jsonl", "not a regular")):
+        with pytest.raises(WriteError, match=what) as e:
+            bench.append_history([r], model, "vm", bad)
+        assert str(bad) in e.value.message
+    assert target.read_text() == "keep\n"
+
+    hist = tmp_path / "h.jsonl"
+    bench.append_history([r], model, "vm", hist)
+    with hist.open("a") as f:
+        f.write('{"at": "2026-12-03T00:00:00+00:00", "machine": "vm", "mo')  # cut off mid-line
+    bench.append_history([r], model, "vm", hist)
+    loaded = bench.load_history(hist)
+    assert len(loaded.records) == 2 and loaded.skipped == 1

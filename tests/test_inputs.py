@@ -412,6 +412,14 @@ BAD_FLAGS = [
     *[(["calibrate", "--passes", v], "--passes", "") for v in ("0", "1000")],
     *[(["build", "--jobs", v], "--jobs", "") for v in ("0", "100000")],
     *[(["serve", "--dry-run", "--port", v], "--port", "") for v in ("0", "65536", "http")],
+    # numbers with more digits than int() takes (4300) or float() keeps finite (400 nines)
+    (["bench", "--threads", "1" * 5000], "", "thread count 111111111111..."),
+    ([*SYNTH, "--size", "9" * 400], "", "the size '9999"),
+    (["tune", "--budget", "9" * 400], "", "cannot read the duration '9999"),
+    (["serve", "--dry-run", "--numa", "node:" + "1" * 5000], "", "unknown --numa 'node:1111"),
+    (["serve", "--dry-run", "--rpc", "h:\u00b2"], "", "is not host:port"),
+    (["serve", "--dry-run", "--rpc", "h:" + "1" * 5000], "", "is not host:port"),
+    (["probe", "--no-bandwidth", "--memory", "1" * 5000 + "x DDR5-6000"], "", "cannot read memory spec '1111"),
 ]
 
 
@@ -582,3 +590,19 @@ def test_an_error_quoting_a_hostile_name_prints_it_escaped_on_one_line(tmp_path)
     r = run(["inspect", str(folder / "missing.gguf")])
     line = refused(r, code=1)
     assert "\x1b" not in r.output and "evil\\x1b[2J\\nname" in line, r.output
+
+
+LONG = "a" * 300
+
+
+@pytest.mark.parametrize("args", [["inspect", f"{LONG}.gguf"], ["inspect", f"/tmp/{LONG}/m.gguf"],
+                                  [*PREDICT, "--hardware", f"{LONG}.toml"],
+                                  ["report", "-o", f"{LONG}.html", "--no-charts"]],
+                         ids=("model", "model folder", "hardware", "report"))
+def test_a_path_the_system_refuses_is_one_line_naming_it(tmp_path, monkeypatch, args):
+    """A name of 300 bytes (ENAMETOOLONG) fails inside pathlib before cputune's own checks:
+    still one line that names the path and why, exit 1, no traceback."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    line = refused(run(args), "File name too long")
+    assert "aaaaaaaa" in line

@@ -144,3 +144,13 @@ def test_atomic_write_keeps_the_files_mode(tmp_path):
     atomic_write_text(p, "two")
     assert p.read_text() == "two" and stat.S_IMODE(p.stat().st_mode) == 0o640
     assert [x.name for x in tmp_path.iterdir()] == ["f.txt"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("name", ["r.html", "r.md"])
+def test_a_name_that_is_not_utf8_is_shown_as_its_escape(tmp_path, name):
+    """A model file whose name is not UTF-8 is benched as '/m/\\udcff.gguf' (json.dumps of the
+    lone surrogate); the report shows the escape instead of dying on the encode."""
+    out = tmp_path / name
+    report_file.write_report([report_file.Heading("bench"), report_file.Para("/m/\udcff.gguf"),
+                              report_file.TableBlock(("model",), (("/m/\udcff.gguf",),))], out)
+    assert "/m/\\udcff.gguf" in out.read_text()

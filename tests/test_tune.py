@@ -224,8 +224,37 @@ def test_saved_profile_round_trips_and_follows_the_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read") as e:  # said, not silently no settings
         tune.tuned_for(model, store)
     assert "--no-tuned" in e.value.hint
-    tune.save(r, store)  # an unreadable store is replaced whole
+    said = []
+    tune.save(r, store, warn=said.append)  # an unreadable store is kept aside, never lost
     assert json.loads(store.read_text())["schema"] == tune.SCHEMA
+    aside = [p for p in store.parent.iterdir() if p.name.startswith(store.name + ".damaged-")]
+    assert len(aside) == 1 and aside[0].read_text() == "{not json" and str(aside[0]) in said[0]
+
+
+def test_saving_keeps_every_other_models_entry_when_one_is_damaged(tmp_path):
+    """One entry out of range (here another model's gain) does not cost the others: they are
+    carried over, and the file as it was is kept beside the new one."""
+    store = tmp_path / "tuned.json"
+    first, second = (tmp_path / "a.gguf"), (tmp_path / "b.gguf")
+    for m in (first, second):
+        m.write_bytes(b"x" * 100)
+    knobs = (tune.Knobs(threads=1), tune.Knobs(threads=2))
+    ra = result_for(first, *knobs)
+    tune.save(ra, store)
+    tune.save(result_for(second, *knobs), store)
+    doc = json.loads(store.read_text())
+    key_b = next(k for k in doc["profiles"] if k.endswith("b.gguf"))
+    doc["profiles"][key_b]["model_size_bytes"] = "big"
+    store.write_text(json.dumps(doc))
+    said = []
+    third = tmp_path / "c.gguf"
+    third.write_bytes(b"x" * 100)
+    tune.save(result_for(third, *knobs), store, warn=said.append)
+    kept = tune.load_all(store)
+    assert sorted(Path(k).name for k in kept) == ["a.gguf", "c.gguf"] and kept[next(iter(kept))] == ra
+    assert said and ".damaged-" in said[0] and "1 other entries" in said[0]
+    aside = next(p for p in tmp_path.iterdir() if ".damaged-" in p.name)
+    assert json.loads(aside.read_text())["profiles"][key_b]["model_size_bytes"] == "big"
 
 
 def test_apply_tuned_leaves_what_the_user_set():

@@ -23,7 +23,7 @@ from cputune.engine import bench, tune
 from cputune.machine import probe
 from cputune.core.checks import printable
 from cputune.core.errors import ConfigError
-from cputune.core.fsutil import atomic_write_bytes, atomic_write_text, check_target
+from cputune.core.fsutil import atomic_write_bytes, check_target
 
 FORMATS = ("html", "md")
 
@@ -299,6 +299,12 @@ def to_markdown(blocks: Sequence[Block], image_dir: str) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def _utf8(text: str) -> bytes:
+    """The page as UTF-8. A name read from a state file may hold a lone surrogate (a model file
+    whose name is not UTF-8, as json.dumps wrote it): shown as its escape, not a crash."""
+    return text.encode("utf-8", "backslashreplace")
+
+
 def write_report(blocks: Sequence[Block], out: Path, fmt: str | None = None) -> list[Path]:
     """Writes the report (and, for Markdown, its PNGs in OUT's stem + '-images/'); every file atomically."""
     fmt = fmt or ("md" if out.suffix.lower() in (".md", ".markdown") else "html")
@@ -310,7 +316,7 @@ def write_report(blocks: Sequence[Block], out: Path, fmt: str | None = None) -> 
     # any chart is drawn into the folder beside it.
     check_target(out, make_parents=False)
     if fmt == "html":
-        atomic_write_text(out, to_html(blocks), make_parents=False)
+        atomic_write_bytes(out, _utf8(to_html(blocks)), make_parents=False)
         return [out]
     img_dir = out.parent / f"{out.stem}-images"
     written = []
@@ -319,7 +325,7 @@ def write_report(blocks: Sequence[Block], out: Path, fmt: str | None = None) -> 
             p = img_dir / image_name(b)
             atomic_write_bytes(p, b.png, make_parents=True)  # the images folder is the report's own
             written.append(p)
-    atomic_write_text(out, to_markdown(blocks, os.path.relpath(img_dir, out.parent)), make_parents=False)
+    atomic_write_bytes(out, _utf8(to_markdown(blocks, os.path.relpath(img_dir, out.parent))), make_parents=False)
     # Only now is the old report gone: remove the charts it linked to and this one does not.
     # Only files named as image_name() names them; anything else in the folder is left alone.
     keep = {p.name for p in written}

@@ -43,9 +43,20 @@ def _wrong(where: str, what: str, value: Any) -> ConfigError:
     return ConfigError(f"field {where or '(top)'} must be {what}, not {shown(value)}")
 
 
+# No figure cputune saves comes near these (the largest, a box's memory in bytes, is < 2^50):
+# a 400-digit number is refused here, before float() or a division overflows on it, and a
+# statistic over 1e308-sized samples cannot overflow to inf.
+MAX_PLAIN_INT = 1 << 62
+MAX_PLAIN_FLOAT = 1e18
+
+
 def _scalar(tp: type, value: Any, where: str) -> Any:
     # JSON has one number type: an int field takes only whole numbers, a float field any finite
     # number (json.loads reads NaN and Infinity; plain() never writes them). bool is not an int.
+    if tp in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        big = abs(value) > MAX_PLAIN_INT if isinstance(value, int) else not abs(value) <= MAX_PLAIN_FLOAT
+        if big and not (isinstance(value, float) and not math.isfinite(value)):
+            raise ConfigError(f"field {where} is {shown(value)}, far beyond any figure cputune saves")
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     if tp is int and isinstance(value, int) and not isinstance(value, bool):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 
-from cputune.core.checks import MAX_THREADS
+from cputune.core.checks import MAX_THREADS, shown
 from cputune.core.errors import ConfigError
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 10**3, "KIB": 1 << 10, "M": 1 << 20, "MB": 10**6,
@@ -14,17 +14,27 @@ _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 10**3, "KIB": 1 << 10, "M": 1 << 20
 
 
 MAX_SIZE_BYTES = 1 << 50  # 1 PiB: more than any box's memory or model file
+# A number typed with more digits than this is out of every range cputune takes (int() refuses
+# 4300 digits with a ValueError, float() turns 400 nines into inf): said so, never converted.
+MAX_DIGITS = 24
+
+
+def is_ascii_int(text: str) -> bool:
+    """'123' (ASCII digits, at most MAX_DIGITS): what int() may safely read. str.isdigit() also
+    takes '²', which int() refuses."""
+    return isinstance(text, str) and 0 < len(text) <= MAX_DIGITS and text.isascii() and text.isdecimal()
 
 
 def parse_size(text: str, lo: int = 1, hi: int = MAX_SIZE_BYTES) -> int:
     """Bytes from '2GB' (10^9), '2GiB' or '2G' (2^30), '512MiB', '1.5TB' or a plain number,
     from `lo` to `hi` bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(text), re.I)
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?I?B?)\s*", str(text), re.I | re.ASCII)
     if not m or m.group(2).upper() not in _UNITS:
-        raise ConfigError(f"cannot read the size {text!r}", hint="write it like 2GB, 512MiB or 300M")
-    n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+        raise ConfigError(f"cannot read the size {shown(text)}", hint="write it like 2GB, 512MiB or 300M")
+    # More digits than any size has: out of range, before float() makes it inf.
+    n = int(float(m.group(1)) * _UNITS[m.group(2).upper()]) if len(m.group(1)) <= MAX_DIGITS else hi + 1
     if not lo <= n <= hi:
-        raise ConfigError(f"the size {text!r} must be from {bytes_text(lo)} to {bytes_text(hi)}",
+        raise ConfigError(f"the size {shown(text)} must be from {bytes_text(lo)} to {bytes_text(hi)}",
                           hint="write it like 2GB, 512MiB or 300M")
     return n
 
@@ -42,10 +52,11 @@ _SECONDS = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600}
 
 def parse_duration(text: str, hi_s: float | None = None) -> float:
     """Seconds from '10m', '90s', '1h30m', '1.5h' or a plain number of seconds; above 0, at most `hi_s`."""
-    parts = re.findall(r"(\d+(?:\.\d+)?)\s*(min|[smh]?)", str(text).strip().lower())
+    parts = re.findall(r"([0-9]+(?:\.[0-9]+)?)\s*(min|[smh]?)", str(text).strip().lower())
     joined = "".join(f"{n}{u}" for n, u in parts)
-    if not parts or joined != re.sub(r"\s+", "", str(text).strip().lower()):
-        raise ConfigError(f"cannot read the duration {text!r}", hint="write it like 10m, 90s or 1h30m")
+    if (not parts or joined != re.sub(r"\s+", "", str(text).strip().lower())
+            or any(len(n) > MAX_DIGITS for n, _ in parts)):
+        raise ConfigError(f"cannot read the duration {shown(text)}", hint="write it like 10m, 90s or 1h30m")
     total = sum(float(n) * _SECONDS[u] for n, u in parts)
     if total <= 0:
         raise ConfigError(f"the duration {text!r} is not positive", hint="write it like 10m, 90s or 1h30m")
@@ -69,11 +80,12 @@ def parse_int_list(text: str, name: str, lo: int, hi: int, hint: str | None = No
     items = [x.strip() for x in str(text).split(",")]
     out = []
     for x in items:
-        if not re.fullmatch(r"[+-]?\d+", x):
+        if not re.fullmatch(r"[+-]?[0-9]+", x):
             raise ConfigError(f"{name} {x!r} in {text!r} is not a whole number", hint=hint or "write it like 4,8,16")
-        n = int(x)
-        if not lo <= n <= hi:
-            raise ConfigError(f"{name} {n} in {text!r} must be from {lo} to {hi}", hint=hint)
+        n = int(x) if len(x) <= MAX_DIGITS else None
+        if n is None or not lo <= n <= hi:
+            item = x if n is not None else x[:12] + "..."
+            raise ConfigError(f"{name} {item} in {shown(text)} must be from {lo} to {hi}", hint=hint)
         out.append(n)
     return tuple(dict.fromkeys(out))
 

@@ -7,8 +7,10 @@ what the memory allows llama.cpp gets, independent of the model's size.
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -19,7 +21,7 @@ from cputune.machine import bandwidth
 from cputune.machine.bandwidth import Measurement
 from cputune.engine.build import DEFAULT_ENGINE
 from cputune.core.checks import MAX_THREADS, MAX_TOKENS, finite
-from cputune.core.errors import ConfigError, EngineError
+from cputune.core.errors import ConfigError, EngineError, WriteError
 from cputune.core.fsutil import cache_root, open_regular
 from cputune.model.gguf_model import ModelProfile
 from cputune.predict.hardware import Box
@@ -144,17 +146,45 @@ def history_path() -> Path:
 
 def append_history(results: Sequence[BenchResult], model: ModelProfile, machine_name: str,
                    path: Path | None = None) -> Path:
-    """One JSON line per result, appended with a single write each so lines never interleave."""
+    """One JSON line per result, appended in one write so lines never interleave. Only to a
+    regular file (never through a symbolic link, never blocking on a FIFO); a last line left
+    without its newline (a run cut off) is ended first, so the new lines stay readable. A
+    failure is a WriteError naming the file; what was there stays as it was."""
     from cputune.core.jsonio import plain
 
     path = path or history_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
     when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    with path.open("a") as f:
-        for r in results:
-            f.write(json.dumps({"at": when, "machine": machine_name, "model": model.path,
-                                "model_name": model.name, "file_type": model.file_type,
-                                **plain(r)}) + "\n")
+    text = "".join(json.dumps({"at": when, "machine": machine_name, "model": model.path,
+                               "model_name": model.name, "file_type": model.file_type,
+                               **plain(r)}) + "\n" for r in results)
+    hint = f"the results above are not in the history; remove or move {path} and bench again"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            there = os.lstat(path).st_mode
+        except FileNotFoundError:
+            there = stat.S_IFREG
+        if not stat.S_ISREG(there):
+            what = "a symbolic link" if stat.S_ISLNK(there) else "not a regular file"
+            raise WriteError(f"cannot add to the bench history {path}: it is {what}", hint=hint)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     0o666)
+    except OSError as e:
+        why = "it is a symbolic link" if e.errno == errno.ELOOP else e.strerror
+        raise WriteError(f"cannot add to the bench history {path} ({why})", hint=hint) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise WriteError(f"cannot add to the bench history {path}: it is not a regular file", hint=hint)
+        if st.st_size and os.pread(fd, 1, st.st_size - 1) != b"\n":
+            text = "\n" + text
+        data = text.encode()
+        if os.write(fd, data) != len(data):
+            raise WriteError(f"cannot add to the bench history {path} (a short write)", hint=hint)
+    except OSError as e:
+        raise WriteError(f"cannot add to the bench history {path} ({e.strerror})", hint=hint) from None
+    finally:
+        os.close(fd)
     return path
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from cputune.core import numa_policy
+from cputune.core.checks import shown
 from cputune.core.errors import ConfigError, EngineError
 from cputune.core.sysfs import format_cpulist
 from cputune.machine.topology import Topology
@@ -73,7 +74,7 @@ def parse_numa(text: str, worker: bool = False) -> NumaChoice:
     """auto|off|distribute|isolate|interleave|node:N (a worker: auto|off|interleave|node:N)."""
     valid = WORKER_MODES if worker else MODES
     value = (text or "").strip().lower()
-    m = re.fullmatch(r"node[:=]?(\d+)", value)
+    m = re.fullmatch(r"node[:=]?([0-9]{1,9})", value, re.ASCII)
     if m:
         return NumaChoice("node", int(m.group(1)))
     if value in valid and value != "node:N":
@@ -81,7 +82,7 @@ def parse_numa(text: str, worker: bool = False) -> NumaChoice:
     hint = "choose one of: " + ", ".join(valid)
     if worker and value in ("distribute", "isolate"):
         hint = "ggml-rpc-server has no --numa option; " + hint
-    raise ConfigError(f"unknown --numa {text!r}", hint=hint)
+    raise ConfigError(f"unknown --numa {shown(text)}", hint=hint)
 
 
 def llama_visible_nodes(node_ids) -> tuple[int, ...]:

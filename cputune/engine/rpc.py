@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from cputune.core.errors import ConfigError, NetworkError
+from cputune.core.checks import shown
+from cputune.core.units import is_ascii_int
 
 RPC_CMD_GET_DEVICE_MEMORY = 11
 RPC_CMD_HELLO = 14  # static_assert'ed "must be always 14" in ggml-rpc.cpp
@@ -104,8 +106,8 @@ def parse_endpoints(text: str) -> tuple[Endpoint, ...]:
         part = part.strip()
         host, sep, port = part.partition(":")
         if (not part or not sep or not host or any(c.isspace() for c in host) or ":" in port
-                or not port.isdigit() or not 0 < int(port) < 65536):
-            raise ConfigError(f"--rpc {text!r}: {part!r} is not host:port",
+                or not is_ascii_int(port) or not 0 < int(port) < 65536):
+            raise ConfigError(f"--rpc {shown(text)}: {shown(part)} is not host:port",
                               hint="for example --rpc 192.168.1.20:50052,192.168.1.21:50052")
         out.append(Endpoint(host, int(port)))
     if len(set(out)) != len(out):

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
 import re
+import stat
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,7 +37,7 @@ from typing import Callable, Iterable, Sequence
 from cputune.core import checks, stats
 from cputune.engine import engine_args, llama_bench
 from cputune.engine.build import DEFAULT_ENGINE, Engine, engine_names, find_build, load_engine, require_build
-from cputune.core.errors import ConfigError, EngineError, ProcessFailed
+from cputune.core.errors import ConfigError, EngineError, ProcessFailed, WriteError
 from cputune.core.fsutil import cache_root
 from cputune.core import numa_policy
 from cputune.model.gguf_model import ModelProfile
@@ -894,17 +896,42 @@ def load_all(path: Path | None = None) -> dict[str, TuneResult]:
     return {k: _entry(path, k, v) for k, v in _profiles(path).items()}
 
 
-def save(result: TuneResult, path: Path | None = None) -> Path:
-    """Adds (or replaces) this model's entry, written atomically."""
+def save(result: TuneResult, path: Path | None = None, warn: Callable[[str], None] | None = None) -> Path:
+    """Adds (or replaces) this model's entry, written atomically. Nothing saved before is lost:
+    when the file cannot be read whole (cut off, edited, one entry out of range), the entries
+    that still validate are carried over and the file as it was is kept beside it as
+    tuned.json.damaged-<UTC time>, which `warn` is told."""
     from cputune.core.jsonio import document, write_json
 
     path = path or tuned_path()
+    profiles, problem = {}, None
     try:
-        profiles = load_all(path)
-    except ConfigError:
-        profiles = {}  # an unreadable file is replaced, not half-merged
+        for k, v in _profiles(path).items():
+            try:
+                profiles[k] = _entry(path, k, v)
+            except ConfigError as e:
+                problem = problem or e.message
+    except ConfigError as e:
+        problem = e.message
+    aside = None
+    if problem:
+        try:
+            regular = stat.S_ISREG(os.lstat(path).st_mode)
+        except OSError:
+            regular = False
+        if regular:  # anything else there is write_json's to refuse
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            aside = path.with_name(f"{path.name}.damaged-{stamp}")
+            try:
+                os.rename(path, aside)
+            except OSError as e:
+                raise WriteError(f"cannot keep the damaged {path} aside as {aside} ({e.strerror})",
+                                 hint=f"move {path} away and tune again") from None
     profiles[_key(result.model_path)] = result
     write_json(path, document(SCHEMA, profiles=profiles))
+    if aside and warn:
+        kept = f"; the {len(profiles) - 1} other entries that were readable are carried over" if len(profiles) > 1 else ""
+        warn(f"{problem}: the file as it was is kept as {aside}{kept}")
     return path
 
 
