@@ -284,6 +284,13 @@ def test_from_plain_is_strict_about_numbers():
                       (str, 3), (tuple[int, ...], "12"), (dict[int, float], [1.0])):
         with pytest.raises(ConfigError, match=r"^field x must be"):
             from_plain(tp, value, "x")
+    # A number no saved figure comes near is refused before float() (OverflowError on 10**400)
+    # or a statistic over it (fsum of 1e308 samples) can fail on it.
+    for tp, value in ((float, 10**400), (int, 10**400), (float, 1e308), (float, -1e300), (int, 1 << 63),
+                      (tuple[float, ...], [1.0, 1e308])):
+        with pytest.raises(ConfigError, match=r"far beyond any figure cputune saves"):
+            from_plain(tp, value, "x")
+    assert from_plain(int, 1 << 50) == 1 << 50 and from_plain(float, 1e15) == 1e15
 
 
 # ---- tuned.json ----------------------------------------------------------------------------------
