@@ -234,7 +234,7 @@ def test_calibrate_fits_attention_rates_from_runs_at_depth():
     small = MachineBandwidth(name="vm", sockets=1, nodes=1, cores=2, node_read_gbps=30.0, core_read_gbps=20.0,
                              remote_ratio=1.0, mem_bytes=24 << 30)
     truth = dataclasses.replace(CAL, attn_gflops_per_core=9.0, attn_prefill_gflops_per_core=25.0,
-                                mla_attn_factor=2.5, mla_attn_prefill_thread_scaling=0.3,
+                                mla_attn_factor=2.5,
                                 decode_gbps_per_core={"Q8_0": 5.0, "Q4_K": 4.0, "F16": 8.0})
     models = [catalog_profile("r1-distill-llama-8b", "Q8_0"), catalog_profile("deepseek-r1", "Q8_0")]
     points = []
@@ -247,21 +247,20 @@ def test_calibrate_fits_attention_rates_from_runs_at_depth():
     assert fitted.attn_gflops_per_core == pytest.approx(9.0, rel=0.1)
     assert fitted.attn_prefill_gflops_per_core == pytest.approx(25.0, rel=0.1)
     assert fitted.mla_attn_factor == pytest.approx(2.5, rel=0.15)
-    assert fitted.mla_attn_prefill_thread_scaling == pytest.approx(0.3, abs=0.1)
     assert max(abs(e) for e in calibrate.log_errors(points, small, fitted)) < 0.03
 
 
-def test_mla_prefill_attention_scales_with_threads_by_its_own_exponent(r1):
-    """mla_attn_prefill_thread_scaling 0: a second thread speeds MLA prefill's matrices, not its
-    attention over the cache (as measured on this project's VM); decode and GQA are untouched."""
-    flat = dataclasses.replace(CAL, mla_attn_prefill_thread_scaling=0.0)
-    one = predict(r1, BOX, Settings(threads=1, depth=4096), flat)
-    two = predict(r1, BOX, Settings(threads=2, depth=4096), flat)
-    assert two.pp_t_attention_s == pytest.approx(one.pp_t_attention_s)
-    assert predict(r1, BOX, Settings(threads=2, depth=4096), CAL).pp_t_attention_s == pytest.approx(one.pp_t_attention_s / 2)
-    assert two.t_attention_s == predict(r1, BOX, Settings(threads=2, depth=4096), CAL).t_attention_s
-    gqa = catalog_profile("r1-distill-llama-8b", "Q8_0")
-    assert predict(gqa, BOX, Settings(threads=2, depth=4096), flat) == predict(gqa, BOX, Settings(threads=2, depth=4096), CAL)
+def test_prefill_attention_scales_with_threads_like_the_matrices_where_tiles_are_whole(r1):
+    """DeepSeek's 128 heads x 512 tokens on 1 or 2 threads cut no tile: a second thread halves
+    MLA prefill's attention over the cache (the 2-vCPU VM's flat MLA prefill at depth was its
+    4-head twins' half tiles, now fa_prefill_tile_factor's); decode attention is untouched."""
+    one = predict(r1, BOX, Settings(threads=1, depth=4096), CAL)
+    two = predict(r1, BOX, Settings(threads=2, depth=4096), CAL)
+    assert two.pp_t_attention_s == pytest.approx(one.pp_t_attention_s / 2)
+    four_heads = dataclasses.replace(r1, n_head=4)
+    s1, s2 = (Settings(threads=t, depth=4096, n_ubatch=64) for t in (1, 2))
+    assert (predict(four_heads, BOX, s2, CAL).pp_t_attention_s
+            == pytest.approx(predict(four_heads, BOX, s1, CAL).pp_t_attention_s))
 
 
 def test_flash_attention_off_changes_only_attention_and_by_path():

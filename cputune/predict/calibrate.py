@@ -85,7 +85,7 @@ _SCALAR_RANGES: dict[str, tuple[float, float, bool]] = {
     **{k: (0.0, 1e6, True) for k in ("attn_gflops_per_core", "attn_prefill_gflops_per_core")},
     **{k: (0.0, 100.0, True) for k in ("mla_attn_factor", "fa_off_decode_factor", "fa_off_prefill_factor",
                                        "fa_off_mla_decode_factor", "ik_tg_factor", "ik_pp_factor", "ik_attn_factor")},
-    **{k: (0.0, 2.0, False) for k in ("thread_scaling", "prefill_thread_scaling", "mla_attn_prefill_thread_scaling")},
+    **{k: (0.0, 2.0, False) for k in ("thread_scaling", "prefill_thread_scaling")},
     **{k: (0.0, 1.0, False) for k in ("overhead_s_per_layer", "overhead_s_per_layer_thread")},
     "elementwise_s": (0.0, 1e-3, False),
     "fa_kv_row_flops": (0.0, 1e6, False),
@@ -324,7 +324,7 @@ def calibrate_box(machine: MachineBandwidth, bin_dir: Path, work_dir: Path, arch
 # value in range without a kink (a hard cap has no gradient past it, and LM stalls there). The
 # MoE prefill efficiencies are logs: started at 1 they sat on the logistic's flat top and never
 # moved (fitted here they land at 0.35-0.85).
-SHARES = ("eff", "moe", "moe_tg", "ts", "ts_pp", "attn_ts")
+SHARES = ("eff", "moe", "moe_tg", "ts", "ts_pp")
 
 
 def _to_x(name: str, value: float) -> float:
@@ -441,8 +441,6 @@ def fit(points: Sequence[Point], machine: MachineBandwidth, start: Calibration,
     deep = [p for p in points if p.depth > 0]
     shape += ["attn", "attn_pp"] if deep else []
     shape += ["mla"] if {p.model.mla for p in deep} == {True, False} else []
-    # How MLA prefill attention scales with threads needs MLA runs at depth at several thread counts.
-    shape += ["attn_ts"] if len({p.threads for p in deep if p.model.mla}) > 1 else []
     names = (["eff"] if fit_efficiency else []) + ["ovh", "ovh_t"] + moe + shape + \
         [f"tg:{t}" for t in types] + [f"pp:{t}" for t in types]
     if rates_only:
@@ -465,7 +463,6 @@ def fit(points: Sequence[Point], machine: MachineBandwidth, start: Calibration,
             attn_gflops_per_core=v.get("attn", start.attn_gflops_per_core),
             attn_prefill_gflops_per_core=v.get("attn_pp", start.attn_prefill_gflops_per_core),
             mla_attn_factor=v.get("mla", start.mla_attn_factor),
-            mla_attn_prefill_thread_scaling=v.get("attn_ts", start.mla_attn_prefill_thread_scaling),
             moe_prefill_efficiency_by_type={
                 **start.moe_prefill_efficiency_by_type,
                 **{n.split(":", 1)[1]: a for n, a in v.items() if n.startswith("moe_pp:")}},
@@ -483,7 +480,7 @@ def fit(points: Sequence[Point], machine: MachineBandwidth, start: Calibration,
                 # LM sees a gradient; a log parameter cannot start at 0.
                 "elem": c.elementwise_s or 2e-8,
                 "attn": c.attn_gflops_per_core, "attn_pp": c.attn_prefill_gflops_per_core,
-                "mla": c.mla_attn_factor, "attn_ts": min(c.mla_attn_prefill_thread_scaling, 0.95),
+                "mla": c.mla_attn_factor,
                 "moe": c.moe_bw_efficiency, "moe_pp": c.moe_prefill_efficiency,
                 **{f"moe_pp:{t}": c.moe_prefill_efficiency_by_type.get(t, c.moe_prefill_efficiency)
                    for t in expert_types},
@@ -503,7 +500,7 @@ def fit(points: Sequence[Point], machine: MachineBandwidth, start: Calibration,
         # that is never the bottleneck) finite instead of drifting to 10^9. Thread scaling and
         # the width cost are free of it: they are fitted only where the runs pin them (several
         # thread counts, several widths), and a pull toward a guess would bias them.
-        prior = [math.sqrt(PRIOR_WEIGHT) * (a - b) for a, b, n in zip(x, x0, names) if n not in ("ts", "ts_pp", "elem", "attn_ts")]
+        prior = [math.sqrt(PRIOR_WEIGHT) * (a - b) for a, b, n in zip(x, x0, names) if n not in ("ts", "ts_pp", "elem")]
         return [soft_l1(e) for e in log_errors(points, machine, unpack(x))] + prior
 
     # The max(memory, compute) kink leaves a rate with no gradient while the other term binds,

@@ -139,12 +139,6 @@ class Calibration:
     # are a matrix-matrix product and run this much faster per FLOP than GQA's (measured 2.7x
     # for decode and 2.6x for prefill on the same VM, synthetic deepseek2 with R1's head sizes).
     mla_attn_factor: float = 2.7
-    # MLA prefill attention over the cache gains (the prefill workers)^this from more threads:
-    # below 1 where it is bound by something the threads share. On this project's 2-vCPU VM
-    # mainline's MLA prefill at depth gains nothing from the second vCPU (419 t/s at 2 threads,
-    # 431 at 1, depth 1024) while GQA's prefill and MLA's decode at depth gain 1.9x. Fitted on a
-    # box's own MLA runs at depth and several thread counts; 1 (like the matrices) otherwise.
-    mla_attn_prefill_thread_scaling: float = 1.0
     # Attention without flash attention (-fa off), as a factor on the rates above, which are
     # flash attention's (llama.cpp's -fa auto turns it on for the CPU; serve passes -fa on).
     # Measured on this project's Zen 4 VM, llama-bench -d 0,4096, 1 thread, -fa 0 vs -fa 1
@@ -520,7 +514,6 @@ def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
     # Attention over the cache: every head's query against each cached token (for MLA, against
     # the shared latent), then the value mix; the KV bytes are small beside the FLOPs for MLA.
     mla_f = cal.mla_attn_factor if model.mla else 1.0
-    attn_ts = cal.mla_attn_prefill_thread_scaling if model.mla else 1.0
     fa_tg = fa_pp = 1.0
     if not settings.flash_attn:
         fa_tg = cal.fa_off_mla_decode_factor if model.mla else cal.fa_off_decode_factor
@@ -564,7 +557,7 @@ def predict(model: ModelProfile, machine: MachineBandwidth, settings: Settings,
         numa_on = settings.numa in ("interleave", "distribute") and machine.nodes > 1  # ggml_is_numa()
         tiles = fa_prefill_tile_factor(min(n_prompt, settings.n_ubatch), model.n_head, tb, chunking=not numa_on)
     t_pp_attn = (attn_flops_at(model, settings.depth + n_prompt / 2) * tiles
-                 / (pp_workers ** attn_ts * attn_f * mla_f * fa_pp * isa_factor * cal.attn_prefill_gflops_per_core * 1e9))
+                 / (pp_workers * attn_f * mla_f * fa_pp * isa_factor * cal.attn_prefill_gflops_per_core * 1e9))
     t_pp_cpu += t_pp_attn
     t_pp_cpu *= 1 + cal.prefill_node_factor * (sockets - 1)
     t_pp_mem = model.weight_bytes / settings.n_ubatch / (eff_bw * 1e9)
