@@ -140,6 +140,19 @@ def open_regular(path: Path | str, hint: str | None = None, *, error: type[Cputu
     return fd, st
 
 
+def read_at_most(fd: int, limit: int) -> bytes:
+    """Up to `limit` bytes from `fd`, in 1 MiB reads: whatever a file's size claims (a /proc
+    file says 0, /dev/zero never ends), memory stays bounded. OSError passes through."""
+    chunks, total = [], 0
+    while total < limit:
+        chunk = os.read(fd, min(1 << 20, limit - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
+
+
 def read_small_text(path: Path | str, limit: int = MAX_SMALL_FILE_BYTES, hint: str | None = None) -> str:
     """The text of a small regular file (a state document, a TOML of settings), read safely:
     open_regular's checks, at most `limit` bytes whatever the file claims (a /proc file says 0),
@@ -151,21 +164,15 @@ def read_small_text(path: Path | str, limit: int = MAX_SMALL_FILE_BYTES, hint: s
     try:
         if st.st_size > limit:
             raise too_big
-        chunks, total = [], 0
-        while total <= limit:
-            chunk = os.read(fd, min(1 << 20, limit + 1 - total))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-        if total > limit:
+        data = read_at_most(fd, limit + 1)
+        if len(data) > limit:
             raise too_big
     except OSError as e:
         raise ConfigError(f"cannot read {path} ({e.strerror or e})", hint=hint) from None
     finally:
         os.close(fd)
     try:
-        return b"".join(chunks).decode()
+        return data.decode()
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path} is not UTF-8 text (byte {e.start})", hint=hint) from None
 

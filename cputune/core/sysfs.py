@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cputune.core.checks import shown
 from cputune.core.errors import TopologyError
+from cputune.core.fsutil import read_at_most
 
 
 # The most logical CPUs, and the highest CPU id + 1, a list or mask may name: 8x Linux's largest
@@ -159,14 +160,7 @@ class SysRoot:
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 return default
-            chunks, total = [], 0
-            while total < MAX_FILE_BYTES:
-                chunk = os.read(fd, min(1 << 20, MAX_FILE_BYTES - total))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                total += len(chunk)
-            return b"".join(chunks).decode(errors="replace").strip()
+            return read_at_most(fd, MAX_FILE_BYTES).decode(errors="replace").strip()
         except PermissionError:
             self.denied.append("/" + p.lstrip("/"))
             return default
